@@ -1,0 +1,126 @@
+"""``BackendSpecProvider``: the slots a backend fills.
+
+Module slots (Megatron-Core's names) return a class or a builder; kernel slots (attnplug's own)
+return a function with the signature fixed in DESIGN §8. A provider that does not serve a slot
+raises :class:`SlotNotServed` with the reason: it never hands back a silent stand-in.
+
+What the layers do with each slot (the contract a third-party backend implements):
+
+- ``linear()``, ``column_parallel_linear()``, ``row_parallel_linear()``: a class built as
+  ``cls(input_size, output_size, *, config, bias=False, init_method=None)``; ``forward(x[..., in])
+  -> y[..., out]``. ``init_method`` is ``None`` (use ``normal(0, config.init_method_std)``) or a
+  function that fills a weight tensor in place.
+- ``column_parallel_layer_norm_linear()``: the same signature; it normalises its input
+  (``config.normalization``, ``config.layernorm_epsilon``) and then applies the linear. ``None``
+  when the backend does not fuse; ``fuse_layernorm_and_linear()`` says which.
+- ``layer_norm(rms_norm=False, for_qk=False, has_residual=False)``: a class built as
+  ``cls(*, config, hidden_size, eps=None)`` that normalises the last dimension (RMSNorm when
+  ``rms_norm``, else LayerNorm; ``eps=None`` means ``config.layernorm_epsilon``).
+- ``core_attention()``: a class built as ``cls(config, layer_number=1, softmax_scale=None)``;
+  ``forward(q[B,T,H,D], k[B,S,Hkv,D], v[B,S,Hkv,Dv]) -> o[B,T,H,Dv]``, causal with the S >= T
+  offset.
+- ``grouped_mlp_modules(moe_use_grouped_gemm)``: an experts class built as
+  ``cls(num_local_experts, *, config)``; ``forward(x[N, hidden], tokens_per_expert[E]) ->
+  y[N, hidden]`` where the rows of ``x`` are sorted by expert and ``tokens_per_expert`` (int64,
+  on any device) says how many rows each expert owns.
+- ``activation_func()``: a function ``act(x) -> y`` that replaces ``config.activation_func`` in
+  MLPs, or ``None`` to use the config's.
+- ``gated_delta_rule()``, ``dsa_indexer_topk()``, ``sparse_attention()``: kernels (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from attnplug._errors import BackendError
+
+if TYPE_CHECKING:
+    from attnplug.config import TransformerConfig
+
+__all__ = ["BackendSpecProvider", "SlotNotServed", "MODULE_SLOTS", "KERNEL_SLOTS", "SLOTS"]
+
+MODULE_SLOTS = (
+    "linear",
+    "column_parallel_linear",
+    "row_parallel_linear",
+    "fuse_layernorm_and_linear",
+    "column_parallel_layer_norm_linear",
+    "layer_norm",
+    "core_attention",
+    "grouped_mlp_modules",
+    "activation_func",
+)
+KERNEL_SLOTS = ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention")
+SLOTS = MODULE_SLOTS + KERNEL_SLOTS
+
+
+class SlotNotServed(BackendError):
+    """A backend was asked for a slot it does not serve; the message says which and why."""
+
+
+class BackendSpecProvider:
+    """Base class of every backend. Subclasses override the slots they serve.
+
+    ``name`` is the backend's registered name. ``served_by(slot)`` names the backend that really
+    serves a slot (a wrapper such as kitchen delegates some slots to another backend).
+    ``supports(config)`` returns the reasons this backend cannot build a model for ``config``
+    (an empty list: it can).
+    """
+
+    name: str = "unnamed"
+
+    def served_by(self, slot: str) -> str:
+        """The name of the backend that serves ``slot`` for this provider."""
+        return self.name
+
+    def supports(self, config: TransformerConfig) -> list[str]:
+        """Reasons this provider cannot serve ``config``; empty when it can."""
+        return []
+
+    def _not_served(self, slot: str, reason: str | None = None) -> SlotNotServed:
+        why = reason or "it does not implement this slot"
+        return SlotNotServed(f"backend {self.name!r} does not serve slot {slot!r}: {why}")
+
+    # -- module slots (Megatron-Core's) ---------------------------------------------------------
+    def linear(self) -> type:
+        raise self._not_served("linear")
+
+    def column_parallel_linear(self) -> type:
+        raise self._not_served("column_parallel_linear")
+
+    def row_parallel_linear(self) -> type:
+        raise self._not_served("row_parallel_linear")
+
+    def fuse_layernorm_and_linear(self) -> bool:
+        raise self._not_served("fuse_layernorm_and_linear")
+
+    def column_parallel_layer_norm_linear(self) -> type | None:
+        raise self._not_served("column_parallel_layer_norm_linear")
+
+    def layer_norm(
+        self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False
+    ) -> type:
+        raise self._not_served("layer_norm")
+
+    def core_attention(self) -> type:
+        raise self._not_served("core_attention")
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool) -> Any:
+        raise self._not_served("grouped_mlp_modules")
+
+    def activation_func(self) -> Callable | None:
+        raise self._not_served("activation_func")
+
+    # -- kernel slots (attnplug's) --------------------------------------------------------------
+    def gated_delta_rule(self) -> Callable:
+        raise self._not_served("gated_delta_rule")
+
+    def dsa_indexer_topk(self) -> Callable:
+        raise self._not_served("dsa_indexer_topk")
+
+    def sparse_attention(self) -> Callable:
+        raise self._not_served("sparse_attention")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} backend={self.name!r}>"
