@@ -25,6 +25,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "silu", "relu", "squared_relu")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 KITCHEN_ATTENTION_BACKENDS = ("sdpa", "fa")
+KITCHEN_RECIPES = ("bf16", "fp8_current")
 ROUTER_LOAD_BALANCING = ("aux_loss", "none")
 
 
@@ -80,7 +81,7 @@ def _pattern_converter(field: str):
         if isinstance(value, str):
             from attnplug.patterns import parse_pattern_field
 
-            return parse_pattern_field(field, value)
+            value = parse_pattern_field(field, value)
         if isinstance(value, list):
             return tuple(value)
         return value
@@ -158,6 +159,8 @@ class TransformerConfig:
     use_kitchen: bool = False
     use_kitchen_attention: bool = False
     kitchen_attention_backend: str = "sdpa"
+    kitchen_fallback_backend: str = "te"
+    kitchen_recipe: str = "bf16"
     backend: str = "auto"
 
     def __attrs_post_init__(self) -> None:
@@ -328,6 +331,13 @@ class TransformerConfig:
     def _validate_backend(self) -> None:
         _choice("kitchen_attention_backend", self.kitchen_attention_backend,
                 KITCHEN_ATTENTION_BACKENDS)
+        _choice("kitchen_recipe", self.kitchen_recipe, KITCHEN_RECIPES)
+        if not isinstance(self.kitchen_fallback_backend, str) or not self.kitchen_fallback_backend:
+            raise _fail("kitchen_fallback_backend", self.kitchen_fallback_backend,
+                        "the name of an installed backend, such as 'te' or 'local'")
+        if self.kitchen_fallback_backend == "kitchen":
+            raise _fail("kitchen_fallback_backend", "kitchen",
+                        "another backend than kitchen itself, such as 'te' or 'local'")
         if not isinstance(self.backend, str) or not self.backend:
             raise _fail("backend", self.backend, "'auto' or the name of an installed backend")
         if self.use_kitchen_attention and not self.use_kitchen and self.backend != "kitchen":

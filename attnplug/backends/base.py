@@ -74,6 +74,13 @@ class BackendSpecProvider:
         """The name of the backend that serves ``slot`` for this provider."""
         return self.name
 
+    def configure(self, config: TransformerConfig) -> BackendSpecProvider:
+        """The provider to use for ``config``: ``self`` unless the backend depends on config
+        fields (kitchen builds its fallback from ``kitchen_fallback_backend``, say). Called by
+        the registry when a config selects this backend; raises ``ConfigError``/``BackendError``
+        when the config asks for something this backend cannot do."""
+        return self
+
     def supports(self, config: TransformerConfig) -> list[str]:
         """Reasons this provider cannot serve ``config``; empty when it can."""
         return []

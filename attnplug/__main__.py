@@ -1,0 +1,5 @@
+"""``python -m attnplug``: the ``attnplug`` command."""
+
+from attnplug.cli import main
+
+raise SystemExit(main())

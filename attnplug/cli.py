@@ -1,0 +1,234 @@
+"""The ``attnplug`` command: ``backends``, ``plan`` and ``train``.
+
+A user error (a bad config, a backend that cannot run) prints one line,
+``attnplug: error: <message>``, and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from attnplug._errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["main", "build_parser"]
+
+PROG = "attnplug"
+USAGE_ERROR = 2
+PIPE_WIDTH = 240
+
+
+class _UserError(Exception):
+    """An error to report as one line, with exit status 2."""
+
+
+# -- the parser -------------------------------------------------------------------------------
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from attnplug.train import add_train_arguments
+    except ImportError as exc:
+        raise _UserError(f"the train command is not available: {exc}") from exc
+    add_train_arguments(parser)  # CONFIG.toml and the options, all of them train's own
+
+
+def build_parser(*, with_train_arguments: bool = False) -> argparse.ArgumentParser:
+    """The command-line parser.
+
+    The ``train`` arguments come from :mod:`attnplug.train`, imported only when
+    ``with_train_arguments`` is true (that is, when the command is ``train``). Raises
+    ``_UserError`` when it is asked for and that module cannot be imported.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Hybrid transformer stacks from specs, with pluggable backends.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log which backend was chosen and why")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    backends = commands.add_parser("backends", help="list the installed backends")
+    backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    plan = commands.add_parser("plan", help="show which class and backend fill every layer slot")
+    plan.add_argument("config", metavar="CONFIG.toml", help="a TOML file with a [model] table")
+    plan.add_argument("--pp-rank", type=_non_negative, default=None, metavar="N",
+                      help="only this pipeline rank (default: every rank)")
+    plan.add_argument("--vp-stage", type=_non_negative, default=None, metavar="M",
+                      help="only this virtual pipeline stage (default: every stage)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    train = commands.add_parser("train", help="build the model and train it",
+                                add_help=with_train_arguments)
+    if with_train_arguments:
+        _add_train_arguments(train)
+    return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+# -- the commands -----------------------------------------------------------------------------
+def _console() -> Console:
+    """A rich console; written to a pipe or a file, tables take their natural width (not 80)."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _run_backends(args: argparse.Namespace) -> int:
+    from attnplug.backends import list_backends
+
+    infos = list_backends()
+    if args.json:
+        _print_json([info.to_json() for info in infos])
+        return 0
+    from rich.table import Table
+
+    table = Table(title="attnplug backends")
+    for column in ("name", "distribution", "version", "priority", "available", "notes"):
+        table.add_column(column)
+    for info in infos:
+        notes = info.error or "; ".join(info.reasons) or info.description
+        table.add_row(
+            info.name,
+            info.distribution or "?",
+            info.version or "?",
+            "" if info.priority is None else str(info.priority),
+            "[green]yes[/]" if info.available else "[red]no[/]",
+            notes,
+            style=None if info.error is None else "red",
+        )
+    _console().print(table)
+    return 0
+
+
+def _slot_groups(layers: list[dict[str, Any]]) -> list[str]:
+    groups: list[str] = []
+    for layer in layers:
+        for path in layer["slots"]:
+            group = path.split(".", 1)[0]
+            if group not in groups:
+                groups.append(group)
+    return groups
+
+
+def _slot_cell(slots: dict[str, dict[str, str]], group: str) -> str:
+    lines = []
+    for path, served in slots.items():
+        head, _, rest = path.partition(".")
+        if head != group:
+            continue
+        shown = f"{served['class']} ({served['backend']})"
+        lines.append(f"{rest}: {shown}" if rest else shown)
+    return "\n".join(lines) or "-"
+
+
+def _stage(layer: dict[str, Any]) -> str:
+    if layer["vp_stage"] is None:
+        return f"pp{layer['pp_rank']}"
+    return f"pp{layer['pp_rank']}/vp{layer['vp_stage']}"
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from attnplug.config import TransformerConfig
+    from attnplug.plan import describe_plan
+
+    config = TransformerConfig.from_toml(args.config)
+    plan = describe_plan(config, pp_rank=args.pp_rank, vp_stage=args.vp_stage)
+    if args.json:
+        _print_json(plan)
+        return 0
+    from rich.table import Table
+
+    groups = _slot_groups(plan["layers"])
+    final = plan.get("final_layernorm")
+    table = Table(
+        title=f"attnplug plan: {args.config} (backend {plan['backend']!r})",
+        caption=f"final layer norm: {final['class']} ({final['backend']})" if final else None,
+        show_lines=True,
+    )
+    for column in ("index", "stage", "attention", "mlp"):
+        table.add_column(column, no_wrap=True)
+    for group in groups:
+        table.add_column(group)
+    for layer in plan["layers"]:
+        table.add_row(
+            str(layer["index"]), _stage(layer), layer["attention"], layer["mlp"],
+            *(_slot_cell(layer["slots"], group) for group in groups),
+        )
+    _console().print(table)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from attnplug.train import run_train
+
+    return run_train(args)
+
+
+_COMMANDS = {"backends": _run_backends, "plan": _run_plan, "train": _run_train}
+
+
+class _Logging:
+    """Send the ``attnplug`` logger to stderr while a command runs, then restore it."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.logger = logging.getLogger("attnplug")
+        self.level = logging.INFO if verbose else logging.WARNING
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+
+    def __enter__(self) -> None:
+        self.saved_level = self.logger.level
+        self.logger.setLevel(self.level)
+        self.logger.addHandler(self.handler)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved_level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attnplug`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns the exit status: 0 on success, 2 for a usage error, a bad config or a backend that
+    cannot be used (after printing ``attnplug: error: <message>`` to stderr).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(with_train_arguments=_command_of(argv) == "train")
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse has printed its usage message or --help
+            return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+        with _Logging(args.verbose):
+            return _COMMANDS[args.command](args)
+    except (ConfigError, BackendError, _UserError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return USAGE_ERROR

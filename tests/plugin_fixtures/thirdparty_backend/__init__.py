@@ -1,0 +1,1 @@
+"""A third-party backend, as someone outside attnplug would write it."""
