@@ -1,0 +1,27 @@
+"""Argument checks shared by the layers: a bad constructor argument names itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attnplug._errors import ConfigError
+
+__all__ = ["check_positive_int", "check_config"]
+
+
+def check_positive_int(owner: str, name: str, value: Any) -> int:
+    """Return ``value`` when it is an int >= 1, else raise ``ConfigError`` naming ``owner.name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}: {name}={value!r} is not accepted: expected an integer >= 1")
+    return value
+
+
+def check_config(owner: str, config: Any) -> None:
+    """Raise ``ConfigError`` unless ``config`` is a ``TransformerConfig``."""
+    from attnplug.config import TransformerConfig
+
+    if not isinstance(config, TransformerConfig):
+        raise ConfigError(
+            f"{owner}: config={type(config).__name__} is not accepted: expected an "
+            "attnplug.TransformerConfig"
+        )

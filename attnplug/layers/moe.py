@@ -1,0 +1,198 @@
+"""Mixture of Experts: a top-k router, sort-based dispatch, experts, optional shared expert.
+
+Routing (Megatron-Core's): router logits ``x Wᵀ`` in float32 (float64 for float64 inputs);
+by default the top-k logits are softmaxed (weights renormalised over the chosen experts); with
+``moe_router_pre_softmax`` the softmax runs over all experts and the top-k probabilities are
+used as they are. Tokens are dispatched by a stable argsort of their expert ids, the experts
+see contiguous per-expert slices, and the results are scattered back and summed with the
+routing weights.
+
+Load balancing (``moe_router_load_balancing_type="aux_loss"``, Switch/GShard), recorded as the
+auxiliary loss ``"moe_load_balancing"`` in training mode with grad enabled::
+
+    loss = moe_aux_loss_coeff · E · Σ_e f_e · P_e
+    f_e = (token-slots routed to e) / (N · k)        P_e = mean over tokens of softmax(logits)_e
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnplug._errors import ConfigError
+from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers.attention import check_hidden
+from attnplug.layers.aux_loss import AuxLossMixin
+from attnplug.layers.linear import init_normal, output_layer_init_method
+from attnplug.layers.mlp import activation_function, glu
+from attnplug.layers.norms import compute_dtype
+from attnplug.spec import ModuleSpec, build_module
+
+if TYPE_CHECKING:
+    from attnplug.config import TransformerConfig
+    from attnplug.layers.submodules import MoESubmodules
+
+__all__ = ["MoELayer", "SequentialExperts", "TopKRouter", "MOE_AUX_LOSS"]
+
+MOE_AUX_LOSS = "moe_load_balancing"
+
+
+class SequentialExperts(nn.Module):
+    """The local experts: ``E`` MLPs with stacked weights, run one after another.
+
+    ``fc1_weight [E, ffn or 2·ffn, hidden]``, ``fc2_weight [E, hidden, ffn]`` (``ffn =
+    config.moe_ffn_size``; gated linear unit and activation as in the config).
+    ``forward(x[N, hidden], tokens_per_expert[E]) -> [N, hidden]``: the rows of ``x`` are sorted
+    by expert, expert ``e`` owning the next ``tokens_per_expert[e]`` rows.
+    """
+
+    def __init__(self, num_local_experts: int, *, config: TransformerConfig) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        check_config(owner, config)
+        E = check_positive_int(owner, "num_local_experts", num_local_experts)
+        self.num_local_experts = E
+        self.gated = config.gated_linear_unit
+        self.activation_func = activation_function(config.activation_func)
+        ffn, hidden, dtype = config.moe_ffn_size, config.hidden_size, config.torch_dtype
+        fc1_size = 2 * ffn if self.gated else ffn
+        self.fc1_weight = nn.Parameter(torch.empty(E, fc1_size, hidden, dtype=dtype))
+        self.fc2_weight = nn.Parameter(torch.empty(E, hidden, ffn, dtype=dtype))
+        init_normal(config.init_method_std)(self.fc1_weight)
+        output_layer_init_method(config)(self.fc2_weight)
+        bias = config.add_bias_linear
+        self.fc1_bias = nn.Parameter(torch.zeros(E, fc1_size, dtype=dtype)) if bias else None
+        self.fc2_bias = nn.Parameter(torch.zeros(E, hidden, dtype=dtype)) if bias else None
+
+    def extra_repr(self) -> str:
+        E, fc1, hidden = self.fc1_weight.shape
+        return f"experts={E}, hidden={hidden}, fc1={fc1}, gated={self.gated}"
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its rows: x (n, hidden) -> (n, hidden)."""
+        b1 = self.fc1_bias[e] if self.fc1_bias is not None else None
+        b2 = self.fc2_bias[e] if self.fc2_bias is not None else None
+        h = F.linear(x, self.fc1_weight[e], b1)  # (n, ffn or 2·ffn)
+        h = glu(h, self.activation_func) if self.gated else self.activation_func(h)  # (n, ffn)
+        return F.linear(h, self.fc2_weight[e], b2)  # (n, hidden)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        counts = [int(c) for c in tokens_per_expert.tolist()]
+        if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__}: tokens_per_expert={counts} must have "
+                f"{self.num_local_experts} entries summing to the {x.shape[0]} rows of x"
+            )
+        outputs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                outputs.append(self.expert_forward(e, x[start:start + n]))
+            start += n
+        return torch.cat(outputs) if outputs else x.new_zeros(x.shape)  # (N, hidden)
+
+
+class TopKRouter(nn.Module):
+    """Router weight ``[E, hidden]``; ``forward(x[N, h]) -> (weights[N,k], experts[N,k], logits)``.
+
+    ``logits`` ``[N, E]`` are in float32 (float64 for float64 inputs).
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.topk = config.moe_router_topk
+        self.pre_softmax = config.moe_router_pre_softmax
+        E, dtype = config.num_moe_experts, config.torch_dtype
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=dtype))
+        init_normal(config.init_method_std)(self.weight)
+
+    def extra_repr(self) -> str:
+        E, hidden = self.weight.shape
+        return f"{hidden} -> {E} experts, topk={self.topk}, pre_softmax={self.pre_softmax}"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = compute_dtype(x.dtype)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
+        if self.pre_softmax:
+            weights, experts = logits.softmax(-1).topk(self.topk, dim=-1)  # (N, k) each
+        else:
+            top_logits, experts = logits.topk(self.topk, dim=-1)  # (N, k) each
+            weights = top_logits.softmax(-1)  # (N, k)
+        return weights, experts, logits
+
+
+class MoELayer(AuxLossMixin, nn.Module):
+    """A Mixture-of-Experts MLP; ``forward(hidden[B, T, h]) -> [B, T, h]``.
+
+    Slots: ``experts`` (built ``(num_moe_experts, config=)``, the ``grouped_mlp_modules``
+    contract), ``shared_experts`` (an MLP spec, or ``None``; built with ``config=``,
+    ``layer_number=`` and ``ffn_hidden_size=moe_shared_expert_intermediate_size`` unless the spec's
+    params set it). Records ``"moe_load_balancing"`` (see the module docstring).
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: MoESubmodules,
+                 layer_number: int = 1) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        check_config(owner, config)
+        self.config = config
+        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
+        if config.num_moe_experts is None:
+            raise ConfigError(f"{owner}: num_moe_experts=None; an MoE layer needs experts")
+        if getattr(submodules, "experts", None) is None:
+            raise ValueError(f"{owner}: submodules.experts is None; a spec is required")
+        self.num_experts = config.num_moe_experts
+        self.topk = config.moe_router_topk
+        self.router = TopKRouter(config)
+        self.experts = build_module(submodules.experts, self.num_experts, config=config)
+        self.shared_experts = self._build_shared(submodules.shared_experts)
+        self.reset_aux_losses()
+
+    def _build_shared(self, spec: object) -> nn.Module | None:
+        if spec is None:
+            return None
+        kwargs: dict = {"config": self.config, "layer_number": self.layer_number}
+        size = self.config.moe_shared_expert_intermediate_size
+        in_params = isinstance(spec, ModuleSpec) and "ffn_hidden_size" in spec.params
+        if size is not None and not in_params:
+            kwargs["ffn_hidden_size"] = size
+        return build_module(spec, **kwargs)
+
+    def _load_balancing_loss(self, logits: torch.Tensor,
+                             tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``coeff · E · Σ_e f_e · P_e`` (module docstring) from logits (N, E)."""
+        N = logits.shape[0]
+        probs = logits.softmax(-1).mean(0)  # (E,)  P_e
+        fraction = tokens_per_expert.to(logits.dtype) / (N * self.topk)  # (E,)  f_e
+        return self.config.moe_aux_loss_coeff * self.num_experts * (fraction * probs).sum()
+
+    def _wants_aux_loss(self) -> bool:
+        cfg = self.config
+        return (self.training and torch.is_grad_enabled() and cfg.moe_aux_loss_coeff > 0
+                and cfg.moe_router_load_balancing_type == "aux_loss")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.reset_aux_losses()
+        check_hidden(type(self).__name__, hidden_states, self.config.hidden_size)
+        B, T, h = hidden_states.shape
+        tokens = hidden_states.reshape(B * T, h)  # (N, h)
+        weights, experts, logits = self.router(tokens)  # (N, k), (N, k), (N, E)
+        flat_experts = experts.reshape(-1)  # (N·k,)
+        order = torch.argsort(flat_experts, stable=True)  # (N·k,) slots sorted by expert
+        token_of_slot = order // self.topk  # (N·k,)
+        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
+        expert_out = self.experts(tokens[token_of_slot], tokens_per_expert)  # (N·k, h)
+        slot_weights = weights.reshape(-1)[order]  # (N·k,)
+        combined = logits.new_zeros(B * T, h).index_add(
+            0, token_of_slot, expert_out.to(logits.dtype) * slot_weights[:, None]
+        )  # (N, h)
+        out = combined.to(hidden_states.dtype).view(B, T, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        if self._wants_aux_loss():
+            self.record_aux_loss(MOE_AUX_LOSS,
+                                 self._load_balancing_loss(logits, tokens_per_expert))
+        return out
