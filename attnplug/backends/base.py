@@ -15,7 +15,9 @@ What the layers do with each slot (the contract a third-party backend implements
   when the backend does not fuse; ``fuse_layernorm_and_linear()`` says which.
 - ``layer_norm(rms_norm=False, for_qk=False, has_residual=False)``: a class built as
   ``cls(*, config, hidden_size, eps=None)`` that normalises the last dimension (RMSNorm when
-  ``rms_norm``, else LayerNorm; ``eps=None`` means ``config.layernorm_epsilon``).
+  ``rms_norm``, else LayerNorm; ``eps=None`` means ``config.layernorm_epsilon``). A norm class
+  whose ``accepts_gate`` class attribute is true also takes ``forward(x, gate=z)`` and returns
+  ``norm(x)·SiLU(z)`` fused; GatedDeltaNet's output norm uses it when offered.
 - ``core_attention()``: a class built as ``cls(config, layer_number=1, softmax_scale=None)``;
   ``forward(q[B,T,H,D], k[B,S,Hkv,D], v[B,S,Hkv,Dv]) -> o[B,T,H,Dv]``, causal with the S >= T
   offset.

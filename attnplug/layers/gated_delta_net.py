@@ -143,5 +143,9 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             cache.recurrent_state = final
             cache.seen += T
-        y = gated_norm(self.out_norm, o, z.reshape(B, T, Hv, Dv))  # (B, T, Hv, Dv)
+        z = z.reshape(B, T, Hv, Dv)
+        if getattr(self.out_norm, "accepts_gate", False):  # the backend fuses norm(o)·SiLU(z)
+            y = self.out_norm(o, gate=z)  # (B, T, Hv, Dv)
+        else:
+            y = gated_norm(self.out_norm, o, z)  # (B, T, Hv, Dv)
         return self.out_proj(y.reshape(B, T, self.v_dim))
