@@ -74,6 +74,9 @@ def build_parser(*, with_train_arguments: bool = False) -> argparse.ArgumentPars
     plan.add_argument("--vp-stage", type=_non_negative, default=None, metavar="M",
                       help="only this virtual pipeline stage (default: every stage)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--as-pattern", action="store_true",
+                      help="print only the hybrid_layer_pattern equivalent to the config "
+                           "(a pattern config: its own, normalised)")
 
     train = commands.add_parser("train", help="build the model and train it",
                                 add_help=with_train_arguments)
@@ -155,11 +158,40 @@ def _stage(layer: dict[str, Any]) -> str:
     return f"pp{layer['pp_rank']}/vp{layer['vp_stage']}"
 
 
+def _print_pattern(args: argparse.Namespace, config: Any) -> int:
+    """``plan --as-pattern``: the config as one hybrid_layer_pattern line (or JSON)."""
+    from attnplug.patterns import to_hybrid_pattern
+
+    if args.pp_rank is not None or args.vp_stage is not None:
+        raise _UserError("--as-pattern prints the whole model: it takes no --pp-rank or "
+                         "--vp-stage ('|' in the pattern marks the pipeline stages)")
+    pattern = to_hybrid_pattern(config)
+    if args.json:
+        _print_json({"hybrid_layer_pattern": pattern})
+    else:
+        sys.stdout.write(pattern + "\n")
+    return 0
+
+
+def _plan_caption(plan: dict[str, Any], config: Any) -> str:
+    """The lines under the plan table: the pattern (or the equivalent one) and the final norm."""
+    from attnplug.patterns import to_hybrid_pattern
+
+    label = "hybrid_layer_pattern" if config.hybrid_layer_pattern else "as a hybrid_layer_pattern"
+    lines = [f"{label}: {to_hybrid_pattern(config)}"]
+    final = plan.get("final_layernorm")
+    if final:
+        lines.append(f"final layer norm: {final['class']} ({final['backend']})")
+    return "\n".join(lines)
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     from attnplug.config import TransformerConfig
     from attnplug.plan import describe_plan
 
     config = TransformerConfig.from_toml(args.config)
+    if args.as_pattern:
+        return _print_pattern(args, config)
     plan = describe_plan(config, pp_rank=args.pp_rank, vp_stage=args.vp_stage)
     if args.json:
         _print_json(plan)
@@ -167,10 +199,9 @@ def _run_plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     groups = _slot_groups(plan["layers"])
-    final = plan.get("final_layernorm")
     table = Table(
         title=f"attnplug plan: {args.config} (backend {plan['backend']!r})",
-        caption=f"final layer norm: {final['class']} ({final['backend']})" if final else None,
+        caption=_plan_caption(plan, config),
         show_lines=True,
     )
     for column in ("index", "stage", "attention", "mlp"):

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from attnplug._errors import ConfigError
+from attnplug._grammar import quote
 
 __all__ = ["TransformerConfig", "ConfigError", "VARIANTS", "ACTIVATIONS", "NORMALIZATIONS"]
 
@@ -98,10 +99,25 @@ class TransformerConfig:
     ``moe_ffn_hidden_size`` = ``ffn_hidden_size``. Pattern fields (``linear_attention_freq``,
     ``moe_layer_freq``) take an int, a list of 0/1 or the string form ``"([1]*3+[0])*2"``.
     Use ``attrs.evolve(config, field=value)`` for a changed copy; it is validated again.
+
+    A stack is described one of two ways:
+
+    * *frequency form*: ``num_layers`` transformer layers, each a mixer and an MLP, chosen by
+      ``experimental_attention_variant``, ``linear_attention_freq``, ``moe_layer_freq`` and
+      ``num_moe_experts`` (Megatron's GPTModel);
+    * *pattern form*: ``hybrid_layer_pattern``, one symbol per sublayer (Megatron's
+      HybridModel): ``"(G-G-G-*E)*6"``, ``|`` between pipeline stages. Each sublayer is a
+      mixer-only or an MLP-only layer with its own norm and residual. The pattern replaces
+      ``experimental_attention_variant``, ``linear_attention_freq`` and ``moe_layer_freq``:
+      setting any of them (``moe_layer_freq`` to anything but its default 1) as well is an error.
+      The size fields stay and are checked when the pattern uses them: ``linear_*`` for ``G``,
+      ``dsa_indexer_*`` for ``D``, ``num_moe_experts`` (required) and ``moe_*`` for ``E``.
+      ``num_layers`` counts sublayers: leave it out and it is derived from the pattern; given,
+      it must equal the number of sublayers.
     """
 
     # -- sizes --------------------------------------------------------------------------------
-    num_layers: int
+    num_layers: int | None = None  # an int after construction (derived from the pattern form)
     hidden_size: int
     num_attention_heads: int
     num_query_groups: int | None = None
@@ -121,6 +137,7 @@ class TransformerConfig:
     init_method_std: float = 0.02
     params_dtype: str = "float32"
     # -- experimental attention variants ------------------------------------------------------
+    hybrid_layer_pattern: str | None = None
     experimental_attention_variant: str | None = attrs.field(
         default=None, converter=_normalize_variant
     )
@@ -164,6 +181,7 @@ class TransformerConfig:
     backend: str = "auto"
 
     def __attrs_post_init__(self) -> None:
+        self._resolve_num_layers()
         self._validate_sizes()
         self._validate_layer_details()
         self._validate_variant()
@@ -175,6 +193,14 @@ class TransformerConfig:
         check_pipeline(self)
 
     # -- derived values -------------------------------------------------------------------------
+    @property
+    def residual_branches(self) -> int:
+        """How many residual branches add into the hidden stream: two per layer (mixer and
+        MLP) in the frequency form, one per sublayer in the pattern form. Projections that
+        feed the residual are initialised with ``init_method_std / sqrt(residual_branches)``
+        (Megatron's ``2 * num_layers``, and its HybridModel's ``num_layers``)."""
+        return self.num_layers if self.hybrid_layer_pattern is not None else 2 * self.num_layers
+
     @property
     def query_groups(self) -> int:
         """``num_query_groups``, or ``num_attention_heads`` when unset."""
@@ -254,6 +280,51 @@ class TransformerConfig:
         _float("init_method_std", self.init_method_std)
         _choice("params_dtype", self.params_dtype, DTYPES)
 
+    def _resolve_num_layers(self) -> None:
+        """Check ``hybrid_layer_pattern`` against the fields it replaces and derive
+        ``num_layers`` from it when left out (a frozen class sets it once, here)."""
+        text = self.hybrid_layer_pattern
+        if text is None:
+            if self.num_layers is None:
+                raise ConfigError(
+                    "num_layers=None is not accepted: expected an integer >= 1 (it may be left "
+                    "out only with hybrid_layer_pattern, which gives the sublayers)"
+                )
+            return
+        from attnplug.patterns import from_hybrid_pattern
+
+        count = len(from_hybrid_pattern(text))
+        self._check_replaced_fields()
+        if self.num_layers is None:
+            object.__setattr__(self, "num_layers", count)
+            return
+        _int("num_layers", self.num_layers)
+        if self.num_layers != count:
+            raise ConfigError(
+                f"num_layers={self.num_layers} is not accepted with hybrid_layer_pattern="
+                f"{quote(text)}: the pattern has {count} sublayers (one per symbol); expected "
+                f"num_layers={count}, or leave num_layers out to derive it"
+            )
+
+    def _check_replaced_fields(self) -> None:
+        replaced = (
+            ("experimental_attention_variant", self.experimental_attention_variant, None,
+             "which mixer each sublayer has"),
+            ("linear_attention_freq", self.linear_attention_freq, None,
+             "which sublayers are Gated DeltaNet ('G')"),
+            ("moe_layer_freq", self.moe_layer_freq, 1, "which sublayers are MoE ('E')"),
+        )
+        for field, value, default, decides in replaced:
+            if value is None and default is None:
+                continue
+            if isinstance(value, bool) or value != default:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(
+                    f"{field}={quote(shown)} is not accepted together with hybrid_layer_pattern="
+                    f"{quote(self.hybrid_layer_pattern)}: the pattern's symbols decide {decides}; "
+                    f"leave {field} at its default {default!r}"
+                )
+
     def _validate_variant(self) -> None:
         from attnplug.patterns import check_pattern
 
@@ -272,30 +343,56 @@ class TransformerConfig:
                     "experimental_attention_variant='gdn': expected an int N (softmax attention "
                     "every N-th layer, 1 = none), a list of 0/1 per layer or a pattern string"
                 )
-            for name in ("linear_conv_kernel_dim", "linear_key_head_dim",
-                         "linear_value_head_dim", "linear_num_key_heads",
-                         "linear_num_value_heads"):
-                _int(name, getattr(self, name))
-            if self.linear_num_value_heads % self.linear_num_key_heads:
-                raise ConfigError(
-                    f"linear_num_value_heads={self.linear_num_value_heads} must be a multiple of "
-                    f"linear_num_key_heads={self.linear_num_key_heads}"
-                )
+            self._validate_gdn_sizes()
         if variant == "dsa":
-            for name in ("dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk"):
-                value = getattr(self, name)
-                if value is None:
-                    raise ConfigError(
-                        f"{name}=None is not accepted with experimental_attention_variant='dsa':"
-                        " expected an integer >= 1"
-                    )
-                _int(name, value)
-            _float("dsa_indexer_loss_coeff", self.dsa_indexer_loss_coeff, optional=True)
-            _int("dsa_indexer_rope_head_dim", self.dsa_indexer_rope_head_dim, minimum=0,
-                 optional=True)
-            if self.indexer_rope_dim > self.dsa_indexer_head_dim or self.indexer_rope_dim % 2:
-                raise _fail("dsa_indexer_rope_head_dim", self.dsa_indexer_rope_head_dim,
-                            f"an even number <= dsa_indexer_head_dim={self.dsa_indexer_head_dim}")
+            self._validate_dsa_fields("with experimental_attention_variant='dsa'")
+        self._validate_pattern_sizes()
+
+    def _validate_pattern_sizes(self) -> None:
+        """The size fields the symbols of ``hybrid_layer_pattern`` need, checked."""
+        text = self.hybrid_layer_pattern
+        if text is None:
+            return
+        from attnplug.patterns import _first_column
+
+        def uses(symbol: str, what: str) -> str | None:
+            column = _first_column(text, symbol)
+            if not column:
+                return None
+            return (f"with hybrid_layer_pattern={quote(text)}, which has {what} sublayers "
+                    f"{symbol!r} (the first at column {column})")
+
+        if uses("G", "Gated DeltaNet"):
+            self._validate_gdn_sizes()
+        if context := uses("D", "DSA"):
+            self._validate_dsa_fields(context)
+        if (context := uses("E", "MoE")) and self.num_moe_experts is None:
+            raise ConfigError(f"num_moe_experts=None is not accepted {context}: expected an "
+                              "integer >= 1")
+
+    def _validate_gdn_sizes(self) -> None:
+        for name in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_num_key_heads", "linear_num_value_heads"):
+            _int(name, getattr(self, name))
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(
+                f"linear_num_value_heads={self.linear_num_value_heads} must be a multiple of "
+                f"linear_num_key_heads={self.linear_num_key_heads}"
+            )
+
+    def _validate_dsa_fields(self, context: str) -> None:
+        for name in ("dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk"):
+            value = getattr(self, name)
+            if value is None:
+                raise ConfigError(f"{name}=None is not accepted {context}: expected an integer "
+                                  ">= 1")
+            _int(name, value)
+        _float("dsa_indexer_loss_coeff", self.dsa_indexer_loss_coeff, optional=True)
+        _int("dsa_indexer_rope_head_dim", self.dsa_indexer_rope_head_dim, minimum=0,
+             optional=True)
+        if self.indexer_rope_dim > self.dsa_indexer_head_dim or self.indexer_rope_dim % 2:
+            raise _fail("dsa_indexer_rope_head_dim", self.dsa_indexer_rope_head_dim,
+                        f"an even number <= dsa_indexer_head_dim={self.dsa_indexer_head_dim}")
 
     def _validate_moe(self) -> None:
         from attnplug.patterns import check_pattern
@@ -365,6 +462,8 @@ class TransformerConfig:
                 raise ConfigError(f"{source}: unknown field {key!r}{hint}")
         missing = [a.name for a in attrs.fields(cls)
                    if a.default is attrs.NOTHING and a.name not in values]
+        if values.get("num_layers") is None and values.get("hybrid_layer_pattern") is None:
+            missing.insert(0, "num_layers (or hybrid_layer_pattern)")
         if missing:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
         return cls(**values)

@@ -1,4 +1,5 @@
-"""Per-layer patterns (which attention, which MLP) and the pattern-string grammar.
+"""Per-layer patterns (which attention, which MLP), the pattern-string grammar, and hybrid layer
+pattern strings (Megatron-Core HybridModel's ``"G-G-G-*E"``).
 
 A pattern is a list with one 0/1 entry per layer. ``moe_layer_freq`` and
 ``linear_attention_freq`` take an int N (a periodic pattern), a list of 0/1, or the string form
@@ -14,219 +15,66 @@ Grammar of the string form (whitespace anywhere between tokens)::
 ``list + list`` concatenates, ``list * int`` and ``int * list`` repeat, ``int + int`` and
 ``int * int`` are arithmetic. Every integer, and the length of every list made on the way, is
 bounded by ``max_length``, checked before the list is made.
+
+A hybrid layer pattern (``hybrid_layer_pattern``) describes a whole stack in one string, one
+symbol per *sublayer*: mixers ``*`` softmax attention, ``G`` Gated DeltaNet, ``D`` DeepSeek
+Sparse Attention; MLPs ``-`` dense, ``E`` Mixture of Experts. ``|`` marks a pipeline stage
+boundary, ``(...)*N`` repeats a group (only a group: ``*`` alone is softmax attention), and
+whitespace is ignored::
+
+    pattern := item*
+    item    := SYMBOL | "|" | "(" pattern ")" ["*" COUNT]
+
+Megatron's ``M`` (Mamba) and ``/`` (multi-token prediction) are refused with the reason.
+:func:`to_hybrid_pattern` writes any config (an int/list frequency one too) as a pattern.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from attnplug._errors import ConfigError
+from attnplug._grammar import MAX_NESTING as MAX_NESTING  # how deeply parentheses may nest
+from attnplug._grammar import ListParser, SymbolParser, render_list, render_symbols
+from attnplug._grammar import quote as _quote
+from attnplug._grammar import syntax_error as _syntax_error
+
+if TYPE_CHECKING:
+    from attnplug.config import TransformerConfig
 
 __all__ = [
+    "HYBRID_SYMBOLS",
+    "MIXER_SYMBOLS",
+    "MLP_SYMBOLS",
+    "NONE_KIND",
     "check_pattern",
+    "from_hybrid_pattern",
+    "get_attention_kinds",
     "get_linear_attention_pattern",
+    "get_mlp_kinds",
     "get_moe_layer_pattern",
+    "hybrid_pattern_stages",
     "is_linear_attention_variant",
+    "normalize_hybrid_pattern",
+    "parse_hybrid_pattern",
     "parse_pattern",
     "parse_pattern_field",
+    "render_hybrid_pattern",
     "render_pattern",
+    "to_hybrid_pattern",
+    "to_hybrid_pattern_config",
 ]
 
 LINEAR_ATTENTION_VARIANTS = ("gdn", "gated_delta_net")
 """Values of ``experimental_attention_variant`` that mean linear attention (Gated DeltaNet)."""
 
-MAX_NESTING = 100
-"""How deeply parentheses may nest in a pattern or layout string."""
-
-_WHITESPACE = " \t\r\n"
-_DIGITS = "0123456789"
-_EXCERPT_RADIUS = 30
-_MAX_QUOTED = 200
-_MAX_RENDER_PERIOD = 64
-_ACCEPTED = "integers, lists of integers like [1,0], '+', '*', parentheses"
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-def _quote(value: Any) -> str:
-    """``repr(value)``, cut short when it is long."""
-    text = repr(value)
-    return text if len(text) <= _MAX_QUOTED else text[:_MAX_QUOTED] + "..."
-
-
-def _excerpt(text: str, pos: int) -> str:
-    """Two lines: the text around ``pos`` (non-ASCII shown as ``?``) and a caret under ``pos``."""
-    start = max(0, pos - _EXCERPT_RADIUS)
-    end = min(len(text), pos + _EXCERPT_RADIUS)
-    shown = "".join(c if " " <= c <= "~" else "?" for c in text[start:end])
-    prefix = "..." if start > 0 else ""
-    suffix = "..." if end < len(text) else ""
-    return f"    {prefix}{shown}{suffix}\n    {' ' * (len(prefix) + pos - start)}^"
-
-
-def _syntax_error(field: str, text: str, pos: int, problem: str) -> ConfigError:
-    """A ``ConfigError`` naming ``field``, quoting ``text`` and pointing at column ``pos + 1``."""
-    return ConfigError(
-        f"{field}={_quote(text)} is not accepted: at column {pos + 1}, {problem}\n"
-        f"{_excerpt(text, pos)}"
-    )
 
 
 # -- the string form ---------------------------------------------------------------------------
-
-
-def _is_digit(char: str) -> bool:
-    """Whether ``char`` is one ASCII digit (``"" in "0123456789"`` is true, hence this)."""
-    return len(char) == 1 and char in _DIGITS
-
-
-class _PatternParser:
-    """Recursive-descent evaluator of the pattern grammar; values are ``int`` or ``list[int]``."""
-
-    def __init__(self, text: str, field: str, max_length: int) -> None:
-        self.text = text
-        self.field = field
-        self.max_length = max_length
-        self.pos = 0
-
-    def error(self, problem: str, pos: int | None = None) -> ConfigError:
-        return _syntax_error(self.field, self.text, self.pos if pos is None else pos, problem)
-
-    def parse(self) -> int | list[int]:
-        self.skip_whitespace()
-        if self.pos == len(self.text):
-            raise ConfigError(f"{self.field}={_quote(self.text)} is not accepted: the pattern is "
-                              f"empty; expected {_ACCEPTED}")
-        value = self.expr(depth=0)
-        if self.pos < len(self.text):
-            if self.text[self.pos] == ")":
-                raise self.error("unbalanced ')'")
-            raise self.unexpected("'+', '*' or the end")
-        return value
-
-    def skip_whitespace(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] in _WHITESPACE:
-            self.pos += 1
-
-    def peek(self) -> str:
-        """The next non-blank character, or ``""`` at the end."""
-        self.skip_whitespace()
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def expr(self, depth: int) -> int | list[int]:
-        value = self.term(depth)
-        while self.peek() == "+":
-            op_pos = self.pos
-            self.pos += 1
-            value = self.add(value, self.term(depth), op_pos)
-        return value
-
-    def term(self, depth: int) -> int | list[int]:
-        value = self.factor(depth)
-        while self.peek() == "*":
-            op_pos = self.pos
-            self.pos += 1
-            value = self.multiply(value, self.factor(depth), op_pos)
-        return value
-
-    def factor(self, depth: int) -> int | list[int]:
-        char = self.peek()
-        if _is_digit(char):
-            return self.integer()
-        if char == "[":
-            return self.list_literal()
-        if char == "(":
-            return self.group(depth)
-        raise self.unexpected("an integer, a list or '('")
-
-    def group(self, depth: int) -> int | list[int]:
-        if depth >= MAX_NESTING:
-            raise self.error(f"parentheses nest deeper than {MAX_NESTING}")
-        open_pos = self.pos
-        self.pos += 1
-        value = self.expr(depth + 1)
-        if self.peek() != ")":
-            raise self.unexpected(f"')' to close the '(' at column {open_pos + 1}")
-        self.pos += 1
-        return value
-
-    def list_literal(self) -> list[int]:
-        self.pos += 1
-        items: list[int] = []
-        while self.peek() != "]":
-            if not _is_digit(self.peek()):
-                raise self.unexpected("an integer or ']' (list items are plain integers)")
-            if len(items) == self.max_length:
-                raise self.error(f"the list is longer than the limit of {self.max_length}")
-            items.append(self.integer())
-            if self.peek() == ",":
-                self.pos += 1
-            elif self.peek() != "]":
-                raise self.unexpected("',' or ']'")
-        self.pos += 1
-        return items
-
-    def integer(self) -> int:
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] in _DIGITS:
-            self.pos += 1
-        digits = self.text[start : self.pos]
-        if len(digits.lstrip("0")) > len(str(self.max_length)) or int(digits) > self.max_length:
-            raise self.error(f"the integer is larger than the limit of {self.max_length}", start)
-        return int(digits)
-
-    def unexpected(self, expected: str) -> ConfigError:
-        """An error for the character at the cursor, saying what was expected instead."""
-        if self.pos == len(self.text):
-            return self.error(f"the text ends early; expected {expected}")
-        char = self.text[self.pos]
-        if char == "-":
-            return self.error("negative numbers and '-' are not accepted")
-        if char == ".":
-            return self.error("floats are not accepted, only whole numbers")
-        if char.isdigit() and not _is_digit(char):
-            return self.error("only the ASCII digits 0-9 are accepted")
-        if char.isidentifier():
-            end = self.pos
-            while end < len(self.text) and (self.text[end].isalnum() or self.text[end] == "_"):
-                end += 1
-            name = _quote(self.text[self.pos : end][:_EXCERPT_RADIUS])
-            return self.error(f"names such as {name} are not accepted; expected {expected}")
-        return self.error(f"unexpected {char!r}; expected {expected}")
-
-    def add(self, left: int | list[int], right: int | list[int], op_pos: int) -> int | list[int]:
-        if isinstance(left, list) and isinstance(right, list):
-            self.check_length(len(left) + len(right), op_pos)
-            return left + right
-        if isinstance(left, int) and isinstance(right, int):
-            return self.check_integer(left + right, op_pos)
-        raise self.error("'+' cannot join an integer and a list", op_pos)
-
-    def multiply(
-        self, left: int | list[int], right: int | list[int], op_pos: int
-    ) -> int | list[int]:
-        if isinstance(left, list) and isinstance(right, list):
-            raise self.error("'*' cannot multiply two lists", op_pos)
-        if isinstance(left, int) and isinstance(right, int):
-            return self.check_integer(left * right, op_pos)
-        items, count = (left, right) if isinstance(left, list) else (right, left)
-        self.check_length(len(items) * count, op_pos)
-        return items * count
-
-    def check_length(self, length: int, op_pos: int) -> None:
-        if length > self.max_length:
-            raise self.error(
-                f"the result would have {length} entries, more than the limit of "
-                f"{self.max_length}",
-                op_pos,
-            )
-
-    def check_integer(self, value: int, op_pos: int) -> int:
-        if value > self.max_length:
-            raise self.error(f"the integer {value} is larger than the limit of "
-                             f"{self.max_length}", op_pos)
-        return value
 
 
 def _evaluate(text: Any, field: str, max_length: int) -> int | list[int]:
@@ -235,7 +83,7 @@ def _evaluate(text: Any, field: str, max_length: int) -> int | list[int]:
         raise ConfigError(f"{field}={_quote(text)} is not accepted: expected a pattern string")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ConfigError(f"max_length={max_length!r} is not accepted: expected an integer >= 1")
-    return _PatternParser(text, field, max_length).parse()
+    return ListParser(text, field, max_length).parse()
 
 
 def parse_pattern(text: str, *, field: str = "pattern", max_length: int = 1_000_000) -> list[int]:
@@ -338,9 +186,13 @@ def get_moe_layer_pattern(config: Any) -> list[int]:
     An int N puts MoE first in each block of N: ``[1 if i % N == 0 else 0 ...]``. A list (or
     the string form) is checked and copied. Reads ``num_layers`` and ``moe_layer_freq`` only:
     callers use the result only when ``num_moe_experts`` is set (as Megatron's block builder
-    does). Returns a new list of ``num_layers`` ints; raises ``ConfigError`` naming
-    ``moe_layer_freq`` for a bad value.
+    does). With a ``hybrid_layer_pattern`` the pattern decides alone: one entry per sublayer,
+    1 for ``E``. Returns a new list of ``num_layers`` ints; raises ``ConfigError`` naming
+    ``moe_layer_freq`` (or ``hybrid_layer_pattern``) for a bad value.
     """
+    hybrid = _hybrid_text(config)
+    if hybrid is not None:
+        return [int(symbol == "E") for symbol in from_hybrid_pattern(hybrid)]
     num_layers = _check_num_layers(config.num_layers)
     freq = parse_pattern_field("moe_layer_freq", config.moe_layer_freq, num_layers)
     if isinstance(freq, int):
@@ -355,9 +207,13 @@ def get_linear_attention_pattern(config: Any) -> list[int]:
     N, ``[0 if (i + 1) % N == 0 else 1 ...]`` (N = 1: no linear attention; a partial tail block
     stays linear); a list (or the string form) is checked and copied; ``None`` gives all zeros,
     unless ``experimental_attention_variant`` is a linear variant (``"gdn"``), which needs a
-    pattern. Returns a new list of ``num_layers`` ints; raises ``ConfigError`` naming
-    ``linear_attention_freq`` for a bad or missing value.
+    pattern. With a ``hybrid_layer_pattern`` the pattern decides alone: one entry per sublayer,
+    1 for ``G``. Returns a new list of ``num_layers`` ints; raises ``ConfigError`` naming
+    ``linear_attention_freq`` (or ``hybrid_layer_pattern``) for a bad or missing value.
     """
+    hybrid = _hybrid_text(config)
+    if hybrid is not None:
+        return [int(symbol == "G") for symbol in from_hybrid_pattern(hybrid)]
     num_layers = _check_num_layers(config.num_layers)
     variant = config.experimental_attention_variant
     if config.linear_attention_freq is None:
@@ -386,8 +242,7 @@ def render_pattern(values: list[int] | tuple[int, ...]) -> str:
     ``ConfigError`` naming ``values`` for an empty sequence or an item that is not a
     non-negative integer.
     """
-    items = _check_render_values(values)
-    return _render_shortest(items)
+    return render_list(_check_render_values(values))
 
 
 def _check_render_values(values: Any) -> list[int]:
@@ -401,55 +256,259 @@ def _check_render_values(values: Any) -> list[int]:
     return [int(item) for item in values]
 
 
-def _render_literal(items: list[int]) -> str:
-    return "[" + ",".join(str(item) for item in items) + "]"
+# -- hybrid layer patterns ("G-G-G-*E") --------------------------------------------------------
+
+HYBRID_FIELD = "hybrid_layer_pattern"
+MIXER_SYMBOLS = {"*": "sdpa", "G": "gdn", "D": "dsa"}
+"""Mixer symbols of a hybrid layer pattern and the attention kind each builds."""
+MLP_SYMBOLS = {"-": "dense", "E": "moe"}
+"""MLP symbols of a hybrid layer pattern and the MLP kind each builds."""
+HYBRID_SYMBOLS = {**MIXER_SYMBOLS, **MLP_SYMBOLS}
+"""Every sublayer symbol and its kind."""
+NONE_KIND = "-"
+"""The attention kind of an MLP-only sublayer and the MLP kind of a mixer-only one."""
+STAGE_BOUNDARY = "|"
+
+_HYBRID_ACCEPTED = (
+    "'*' (softmax attention), 'G' (Gated DeltaNet), 'D' (DSA), '-' (dense MLP), 'E' (MoE), "
+    "'|' (next pipeline stage) or '(...)*N'"
+)
+_HYBRID_REFUSED = {
+    "M": "'M' (Mamba) is not implemented by attnplug; expected a mixer '*' (softmax attention), "
+         "'G' (Gated DeltaNet) or 'D' (DSA)",
+    "/": "'/' (multi-token prediction layers) is not supported; expected " + _HYBRID_ACCEPTED,
+}
+_KIND_SYMBOLS = {kind: symbol for symbol, kind in HYBRID_SYMBOLS.items()}
 
 
-def _render_shortest(items: list[int]) -> str:
-    compact = _render_sequence(items)
-    literal = _render_literal(items)
-    return compact if len(compact) < len(literal) else literal
+def _hybrid_text(config: Any) -> str | None:
+    """``config.hybrid_layer_pattern`` (``None`` for stand-ins that lack the field)."""
+    return getattr(config, HYBRID_FIELD, None)
 
 
-def _render_sequence(items: list[int]) -> str:
-    """Greedy left-to-right: at each place take the repetition covering most items, if it pays."""
-    terms: list[str] = []
-    pending: list[int] = []
-    start = 0
-    while start < len(items):
-        period, count = _longest_repetition(items, start)
-        if count >= 2:
-            text = _render_repetition(items[start : start + period], count)
-            if len(text) <= 2 * period * count:
-                if pending:
-                    terms.append(_render_literal(pending))
-                    pending = []
-                terms.append(text)
-                start += period * count
-                continue
-        pending.append(items[start])
-        start += 1
-    if pending:
-        terms.append(_render_literal(pending))
-    return "+".join(terms)
+@functools.lru_cache(maxsize=128)
+def _hybrid_symbols(text: str) -> tuple[tuple[str, int], ...]:
+    """The expanded symbols of a pattern (``|`` included) with their 0-based columns."""
+    symbols = SymbolParser(
+        text, field=HYBRID_FIELD, symbols="".join(HYBRID_SYMBOLS) + STAGE_BOUNDARY,
+        accepted=_HYBRID_ACCEPTED, refused=_HYBRID_REFUSED, repeat_symbols=False, noun="pattern",
+    ).parse()
+    if all(symbol == STAGE_BOUNDARY for symbol, _ in symbols):
+        raise ConfigError(f"{HYBRID_FIELD}={_quote(text)} is not accepted: it has no sublayers; "
+                          f"expected a string of {_HYBRID_ACCEPTED}, such as 'G-G-G-*E'")
+    return tuple(symbols)
 
 
-def _longest_repetition(items: list[int], start: int) -> tuple[int, int]:
-    """``(period, count)``: the block at ``start`` repeated most often back to back (by items
-    covered; the shorter period wins a tie)."""
-    best_period, best_count = 1, 1
-    for period in range(1, min(_MAX_RENDER_PERIOD, (len(items) - start) // 2) + 1):
-        block = items[start : start + period]
-        count = 1
-        while items[start + count * period : start + (count + 1) * period] == block:
-            count += 1
-        if period * count > best_period * best_count:
-            best_period, best_count = period, count
-    return best_period, best_count
+def _checked_symbols(text: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(text, str):
+        raise ConfigError(f"{HYBRID_FIELD}={_quote(text)} is not accepted: expected None or a "
+                          "pattern string such as 'G-G-G-*E'")
+    return _hybrid_symbols(text)
 
 
-def _render_repetition(block: list[int], count: int) -> str:
-    inner = _render_shortest(block)
-    if inner == _render_literal(block):
-        return f"{inner}*{count}"
-    return f"({inner})*{count}"
+def parse_hybrid_pattern(text: str) -> list[list[str]]:
+    """The pipeline stages of a hybrid layer pattern: one list of sublayer symbols per stage.
+
+    ``"(G-|)*2*E"`` → ``[["G", "-"], ["G", "-"], ["*", "E"]]``; without ``|`` there is one stage.
+    A stage may be empty. Raises ``ConfigError`` naming ``hybrid_layer_pattern`` (with the
+    column and a caret) for an unknown symbol, ``M`` (Mamba), ``/`` (MTP), a malformed group or
+    repeat, an expansion past a million symbols, or a pattern with no sublayers.
+    """
+    stages: list[list[str]] = [[]]
+    for symbol, _ in _checked_symbols(text):
+        if symbol == STAGE_BOUNDARY:
+            stages.append([])
+        else:
+            stages[-1].append(symbol)
+    return stages
+
+
+def from_hybrid_pattern(text: str) -> list[str]:
+    """The sublayer symbols of a hybrid layer pattern, in order, stage markers dropped.
+
+    Entry ``i`` is the symbol of sublayer ``i`` (its ``layer_id``): one of ``*``, ``G``, ``D``
+    (mixer-only sublayers) or ``-``, ``E`` (MLP-only sublayers), e.g. ``"(G-)*2|*E"`` →
+    ``["G", "-", "G", "-", "*", "E"]``; ``len(result)`` is the config's ``num_layers``. Raises
+    ``ConfigError`` as :func:`parse_hybrid_pattern` does.
+    """
+    return [symbol for stage in parse_hybrid_pattern(text) for symbol in stage]
+
+
+def render_hybrid_pattern(symbols: Sequence[str]) -> str:
+    """The normal spelling of a sequence of sublayer symbols (``|`` allowed between stages).
+
+    Each stage is written compactly (``(...)*N`` where that is shorter) and the stages are
+    joined by ``|``, so ``list("G-G-G-*E" * 2)`` → ``"(G-G-G-*E)*2"``.
+    :func:`from_hybrid_pattern` reads the result back to the same sublayers. Raises
+    ``ConfigError`` naming ``symbols`` for an item that is not a symbol, or no sublayers.
+    """
+    if isinstance(symbols, str) or not isinstance(symbols, Sequence):
+        raise ConfigError(f"symbols={_quote(symbols)} is not accepted: expected a list of "
+                          "symbols such as ['G', '-', '*', 'E']")
+    for index, symbol in enumerate(symbols):
+        if symbol != STAGE_BOUNDARY and symbol not in HYBRID_SYMBOLS:
+            raise ConfigError(f"symbols[{index}]={symbol!r} is not accepted: expected one of "
+                              + _HYBRID_ACCEPTED.replace(" or '(...)*N'", ""))
+    if all(symbol == STAGE_BOUNDARY for symbol in symbols):
+        raise ConfigError(f"symbols={_quote(symbols)} is not accepted: it has no sublayers")
+    stages = "".join(symbols).split(STAGE_BOUNDARY)
+    return STAGE_BOUNDARY.join(render_symbols(list(stage)) for stage in stages)
+
+
+def normalize_hybrid_pattern(text: str) -> str:
+    """``text`` in its normal spelling: whitespace dropped, repetition recomputed, the stages
+    kept (``"G- G- G- *E"`` → ``"(G-)*3*E"``). Raises ``ConfigError`` as
+    :func:`parse_hybrid_pattern` does."""
+    return render_hybrid_pattern([symbol for symbol, _ in _checked_symbols(text)])
+
+
+def hybrid_pattern_stages(text: str, pp: int, vp: int | None = None) -> list[list[str]] | None:
+    """The pipeline split a hybrid layer pattern marks with ``|``: ``None`` when it has no
+    ``|`` (the pipeline fields split the sublayers then), else the symbols of each stage.
+
+    Stages are listed virtual-stage-major (stage ``vp_stage * pp + pp_rank``), like the
+    explicit layout, and there must be ``pp * (vp or 1)`` of them. Raises ``ConfigError``
+    naming ``hybrid_layer_pattern`` and pointing at the first surplus ``|`` (or the end of the
+    text, when stages are missing), or as :func:`parse_hybrid_pattern` does.
+    """
+    symbols = _checked_symbols(text)
+    boundaries = [pos for symbol, pos in symbols if symbol == STAGE_BOUNDARY]
+    if not boundaries:
+        return None
+    expected = pp * (vp or 1)
+    found = len(boundaries) + 1
+    if found != expected:
+        pos = boundaries[expected - 1] if found > expected else len(text)
+        raise _syntax_error(
+            HYBRID_FIELD, text, pos,
+            f"the pattern marks {found} pipeline stage(s) with '|', expected "
+            f"pipeline_model_parallel_size * virtual_pipeline_model_parallel_size = "
+            f"{pp} * {vp or 1} = {expected}"
+            + (f"; this '|' would begin stage {expected + 1}" if found > expected else ""),
+        )
+    return parse_hybrid_pattern(text)
+
+
+def _first_column(text: str, symbol: str) -> int:
+    """The 1-based column where ``symbol`` is first written in a hybrid pattern (0: absent)."""
+    return next((pos + 1 for s, pos in _checked_symbols(text) if s == symbol), 0)
+
+
+# -- per-layer kinds and the equivalent pattern ------------------------------------------------
+
+
+def get_attention_kinds(config: Any) -> list[str]:
+    """Per layer, the mixer kind: ``"sdpa"`` (softmax attention), ``"gdn"`` or ``"dsa"``.
+
+    With a ``hybrid_layer_pattern``, per sublayer, and ``"-"`` (:data:`NONE_KIND`) for an
+    MLP-only one. Otherwise ``"dsa"`` everywhere for the DSA variant, the linear-attention
+    pattern for ``"gdn"`` (1 → ``"gdn"``, 0 → ``"sdpa"``) and ``"sdpa"`` everywhere without a
+    variant. Raises ``ConfigError`` as the pattern functions do.
+    """
+    hybrid = _hybrid_text(config)
+    if hybrid is not None:
+        return [MIXER_SYMBOLS.get(symbol, NONE_KIND) for symbol in from_hybrid_pattern(hybrid)]
+    variant = config.experimental_attention_variant
+    if variant == "dsa":
+        return ["dsa"] * config.num_layers
+    if is_linear_attention_variant(variant):
+        return ["gdn" if p else "sdpa" for p in get_linear_attention_pattern(config)]
+    return ["sdpa"] * config.num_layers
+
+
+def get_mlp_kinds(config: Any) -> list[str]:
+    """Per layer, the MLP kind: ``"moe"`` or ``"dense"``.
+
+    With a ``hybrid_layer_pattern``, per sublayer, and ``"-"`` (:data:`NONE_KIND`) for a
+    mixer-only one. Otherwise the MoE pattern when ``num_moe_experts`` is set, else ``"dense"``
+    everywhere. Raises ``ConfigError`` as the pattern functions do.
+    """
+    hybrid = _hybrid_text(config)
+    if hybrid is not None:
+        return [MLP_SYMBOLS.get(symbol, NONE_KIND) for symbol in from_hybrid_pattern(hybrid)]
+    if config.num_moe_experts is None:
+        return ["dense"] * config.num_layers
+    return ["moe" if p else "dense" for p in get_moe_layer_pattern(config)]
+
+
+def _layer_symbols(config: Any) -> list[str]:
+    """Per layer of a frequency config, its mixer symbol and MLP symbol (``"G-"``, ``"*E"``)."""
+    return [
+        _KIND_SYMBOLS[attention] + _KIND_SYMBOLS[mlp]
+        for attention, mlp in zip(get_attention_kinds(config), get_mlp_kinds(config), strict=True)
+    ]
+
+
+def _pipeline_positions(config: Any) -> list[tuple[int, int | None]]:
+    """Every ``(pp_rank, vp_stage)``, virtual-stage-major (the order of the stages)."""
+    vp = config.virtual_pipeline_model_parallel_size
+    stages: list[int | None] = [None] if vp is None else list(range(vp))
+    return [(rank, stage) for stage in stages
+            for rank in range(config.pipeline_model_parallel_size)]
+
+
+def to_hybrid_pattern(config: Any) -> str:
+    """The hybrid layer pattern that describes ``config``'s stack, in its normal spelling.
+
+    For a pattern config, its own pattern normalised (:func:`normalize_hybrid_pattern`). For a
+    frequency config (``experimental_attention_variant`` / ``linear_attention_freq`` /
+    ``moe_layer_freq``), each layer becomes its mixer symbol then its MLP symbol, and with
+    pipeline parallelism each ``(pp_rank, vp_stage)`` chunk becomes a ``|``-separated stage, so
+    the pattern builds the same layers on the same stages: e.g. ``num_layers=8``,
+    ``linear_attention_freq=4``, MoE in every layer → ``"(GEGEGE*E)*2"``. Raises
+    ``ConfigError`` as the pattern and pipeline functions do.
+    """
+    hybrid = _hybrid_text(config)
+    if hybrid is not None:
+        return normalize_hybrid_pattern(hybrid)
+    from attnplug.pipeline import get_layer_ids
+
+    layers = _layer_symbols(config)
+    positions = _pipeline_positions(config)
+    if len(positions) == 1:
+        return render_hybrid_pattern(list("".join(layers)))
+    symbols: list[str] = []
+    for index, (rank, stage) in enumerate(positions):
+        if index:
+            symbols.append(STAGE_BOUNDARY)
+        symbols.extend("".join(layers[i] for i in get_layer_ids(config, rank, stage)))
+    return render_hybrid_pattern(symbols)
+
+
+_REPLACED_FIELDS = {
+    "experimental_attention_variant": None,
+    "linear_attention_freq": None,
+    "moe_layer_freq": 1,
+}
+_PIPELINE_SPLIT_FIELDS = {
+    "num_layers_in_first_pipeline_stage": None,
+    "num_layers_in_last_pipeline_stage": None,
+    "account_for_embedding_in_pipeline_split": False,
+    "account_for_loss_in_pipeline_split": False,
+    "pipeline_model_parallel_layout": None,
+}
+
+
+def to_hybrid_pattern_config(config: TransformerConfig) -> TransformerConfig:
+    """The pattern config equivalent to ``config``: same sizes, ``hybrid_layer_pattern`` =
+    :func:`to_hybrid_pattern` (``num_layers`` derived from it), the fields the pattern replaces
+    reset, and, with pipeline parallelism, the split fields reset (the ``|`` carry the split).
+
+    A pattern config is returned as it is. The model built from the result has the same
+    parameters, created in the same order, and computes the same logits: frequency layer ``i``
+    is sublayers ``2i`` (``input_layernorm``, ``self_attention``) and ``2i + 1``
+    (``pre_mlp_layernorm``, ``mlp``). Raises ``ConfigError`` for anything but a
+    ``TransformerConfig``.
+    """
+    from attnplug.config import TransformerConfig
+
+    if not isinstance(config, TransformerConfig):
+        raise ConfigError(f"config={type(config).__name__} is not accepted: expected an "
+                          "attnplug.TransformerConfig")
+    if config.hybrid_layer_pattern is not None:
+        return config
+    changes: dict[str, Any] = dict(_REPLACED_FIELDS, num_layers=None,
+                                   hybrid_layer_pattern=to_hybrid_pattern(config))
+    if len(_pipeline_positions(config)) > 1:
+        changes.update(_PIPELINE_SPLIT_FIELDS)
+    return attrs.evolve(config, **changes)

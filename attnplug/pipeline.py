@@ -8,7 +8,12 @@ Megatron-Core's semantics, without its distributed state:
   ``virtual_pipeline_model_parallel_size`` chunks;
 * uneven first/last stage: ``num_layers_in_first_pipeline_stage`` and/or
   ``num_layers_in_last_pipeline_stage``, the rest split evenly over the middle ranks;
-* an explicit ``pipeline_model_parallel_layout`` such as ``"Et|(tt|)*2tL"``, which decides alone.
+* an explicit ``pipeline_model_parallel_layout`` such as ``"Et|(tt|)*2tL"``, which decides alone;
+* the ``|`` stage markers of a ``hybrid_layer_pattern`` such as ``"(G-)*2|*E(G-)*2"``, which
+  decide alone the same way (each symbol is one decoder sublayer, a ``t`` of the layout).
+
+A pattern config counts sublayers: ``num_layers`` is the number of its symbols, and a pattern
+without ``|`` is split by the other fields like any ``num_layers``.
 
 With virtual stages, chunk ``vp_stage`` of rank ``pp_rank`` holds the layers after every chunk of
 a lower ``vp_stage``, then of a lower ``pp_rank`` ("virtual-stage-major" order): over all
@@ -23,7 +28,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from attnplug._errors import ConfigError
-from attnplug.patterns import MAX_NESTING, _quote, _syntax_error
+from attnplug._grammar import MAX_SYMBOLS, SymbolParser
+from attnplug._grammar import quote as _quote
+from attnplug._grammar import syntax_error as _syntax_error
+from attnplug.patterns import hybrid_pattern_stages
 
 __all__ = [
     "check_pipeline",
@@ -34,12 +42,12 @@ __all__ = [
 ]
 
 LAYOUT_FIELD = "pipeline_model_parallel_layout"
-MAX_LAYOUT_SYMBOLS = 1_000_000
+PATTERN_FIELD = "hybrid_layer_pattern"
+MAX_LAYOUT_SYMBOLS = MAX_SYMBOLS
 """How many symbols a layout string may expand to."""
 
 _EMBEDDING, _DECODER, _LOSS, _BOUNDARY = "E", "t", "L", "|"
 _IGNORED = " \t\r\n,"
-_DIGITS = "0123456789"
 _LAYOUT_ACCEPTED = (
     "'E' (embedding), 't' (decoder layer), 'L' (loss), '|' (next stage), '(...)', '*N'"
 )
@@ -56,91 +64,20 @@ class _Pipeline(NamedTuple):
     embedding: bool
     loss: bool
     layout: list[list[str]] | None
+    pattern: bool = False  # the layers are the sublayers of a hybrid_layer_pattern
 
 
 # -- the layout string -------------------------------------------------------------------------
 
 
-class _LayoutParser:
-    """Expands a layout string into ``(symbol, column)`` pairs; ``|`` marks stage boundaries."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def error(self, problem: str, pos: int | None = None) -> ConfigError:
-        return _syntax_error(LAYOUT_FIELD, self.text, self.pos if pos is None else pos, problem)
-
-    def parse(self) -> list[tuple[str, int]]:
-        symbols = self.sequence(depth=0)
-        if self.pos < len(self.text):
-            raise self.error("unbalanced ')'")
-        return symbols
-
-    def skip_ignored(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] in _IGNORED:
-            self.pos += 1
-
-    def sequence(self, depth: int) -> list[tuple[str, int]]:
-        symbols: list[tuple[str, int]] = []
-        self.skip_ignored()
-        while self.pos < len(self.text) and self.text[self.pos] != ")":
-            start = self.pos
-            item = self.item(depth)
-            if len(symbols) + len(item) > MAX_LAYOUT_SYMBOLS:
-                raise self.error(f"the layout expands to more than {MAX_LAYOUT_SYMBOLS} symbols",
-                                 start)
-            symbols.extend(item)
-            self.skip_ignored()
-        return symbols
-
-    def item(self, depth: int) -> list[tuple[str, int]]:
-        start = self.pos
-        char = self.text[start]
-        if char in (_EMBEDDING, _DECODER, _LOSS, _BOUNDARY):
-            self.pos += 1
-            atom = [(char, start)]
-        elif char == "(":
-            atom = self.group(depth)
-        elif char == "m":
-            raise self.error("'m' (multi-token prediction) is not supported; expected "
-                             + _LAYOUT_ACCEPTED)
-        else:
-            raise self.error(f"unexpected {char!r}; expected {_LAYOUT_ACCEPTED}")
-        self.skip_ignored()
-        if self.pos < len(self.text) and self.text[self.pos] == "*":
-            star = self.pos
-            self.pos += 1
-            count = self.repeat_count()
-            if len(atom) * count > MAX_LAYOUT_SYMBOLS:
-                raise self.error(f"the layout expands to more than {MAX_LAYOUT_SYMBOLS} symbols",
-                                 star)
-            atom = atom * count
-        return atom
-
-    def group(self, depth: int) -> list[tuple[str, int]]:
-        if depth >= MAX_NESTING:
-            raise self.error(f"parentheses nest deeper than {MAX_NESTING}")
-        open_pos = self.pos
-        self.pos += 1
-        inner = self.sequence(depth + 1)
-        if self.pos == len(self.text):
-            raise self.error(f"the text ends early; expected ')' to close the '(' at column "
-                             f"{open_pos + 1}")
-        self.pos += 1
-        return inner
-
-    def repeat_count(self) -> int:
-        self.skip_ignored()
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] in _DIGITS:
-            self.pos += 1
-        digits = self.text[start : self.pos]
-        if not digits:
-            raise self.error("expected a repeat count (a whole number >= 0) after '*'")
-        if len(digits.lstrip("0")) > len(str(MAX_LAYOUT_SYMBOLS)):
-            raise self.error(f"the repeat count is larger than {MAX_LAYOUT_SYMBOLS}", start)
-        return int(digits)
+def _layout_symbols(text: str) -> list[tuple[str, int]]:
+    """The symbols of a layout string with their columns, ``(...)*N`` and ``X*N`` expanded."""
+    return SymbolParser(
+        text, field=LAYOUT_FIELD, symbols=_EMBEDDING + _DECODER + _LOSS + _BOUNDARY,
+        accepted=_LAYOUT_ACCEPTED, ignored=_IGNORED, noun="layout",
+        refused={"m": "'m' (multi-token prediction) is not supported; expected "
+                      + _LAYOUT_ACCEPTED},
+    ).parse()
 
 
 def _split_stages(symbols: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
@@ -189,7 +126,7 @@ def parse_pipeline_layout(text: str, pp: int, vp: int | None = None) -> list[lis
     if not isinstance(text, str):
         raise ConfigError(f"{LAYOUT_FIELD}={_quote(text)} is not accepted: expected a string "
                           "such as 'Et|tt|tL' or None")
-    stages = _split_stages(_LayoutParser(text).parse())
+    stages = _split_stages(_layout_symbols(text))
     expected = pp * (vp or 1)
     if len(stages) != expected:
         raise ConfigError(
@@ -226,6 +163,7 @@ def _check_flag(field: str, value: Any) -> bool:
 
 def _read_pipeline(config: Any) -> _Pipeline:
     """The pipeline fields of ``config``, checked so that they slice cleanly."""
+    pattern = getattr(config, PATTERN_FIELD, None)
     p = _Pipeline(
         num_layers=_check_positive("num_layers", config.num_layers),
         pp=_check_positive("pipeline_model_parallel_size", config.pipeline_model_parallel_size),
@@ -240,6 +178,7 @@ def _read_pipeline(config: Any) -> _Pipeline:
         loss=_check_flag("account_for_loss_in_pipeline_split",
                          config.account_for_loss_in_pipeline_split),
         layout=None,
+        pattern=pattern is not None,
     )
     if p.vp is not None and p.pp == 1:
         raise ConfigError(
@@ -247,6 +186,9 @@ def _read_pipeline(config: Any) -> _Pipeline:
             "pipeline_model_parallel_size=1: virtual stages need pipeline_model_parallel_size >= 2"
         )
     text = config.pipeline_model_parallel_layout
+    stages = None if pattern is None else hybrid_pattern_stages(pattern, p.pp, p.vp)
+    if stages is not None:
+        return p._replace(layout=_checked_pattern_stages(p, text, stages))
     if text is not None:
         return p._replace(layout=_checked_layout(p, text))
     if p.first is not None or p.last is not None:
@@ -256,7 +198,8 @@ def _read_pipeline(config: Any) -> _Pipeline:
     return p
 
 
-def _checked_layout(p: _Pipeline, text: Any) -> list[list[str]]:
+def _check_split_alone(p: _Pipeline, decider: str) -> None:
+    """Refuse the uneven and accounting fields next to a ``decider`` that splits alone."""
     others = {
         "num_layers_in_first_pipeline_stage": p.first,
         "num_layers_in_last_pipeline_stage": p.last,
@@ -266,9 +209,29 @@ def _checked_layout(p: _Pipeline, text: Any) -> list[list[str]]:
     for field, value in others.items():
         if value is not None:
             raise ConfigError(
-                f"{field}={value!r} is not accepted together with {LAYOUT_FIELD}: the layout "
-                f"alone decides the split; unset {field} or the layout"
+                f"{field}={value!r} is not accepted together with {decider}: one way of "
+                f"splitting the layers at a time; unset {field}"
             )
+
+
+def _checked_pattern_stages(p: _Pipeline, layout: Any,
+                            stages: list[list[str]]) -> list[list[str]]:
+    """The stages a ``|``-marked hybrid pattern gives, as layout stages of ``t`` symbols."""
+    decider = f"the '|' stage markers of {PATTERN_FIELD}"
+    if layout is not None:
+        raise ConfigError(f"{LAYOUT_FIELD}={_quote(layout)} is not accepted together with "
+                          f"{decider}: one way of splitting the layers at a time; unset one of "
+                          "them")
+    _check_split_alone(p, decider)
+    sublayers = sum(len(stage) for stage in stages)
+    if sublayers != p.num_layers:
+        raise ConfigError(f"num_layers={p.num_layers} is not accepted: {PATTERN_FIELD} has "
+                          f"{sublayers} sublayers")
+    return [[_DECODER] * len(stage) for stage in stages]
+
+
+def _checked_layout(p: _Pipeline, text: Any) -> list[list[str]]:
+    _check_split_alone(p, LAYOUT_FIELD)
     stages = parse_pipeline_layout(text, p.pp, p.vp)
     decoders = sum(stage.count(_DECODER) for stage in stages)
     if decoders != p.num_layers:
@@ -344,6 +307,13 @@ def _split_size(p: _Pipeline) -> int:
     return p.num_layers + p.embedding + p.loss
 
 
+def _pattern_hint(p: _Pipeline) -> str:
+    if not p.pattern:
+        return ""
+    return (f" (num_layers counts the sublayers of {PATTERN_FIELD}; '|' in the pattern can mark "
+            "the stages instead)")
+
+
 def _check_even(p: _Pipeline) -> None:
     total = _split_size(p)
     if total % p.pp:
@@ -358,14 +328,14 @@ def _check_even(p: _Pipeline) -> None:
             f"not divisible by "
             f"pipeline_model_parallel_size={p.pp}; change the sizes, or set "
             "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage or "
-            f"{LAYOUT_FIELD}"
+            f"{LAYOUT_FIELD}" + _pattern_hint(p)
         )
     per_rank = total // p.pp
     if p.vp is not None and per_rank % p.vp:
         raise ConfigError(
             f"virtual_pipeline_model_parallel_size={p.vp} is not accepted: each of the "
             f"pipeline_model_parallel_size={p.pp} ranks holds {per_rank} layer(s), which must be "
-            "a multiple of it"
+            "a multiple of it" + _pattern_hint(p)
         )
 
 
@@ -379,7 +349,9 @@ def check_pipeline(config: Any) -> None:
     with embedding/loss accounting, larger than ``num_layers``, leaving layers that do not split
     evenly over the middle stages, or not divisible by the virtual size; a layout that is
     malformed, lists the wrong number of stages or decoder layers, misplaces ``E``/``L``, or is
-    combined with the uneven or accounting fields.
+    combined with the uneven or accounting fields; ``hybrid_layer_pattern`` stage markers ``|``
+    that mark another number of stages than ``pp * (vp or 1)`` (naming the column), or that are
+    combined with a layout or the uneven or accounting fields.
     """
     _read_pipeline(config)
 

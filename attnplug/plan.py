@@ -1,11 +1,13 @@
-"""What ``attnplug plan`` reports: per layer, its stage, kinds and the class and backend behind
-every slot, computed from specs alone (nothing is built)."""
+"""What ``attnplug plan`` reports: per layer (per sublayer, for a hybrid layer pattern), its
+stage, kinds and the class and backend behind every slot, computed from specs alone (nothing is
+built)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from attnplug._errors import ConfigError
+from attnplug.patterns import normalize_hybrid_pattern
 from attnplug.specs import (
     _get_backend_spec_provider,
     _slot,
@@ -52,10 +54,14 @@ def describe_plan(
     vp_stage: int | None = None,
     backend: BackendSpecProvider | None = None,
 ) -> dict[str, Any]:
-    """The ``plan --json`` object: ``{"backend", "layers": [{"index", "attention", "mlp",
-    "pp_rank", "vp_stage", "slots": {slot: {"class", "backend"}}}], "final_layernorm"}``.
+    """The ``plan --json`` object: ``{"backend", "hybrid_layer_pattern", "layers": [{"index",
+    "attention", "mlp", "pp_rank", "vp_stage", "slots": {slot: {"class", "backend"}}}],
+    "final_layernorm"}``.
 
-    Raises ``ConfigError`` / ``BackendError`` as the spec builders do.
+    ``hybrid_layer_pattern`` is the config's pattern, normalised, or ``None`` for a frequency
+    config. A pattern config has one row per sublayer: a mixer-only row has ``mlp`` ``"-"`` and
+    an MLP-only row ``attention`` ``"-"``, and the skipped half's slots are left out. Raises
+    ``ConfigError`` / ``BackendError`` as the spec builders do.
     """
     backend = backend if backend is not None else _get_backend_spec_provider(config)
     layers = []
@@ -74,7 +80,12 @@ def describe_plan(
                     "slots": describe_layer_spec(spec),
                 }
             )
-    plan: dict[str, Any] = {"backend": backend.name, "layers": layers}
+    pattern = config.hybrid_layer_pattern
+    plan: dict[str, Any] = {
+        "backend": backend.name,
+        "hybrid_layer_pattern": None if pattern is None else normalize_hybrid_pattern(pattern),
+        "layers": layers,
+    }
     final = None
     if any(is_last_stage(config, r, s) for r, s in pipeline_chunks(config, pp_rank, vp_stage)):
         norm = _slot(backend, "layer_norm", rms_norm=config.normalization == "RMSNorm")

@@ -8,6 +8,13 @@ Names, arguments and meaning follow Megatron-Core's
 gets working GDN and attention layers (a separate input norm and a plain column-parallel
 projection), and bad input raises :class:`~attnplug.ConfigError` instead of asserting.
 
+A config in the pattern form (``hybrid_layer_pattern``, Megatron's HybridModel) gets one
+``TransformerLayer`` spec per sublayer, mixer-only or MLP-only, the other half ``IdentityOp``
+(which the layer skips); a frequency config keeps one spec per layer, mixer and MLP. Frequency
+layer ``i`` and sublayers ``2i``, ``2i + 1`` of the equivalent pattern
+(:func:`~attnplug.patterns.to_hybrid_pattern_config`) hold the same modules, built in the same
+order, so one seed gives the same weights and the same logits.
+
 Every slot a backend fills is wrapped in a :class:`~attnplug.spec.ModuleSpec` whose
 ``metainfo`` records ``{"slot": <provider slot>, "backend": <backend that served it>}``, so
 :func:`describe_layer_spec` (and ``attnplug plan``) can say which backend serves what.
@@ -32,7 +39,10 @@ from attnplug.layers.submodules import (
     TransformerLayerSubmodules,
 )
 from attnplug.patterns import (
+    NONE_KIND,
+    get_attention_kinds,
     get_linear_attention_pattern,
+    get_mlp_kinds,
     get_moe_layer_pattern,
     is_linear_attention_variant,
 )
@@ -280,27 +290,45 @@ def _get_moe_module_spec(
 
 
 # -- layers and blocks --------------------------------------------------------------------------
-def get_attention_kinds(config: TransformerConfig) -> list[str]:
-    """Per layer, ``"gdn"``, ``"dsa"`` or ``"sdpa"`` (softmax attention)."""
-    variant = config.experimental_attention_variant
-    if variant == "dsa":
-        return ["dsa"] * config.num_layers
-    if is_linear_attention_variant(variant):
-        return ["gdn" if p else "sdpa" for p in get_linear_attention_pattern(config)]
-    return ["sdpa"] * config.num_layers
-
-
-def get_mlp_kinds(config: TransformerConfig) -> list[str]:
-    """Per layer, ``"moe"`` or ``"dense"``."""
-    if config.num_moe_experts is None:
-        return ["dense"] * config.num_layers
-    return ["moe" if p else "dense" for p in get_moe_layer_pattern(config)]
-
-
 def _norm_or_identity(config: TransformerConfig, backend, fused: bool) -> Any:
     if fused:
         return IDENTITY
     return _slot(backend, "layer_norm", rms_norm=_rms(config), for_qk=False)
+
+
+def _mixer_spec(kind: str, config: TransformerConfig, backend: BackendSpecProvider) -> ModuleSpec:
+    """The spec of one mixer kind: ``"sdpa"``, ``"gdn"`` or ``"dsa"``."""
+    if kind == "sdpa":
+        return _get_self_attention_module_spec(config, backend)
+    if kind == "gdn":
+        return get_gated_delta_net_module_spec(config, backend)
+    return get_dsa_module_spec_for_backend(config, backend)
+
+
+def _mlp_spec(kind: str, config: TransformerConfig, backend: BackendSpecProvider) -> ModuleSpec:
+    """The spec of one MLP kind: ``"dense"`` or ``"moe"``."""
+    if kind == "moe":
+        return _get_moe_module_spec(config, backend)
+    return _get_dense_mlp_module_spec(config, backend)
+
+
+def _layer_submodules(config: TransformerConfig, backend: BackendSpecProvider,
+                      attention: ModuleSpec | None, mlp: ModuleSpec | None
+                      ) -> TransformerLayerSubmodules:
+    """A layer's submodules; a missing half (``None``) is ``IdentityOp``, its norm too, and the
+    layer skips it (a mixer-only or MLP-only sublayer of a hybrid pattern)."""
+    submodules = TransformerLayerSubmodules()
+    if attention is not None:
+        submodules.input_layernorm = _norm_or_identity(
+            config, backend, attention.metainfo["fuse_input_layernorm"]
+        )
+        submodules.self_attention = attention
+    if mlp is not None:
+        submodules.pre_mlp_layernorm = _norm_or_identity(
+            config, backend, mlp.metainfo["fuse_pre_mlp_layernorm"]
+        )
+        submodules.mlp = mlp
+    return submodules
 
 
 def get_transformer_layer_with_experimental_attention_variant_spec(
@@ -308,36 +336,24 @@ def get_transformer_layer_with_experimental_attention_variant_spec(
 ) -> list[ModuleSpec]:
     """One ``TransformerLayer`` spec for every layer of the model (no pipeline slicing).
 
-    Each spec's ``metainfo`` has ``layer_id`` (0-based), ``attention`` and ``mlp`` (the kinds).
+    Each spec's ``metainfo`` has ``layer_id`` (0-based), ``attention`` and ``mlp`` (the kinds,
+    see :func:`get_attention_kinds` / :func:`get_mlp_kinds`). With a ``hybrid_layer_pattern``
+    there is one spec per sublayer: a mixer-only layer (``mlp`` kind ``"-"``; its
+    ``pre_mlp_layernorm`` and ``mlp`` are ``IdentityOp``) or an MLP-only one (``attention``
+    kind ``"-"``; ``input_layernorm`` and ``self_attention`` are ``IdentityOp``). Raises
+    ``ConfigError`` / ``BackendError`` as the builders of each part do.
     """
     backend = _provider(config, backend)
     attention_kinds = get_attention_kinds(config)
     mlp_kinds = get_mlp_kinds(config)
-    attention_specs: dict[str, ModuleSpec] = {}
-    for kind in set(attention_kinds):
-        if kind == "sdpa":
-            attention_specs[kind] = _get_self_attention_module_spec(config, backend)
-        else:
-            attention_specs[kind] = get_experimental_attention_variant_module_spec(config, backend)
-    mlp_specs = {
-        kind: (_get_moe_module_spec if kind == "moe" else _get_dense_mlp_module_spec)(
-            config, backend
-        )
-        for kind in set(mlp_kinds)
-    }
+    attention_specs = {kind: _mixer_spec(kind, config, backend)
+                       for kind in sorted(set(attention_kinds) - {NONE_KIND})}
+    mlp_specs = {kind: _mlp_spec(kind, config, backend)
+                 for kind in sorted(set(mlp_kinds) - {NONE_KIND})}
     layers = []
     for layer_id, (attention, mlp) in enumerate(zip(attention_kinds, mlp_kinds, strict=True)):
-        attention_spec, mlp_spec = attention_specs[attention], mlp_specs[mlp]
-        submodules = TransformerLayerSubmodules(
-            input_layernorm=_norm_or_identity(
-                config, backend, attention_spec.metainfo["fuse_input_layernorm"]
-            ),
-            self_attention=attention_spec,
-            pre_mlp_layernorm=_norm_or_identity(
-                config, backend, mlp_spec.metainfo["fuse_pre_mlp_layernorm"]
-            ),
-            mlp=mlp_spec,
-        )
+        submodules = _layer_submodules(config, backend, attention_specs.get(attention),
+                                       mlp_specs.get(mlp))
         layers.append(
             ModuleSpec(
                 TRANSFORMER_LAYER,
@@ -364,6 +380,8 @@ def get_transformer_block_with_experimental_attention_variant_spec(
 ) -> TransformerBlockSubmodules:
     """The block of one pipeline chunk: the specs of the layers ``get_layer_ids(config,
     pp_rank, vp_stage)`` assigns it, and the final norm on the last chunk (``None`` elsewhere).
+    With a ``hybrid_layer_pattern`` the layers are its sublayers, split by its ``|`` markers
+    when it has them.
 
     ``pp_rank=None`` means rank 0. Raises ``ConfigError`` for a rank or stage out of range,
     ``BackendError`` when the backend cannot serve the config.
@@ -412,6 +430,21 @@ def describe_spec_tree(value: Any, prefix: str = "") -> dict[str, dict[str, str]
     return out
 
 
+_HALVES = (("input_layernorm", "self_attention"), ("pre_mlp_layernorm", "mlp"))
+
+
 def describe_layer_spec(spec: ModuleSpec) -> dict[str, dict[str, str]]:
-    """The slots of one ``TransformerLayer`` spec: ``{slot_path: {"class", "backend"}}``."""
-    return describe_spec_tree(spec)
+    """The slots of one ``TransformerLayer`` spec: ``{slot_path: {"class", "backend"}}``.
+
+    A half the layer skips (its ``self_attention`` or ``mlp`` is ``IdentityOp``: a sublayer of
+    a hybrid pattern) is left out, with its norm.
+    """
+    slots = describe_spec_tree(spec)
+    submodules = spec.submodules
+    for norm, main in _HALVES:
+        if getattr(submodules, main, None) != IDENTITY:
+            continue
+        for path in list(slots):
+            if path.split(".", 1)[0] in (norm, main):
+                del slots[path]
+    return slots

@@ -37,8 +37,10 @@ def init_normal(std: float) -> InitMethod:
 
 
 def output_layer_init_method(config: TransformerConfig) -> InitMethod:
-    """Megatron's init for projections that feed the residual: std / sqrt(2·num_layers)."""
-    return init_normal(config.init_method_std / math.sqrt(2.0 * config.num_layers))
+    """Megatron's init for projections that feed the residual: std / sqrt(residual branches),
+    that is std / sqrt(2·num_layers), or std / sqrt(num_layers) for a hybrid layer pattern,
+    whose layers are sublayers (see ``TransformerConfig.residual_branches``)."""
+    return init_normal(config.init_method_std / math.sqrt(config.residual_branches))
 
 
 class Linear(nn.Module):

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from attnplug._errors import ConfigError
 from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers.identity import IdentityOp
 from attnplug.spec import build_module
 
 if TYPE_CHECKING:
@@ -24,6 +26,11 @@ class TransformerLayer(nn.Module):
     into the next linear) and ``self_attention`` / ``mlp`` ``(config=, layer_number=)``.
     ``forward(hidden[B,T,h], **attention_kwargs) -> [B,T,h]``; the keyword arguments go to the
     token mixer (``position_offset`` for softmax attention, ``cache`` for Gated DeltaNet).
+
+    A half whose ``self_attention`` or ``mlp`` is ``IdentityOp`` is skipped, residual and all
+    (not added as ``x + x``): a hybrid pattern's mixer-only and MLP-only sublayers.
+    ``has_self_attention`` / ``has_mlp`` say which halves run. Raises ``ConfigError`` when a
+    skipped half keeps a real norm (its parameters would never be used) or both are skipped.
     """
 
     def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules,
@@ -41,11 +48,30 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
                                               hidden_size=hidden)
         self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number)
+        self.has_self_attention = self._half_runs("input_layernorm", "self_attention")
+        self.has_mlp = self._half_runs("pre_mlp_layernorm", "mlp")
+        if not (self.has_self_attention or self.has_mlp):
+            raise ConfigError(f"{owner}: self_attention and mlp are both IdentityOp: the layer "
+                              "would do nothing; expected a mixer, an MLP or both")
+
+    def _half_runs(self, norm: str, main: str) -> bool:
+        """Whether the half ``main`` (with its norm ``norm``) runs; ``IdentityOp`` skips it."""
+        if not isinstance(getattr(self, main), IdentityOp):
+            return True
+        if not isinstance(getattr(self, norm), IdentityOp):
+            raise ConfigError(
+                f"{type(self).__name__}: {norm}={type(getattr(self, norm)).__name__} is not "
+                f"accepted with {main}=IdentityOp: a skipped half has no norm; expected IdentityOp"
+            )
+        return False
 
     def forward(self, hidden_states: torch.Tensor, **attention_kwargs: Any) -> torch.Tensor:
         x = hidden_states  # (B, T, h)
-        x = x + self.self_attention(self.input_layernorm(x), **attention_kwargs)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        if self.has_self_attention:
+            x = x + self.self_attention(self.input_layernorm(x), **attention_kwargs)
+        if self.has_mlp:
+            x = x + self.mlp(self.pre_mlp_layernorm(x))
+        return x
 
 
 class TransformerBlock(nn.Module):
