@@ -111,13 +111,14 @@ def _run_backends(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([info.to_json() for info in infos])
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="attnplug backends")
     for column in ("name", "distribution", "version", "priority", "available", "notes"):
         table.add_column(column)
     for info in infos:
-        notes = info.error or "; ".join(info.reasons) or info.description
+        notes = escape(info.error or "; ".join(info.reasons) or info.description)
         table.add_row(
             info.name,
             info.distribution or "?",
@@ -196,12 +197,13 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(plan)
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     groups = _slot_groups(plan["layers"])
     table = Table(
-        title=f"attnplug plan: {args.config} (backend {plan['backend']!r})",
-        caption=_plan_caption(plan, config),
+        title=escape(f"attnplug plan: {args.config} (backend {plan['backend']!r})"),
+        caption=escape(_plan_caption(plan, config)),
         show_lines=True,
     )
     for column in ("index", "stage", "attention", "mlp"):
