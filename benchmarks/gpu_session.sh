@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU call's worth of checks (run on the GPU machine from the repo root; results under $OUT):
+# the local ops on CUDA, a hybrid trained with triton and with local (losses side by side), and the
+# attention benchmark with the anchors measured in the same run.
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton -e plugins/kitchen \
+  > "$OUT/install.log" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+timeout 90 python3 -m pytest -q -rs tests/test_ops_cuda.py > "$OUT/ops_cuda.txt" 2>&1
+tail -n 3 "$OUT/ops_cuda.txt"
+for backend in triton local; do
+  timeout 100 python3 -m attnplug train examples/qwen3_next_hybrid.toml --device cuda \
+    --backend "$backend" --steps 150 --json > "$OUT/train_$backend.json" 2> "$OUT/train_$backend.err"
+  python3 - "$OUT/train_$backend.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print({k: d[k] for k in ("backend", "steps", "initial_loss", "final_loss", "accuracy",
+                         "tokens_per_second")})
+PY
+done
+timeout 150 python3 benchmarks/bench_attention.py --seqlens 4096 16384 --out "$OUT/attention" \
+  > "$OUT/bench_attention.txt" 2>&1
+tail -n 20 "$OUT/bench_attention.txt"
