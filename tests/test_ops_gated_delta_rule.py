@@ -229,7 +229,7 @@ def test_gradients_match_naive_in_float64():
         o, state = fn(*inputs[:5], initial_state=inputs[5], output_final_state=True, **kw)
         return (o * w_o).sum() + (state * w_s).sum()
 
-    grads = torch.autograd.grad(loss(chunk_gated_delta_rule, chunk_size=16), inputs)
+    grads = torch.autograd.grad(loss(chunk_gated_delta_rule, chunk_size=32), inputs)
     refs = torch.autograd.grad(loss(naive_recurrent_gated_delta_rule), inputs)
     for name, got, ref in zip("q k v g beta h0".split(), grads, refs, strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-9, msg=f"gradient of {name}")

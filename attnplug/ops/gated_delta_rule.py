@@ -185,8 +185,9 @@ def _to_chunks(x: Tensor, C: int) -> Tensor:
 
 
 def _unit_lower_inverse(m: Tensor) -> Tensor:
-    """Inverse of unit lower-triangular matrices ``m (..., C, C)``, by recursive halving.
+    """``(I + StrictTril(m))⁻¹`` for square ``m (..., C, C)``, by recursive halving.
 
+    Only the strictly lower triangle of ``m`` is read (the diagonal counts as ones).
     ``[[M11, 0], [M21, M22]]⁻¹ = [[A, 0], [−B M21 A, B]]`` with ``A = M11⁻¹``, ``B = M22⁻¹``; blocks
     of at most 16 rows go to ``solve_triangular``, which is slow on CPU for large batches of 64×64.
     """
@@ -212,10 +213,9 @@ def _wy_factors(k: Tensor, v: Tensor, gam: Tensor, beta: Tensor) -> tuple[Tensor
     C = k.shape[-2]
     causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()  # (C, C) incl. diagonal
     diff = gam[..., :, None] - gam[..., None, :]  # (NH, NT, C, C)
-    decay = diff.masked_fill(~causal, float("-inf")).exp()  # (NH, NT, C, C), 0 above diagonal
+    decay = torch.where(causal, diff, float("-inf")).exp()  # (NH, NT, C, C), 0 above diagonal
     lower = (k @ k.transpose(-1, -2)) * decay * beta[..., None]  # (NH, NT, C, C)
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)  # (C, C)
-    a = _unit_lower_inverse(lower.tril(-1) + eye)  # (NH, NT, C, C) (I + StrictTril(βKKᵀ⊙Γ))⁻¹
+    a = _unit_lower_inverse(lower)  # (NH, NT, C, C) (I + StrictTril(βKKᵀ⊙Γ))⁻¹
     u = a @ (beta[..., None] * v)  # (NH, NT, C, V)
     w = a @ ((beta * gam.exp())[..., None] * k)  # (NH, NT, C, K)
     return u, w, decay
