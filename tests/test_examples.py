@@ -3,7 +3,6 @@ frequency example written another way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from attnplug.plan import describe_plan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small shapes: intra-op threads only add overhead (and spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(path: Path) -> GPTModel:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -59,15 +58,6 @@ class FusedLocal(LocalSpecProvider):
 
     def column_parallel_layer_norm_linear(self) -> type:
         return LayerNormLinear
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny shapes: intra-op threads only add overhead (and spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pattern_config(pattern: str, **fields: object) -> TransformerConfig:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,15 +14,6 @@ from attnplug.spec import build_module
 from attnplug.specs import get_transformer_block_with_experimental_attention_variant_spec
 
 LOCAL = LocalSpecProvider()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny shapes: intra-op threads only add overhead (and spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_config(**overrides: object) -> TransformerConfig:
