@@ -6,7 +6,7 @@ from typing import Any
 
 from attnplug._errors import ConfigError
 
-__all__ = ["check_positive_int", "check_config"]
+__all__ = ["check_positive_int", "check_config", "check_layer_args"]
 
 
 def check_positive_int(owner: str, name: str, value: Any) -> int:
@@ -25,3 +25,17 @@ def check_config(owner: str, config: Any) -> None:
             f"{owner}: config={type(config).__name__} is not accepted: expected an "
             "attnplug.TransformerConfig"
         )
+
+
+def check_layer_args(owner: str, config: Any, layer_number: Any, submodules: Any = None,
+                     required: tuple[str, ...] = ()) -> int:
+    """Check what every layer's constructor takes: ``config`` is a ``TransformerConfig``, each
+    ``submodules.<field>`` in ``required`` is set, and ``layer_number`` is an int >= 1.
+
+    Returns ``layer_number``; raises ``ConfigError`` naming ``owner`` and the argument.
+    """
+    check_config(owner, config)
+    for field in required:
+        if getattr(submodules, field, None) is None:
+            raise ConfigError(f"{owner}: submodules.{field} is None; a spec is required")
+    return check_positive_int(owner, "layer_number", layer_number)

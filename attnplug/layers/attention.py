@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers._checks import check_config, check_layer_args, check_positive_int
 from attnplug.layers.linear import output_layer_init_method
 from attnplug.layers.rope import apply_rope
 from attnplug.spec import build_module
@@ -80,12 +80,9 @@ class SelfAttention(nn.Module):
                  layer_number: int = 1) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_config(owner, config)
+        self.layer_number = check_layer_args(owner, config, layer_number, submodules,
+                                             ("linear_qkv", "core_attention", "linear_proj"))
         self.config = config
-        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
-        for field in ("linear_qkv", "core_attention", "linear_proj"):
-            if getattr(submodules, field, None) is None:
-                raise ValueError(f"{owner}: submodules.{field} is None; a spec is required")
         self.num_heads = config.num_attention_heads  # H
         self.num_groups = config.query_groups  # G
         self.head_dim = config.head_dim  # D

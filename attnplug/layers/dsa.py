@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers._checks import check_layer_args, check_positive_int
 from attnplug.layers.attention import SelfAttention
 from attnplug.layers.aux_loss import AuxLossMixin
 from attnplug.layers.norms import compute_dtype
@@ -43,12 +43,6 @@ __all__ = ["DSAIndexer", "DSAttention", "DSASelfAttention", "DSA_INDEXER_LOSS"]
 DSA_INDEXER_LOSS = "dsa_indexer"
 
 
-def _require(owner: str, submodules: object, fields: tuple[str, ...]) -> None:
-    for field in fields:
-        if getattr(submodules, field, None) is None:
-            raise ValueError(f"{owner}: submodules.{field} is None; a spec is required")
-
-
 class DSAIndexer(nn.Module):
     """The lightning indexer; ``forward(x[B,T,h]) -> indices[B,T,min(topk,T)]`` (−1 unused).
 
@@ -62,11 +56,11 @@ class DSAIndexer(nn.Module):
                  layer_number: int = 1) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_config(owner, config)
+        self.layer_number = check_layer_args(
+            owner, config, layer_number, submodules,
+            ("linear_wq_b", "linear_wk", "k_norm", "linear_weights_proj", "dsa_indexer_topk"),
+        )
         self.config = config
-        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
-        _require(owner, submodules, ("linear_wq_b", "linear_wk", "k_norm",
-                                     "linear_weights_proj", "dsa_indexer_topk"))
         self.n_heads = check_positive_int(owner, "dsa_indexer_n_heads", config.dsa_indexer_n_heads)
         self.head_dim = check_positive_int(owner, "dsa_indexer_head_dim",
                                            config.dsa_indexer_head_dim)
@@ -114,10 +108,9 @@ class DSAttention(AuxLossMixin, nn.Module):
                  layer_number: int = 1, softmax_scale: float | None = None) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_config(owner, config)
+        self.layer_number = check_layer_args(owner, config, layer_number, submodules,
+                                             ("indexer", "sparse_attention"))
         self.config = config
-        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
-        _require(owner, submodules, ("indexer", "sparse_attention"))
         if softmax_scale is not None and not (isinstance(softmax_scale, (int, float))
                                               and softmax_scale > 0):
             raise ValueError(f"{owner}: softmax_scale={softmax_scale!r} is not accepted: "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers._checks import check_layer_args
 from attnplug.layers.attention import check_hidden
 from attnplug.layers.linear import output_layer_init_method
 from attnplug.layers.norms import compute_dtype, gated_norm
@@ -61,12 +61,11 @@ class GatedDeltaNet(nn.Module):
                  layer_number: int = 1) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_config(owner, config)
+        self.layer_number = check_layer_args(
+            owner, config, layer_number, submodules,
+            ("in_proj", "out_norm", "out_proj", "gated_delta_rule"),
+        )
         self.config = config
-        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
-        for field in ("in_proj", "out_norm", "out_proj", "gated_delta_rule"):
-            if getattr(submodules, field, None) is None:
-                raise ValueError(f"{owner}: submodules.{field} is None; a spec is required")
         self.num_key_heads = config.linear_num_key_heads  # Hk
         self.num_value_heads = config.linear_num_value_heads  # Hv
         self.key_head_dim = config.linear_key_head_dim  # Dk

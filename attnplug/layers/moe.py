@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnplug._errors import ConfigError
-from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers._checks import check_config, check_layer_args, check_positive_int
 from attnplug.layers.attention import check_hidden
 from attnplug.layers.aux_loss import AuxLossMixin
 from attnplug.layers.linear import init_normal, output_layer_init_method
@@ -137,13 +137,11 @@ class MoELayer(AuxLossMixin, nn.Module):
                  layer_number: int = 1) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_config(owner, config)
+        self.layer_number = check_layer_args(owner, config, layer_number, submodules,
+                                             ("experts",))
         self.config = config
-        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
         if config.num_moe_experts is None:
             raise ConfigError(f"{owner}: num_moe_experts=None; an MoE layer needs experts")
-        if getattr(submodules, "experts", None) is None:
-            raise ValueError(f"{owner}: submodules.experts is None; a spec is required")
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
         self.router = TopKRouter(config)

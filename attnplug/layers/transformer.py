@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attnplug._errors import ConfigError
-from attnplug.layers._checks import check_config, check_positive_int
+from attnplug.layers._checks import check_config, check_layer_args
 from attnplug.layers.identity import IdentityOp
 from attnplug.spec import build_module
 
@@ -37,9 +37,8 @@ class TransformerLayer(nn.Module):
                  layer_number: int = 1) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_config(owner, config)
+        self.layer_number = check_layer_args(owner, config, layer_number)
         self.config = config
-        self.layer_number = check_positive_int(owner, "layer_number", layer_number)
         hidden = config.hidden_size
         self.input_layernorm = build_module(submodules.input_layernorm, config=config,
                                             hidden_size=hidden)
