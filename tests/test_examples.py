@@ -54,3 +54,16 @@ def test_the_pattern_example_is_the_hybrid_example():
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(hybrid_model(ids), pattern_model(ids))
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_trains_through_the_command(path, capsys):
+    import json
+
+    from attnplug.cli import main
+
+    assert main(["train", str(path), "--steps", "4", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 4 and result["backend"] == "local"
+    assert len(result["losses"]) == 4
+    assert all(loss == loss and loss < 1e3 for loss in result["losses"])  # finite, not NaN
