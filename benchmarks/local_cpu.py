@@ -4,7 +4,7 @@
 2. The speed-up of the chunked gated delta rule over the per-token recurrence at T = 4096
    (goal: >= 20x), with the two outputs compared so the speed is not bought with wrong answers.
 
-Usage: python benchmarks/local_cpu.py [--out DIR] [--steps N] [--seq-len T]
+Usage: python benchmarks/local_cpu.py [--out DIR] [--steps N] [--seq-len T] [--threads N]
 Writes results.json under --out when given.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -96,9 +97,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gdn-T", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); on a busy machine "
+                        "1 thread is often faster than 2")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
     print(f"attnplug local backend on the CPU ({machine}), torch {torch.__version__}")
     rows = [
         training_step_throughput(path, args.steps, args.batch, args.seq_len)
