@@ -5,6 +5,11 @@ decay, gradient clipping, loss = cross-entropy (``ignore_index=-100``) + ``model
 (MoE load balancing, the DSA indexer's loss). Batches come from :mod:`attnplug.data` as a pure
 function of ``(seed, step)``, and a checkpoint holds everything else that moves (model, optimizer,
 scheduler, RNG states, losses), so ``--resume`` continues a run bit-for-bit on the CPU.
+
+Under ``torchrun`` with more than one process the run is split over the processes as the
+``[parallel]`` table and the pipeline fields of ``[model]`` say (:mod:`attnplug.distributed`).
+In one process, ``[parallel] microbatches`` (when above 1) accumulates gradients over that many
+micro-batches: the objective of a multi-process run with the same setting.
 """
 
 from __future__ import annotations
@@ -62,6 +67,14 @@ CHECKPOINT_VERSION = 1
 # [train] fields that may differ between a checkpoint and the run that resumes it
 RESUMABLE_FIELDS = ("steps", "lr_decay_steps", "device", "log_every", "eval_every",
                     "eval_batches")
+# [model] fields that may differ too: the backend, and how the layers are split over pipeline
+# ranks (a checkpoint holds the whole model, keyed by layer, whatever the split)
+RESUMABLE_MODEL_FIELDS = ("backend", "pipeline_model_parallel_size",
+                          "virtual_pipeline_model_parallel_size",
+                          "num_layers_in_first_pipeline_stage",
+                          "num_layers_in_last_pipeline_stage",
+                          "account_for_embedding_in_pipeline_split",
+                          "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout")
 PLOT_INSTALL = 'pip install "attnplug[plot]"'
 
 
@@ -306,25 +319,42 @@ class _Run:
     aux_loss: float = 0.0
     train_seconds: float = 0.0
     tokens: int = 0
+    microbatches: int = 1
+
+
+def _check_finite(run: _Run, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        cfg = run.train_cfg
+        raise ConfigError(f"training diverged at step {run.step + 1} (loss={loss.item()}): "
+                          f"lower [train] lr (now {cfg.lr}) or set [train] grad_clip")
 
 
 def _train_step(run: _Run) -> float:
     """One optimizer step on the batch of ``run.step``; returns its cross-entropy.
 
+    With ``run.microbatches > 1`` the gradients are accumulated over that many micro-batches
+    (:func:`attnplug.distributed.microbatch.accumulate_gradients`).
+
     Raises:
         ConfigError: the loss is not finite (the run diverged).
     """
     inputs, targets = (t.to(run.device) for t in run.task.train_batch(run.step))
-    logits = run.model(inputs)  # (B, T, V)
-    ce = cross_entropy(logits, targets)
-    aux = run.model.auxiliary_loss()
-    loss = ce + aux
-    if not torch.isfinite(loss):
-        cfg = run.train_cfg
-        raise ConfigError(f"training diverged at step {run.step + 1} (loss={loss.item()}): "
-                          f"lower [train] lr (now {cfg.lr}) or set [train] grad_clip")
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if run.microbatches > 1:
+        from attnplug.distributed.microbatch import accumulate_gradients
+
+        run.optimizer.zero_grad(set_to_none=True)
+        ce, aux = accumulate_gradients(run.model, inputs, targets,
+                                       microbatches=run.microbatches,
+                                       aux_loss=run.model.auxiliary_loss)
+        _check_finite(run, ce + aux)
+    else:
+        logits = run.model(inputs)  # (B, T, V)
+        ce = cross_entropy(logits, targets)
+        aux = run.model.auxiliary_loss()
+        loss = ce + aux
+        _check_finite(run, loss)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     if run.train_cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.train_cfg.grad_clip)
     run.optimizer.step()
@@ -381,8 +411,10 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _check_resumable(state: dict[str, Any], run: _Run, path: str | Path) -> None:
     """Refuse a checkpoint whose settings would change the trajectory of the run."""
-    saved_model = {k: v for k, v in state["model_config"].items() if k != "backend"}
-    now_model = {k: v for k, v in run.model_cfg.to_dict().items() if k != "backend"}
+    saved_model = {k: v for k, v in state["model_config"].items()
+                   if k not in RESUMABLE_MODEL_FIELDS}
+    now_model = {k: v for k, v in run.model_cfg.to_dict().items()
+                 if k not in RESUMABLE_MODEL_FIELDS}
     saved_train = {k: v for k, v in state["train_config"].items() if k not in RESUMABLE_FIELDS}
     now_train = {k: v for k, v in run.train_cfg.to_dict().items() if k not in RESUMABLE_FIELDS}
     for table, saved, now in (("model", saved_model, now_model),
@@ -392,7 +424,8 @@ def _check_resumable(state: dict[str, Any], run: _Run, path: str | Path) -> None
                 raise ConfigError(
                     f"--resume {str(path)!r}: the checkpoint was trained with [{table}] {key}="
                     f"{saved.get(key)!r} but the config has {now.get(key)!r}; a resumed run must "
-                    f"keep every setting except [model] backend and [train] "
+                    f"keep every setting except [model] backend and the pipeline split, and "
+                    f"[train] "
                     + ", ".join(RESUMABLE_FIELDS)
                 )
     if state["step"] >= run.train_cfg.steps:
@@ -403,10 +436,20 @@ def _check_resumable(state: dict[str, Any], run: _Run, path: str | Path) -> None
 def _load_checkpoint(run: _Run, path: str | Path, note: Callable[[str], None]) -> None:
     """Restore ``run`` from the checkpoint at ``path``.
 
+    A directory is a multi-process run's checkpoint
+    (:func:`attnplug.distributed.checkpoint.read_checkpoint_dir`).
+
     Raises:
         ConfigError: the file is missing or not a checkpoint, or its settings differ from the run's.
     """
-    state = _read_checkpoint(path)
+    if Path(path).is_dir():
+        from attnplug.distributed.checkpoint import read_checkpoint_dir, read_meta
+
+        _check_resumable(read_meta(path, checkpoint_format=CHECKPOINT_FORMAT), run, path)
+        state = read_checkpoint_dir(path, run.model, run.optimizer,
+                                    checkpoint_format=CHECKPOINT_FORMAT)
+    else:
+        state = _read_checkpoint(path)
     _check_resumable(state, run, path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -586,20 +629,24 @@ def _deterministic(device: torch.device) -> Iterator[None]:
         fill.fill_uninitialized_memory = previous[2]
 
 
-def _start(model_cfg: TransformerConfig, train_cfg: TrainConfig, device: torch.device) -> _Run:
+def _start(model_cfg: TransformerConfig, train_cfg: TrainConfig, device: torch.device,
+           microbatches: int = 1) -> _Run:
     task = make_task(train_cfg)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, task.vocab_size, train_cfg.seq_len).to(device)
     optimizer = make_optimizer(model, train_cfg)
     return _Run(model_cfg=model_cfg, train_cfg=train_cfg, model=model, optimizer=optimizer,
-                scheduler=make_scheduler(optimizer, train_cfg), task=task, device=device)
+                scheduler=make_scheduler(optimizer, train_cfg), task=task, device=device,
+                microbatches=microbatches)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``attnplug train`` for parsed ``args`` (see :func:`add_train_arguments`).
 
     Prints progress on stderr and a summary table on stdout, or with ``args.json`` one JSON
-    object (:func:`_summarize`) and nothing else on stdout.
+    object (:func:`_summarize`) and nothing else on stdout. Started by ``torchrun`` with
+    ``WORLD_SIZE`` > 1, runs as one of the processes of
+    :func:`attnplug.distributed.train.run_distributed_train`.
 
     Returns:
         0 when the run finished.
@@ -608,13 +655,22 @@ def run_train(args: argparse.Namespace) -> int:
         ConfigError: a bad config file, override, checkpoint or option, or a diverged run.
         BackendError: the backend cannot build this model here.
     """
+    from attnplug.distributed.config import ParallelConfig, resolve_layout, world_size_from_env
+
     model_cfg, train_cfg = load_configs(args)
+    parallel_cfg = ParallelConfig.from_toml(args.config)
     _check_output_args(args)
+    world_size = world_size_from_env()
+    if world_size > 1:
+        from attnplug.distributed.train import run_distributed_train
+
+        return run_distributed_train(args, model_cfg, train_cfg, parallel_cfg, world_size)
+    layout = resolve_layout(parallel_cfg, model_cfg, train_cfg.batch_size, world_size)
     device = resolve_device(train_cfg.device)
     quiet = bool(_arg(args, "json"))
     with _deterministic(device):
         wall = time.perf_counter()
-        run = _start(model_cfg, train_cfg, device)
+        run = _start(model_cfg, train_cfg, device, layout.microbatches)
         with _Reporter(run, quiet=quiet) as reporter:
             if _arg(args, "resume"):
                 _load_checkpoint(run, args.resume, Console(stderr=True).print)
