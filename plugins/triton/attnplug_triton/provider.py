@@ -5,31 +5,54 @@
 other slot is inherited from :class:`attnplug.backends.LocalSpecProvider`, and
 :meth:`TritonSpecProvider.served_by` says so. The layers (and Triton) are imported when a slot
 is asked for, not when this module is.
+
+The gated delta rule and DSA kernels (``gated_delta_rule``, ``dsa_indexer_topk``,
+``sparse_attention``) match the float64 references under the CPU interpreter but have not yet
+been checked on a GPU, where Triton 3.4–3.7.0 is known to miscompile some Hopper kernels
+(gpu/README.md). Until they are, they are served only when asked for —
+``TritonSpecProvider(experimental_kernels=True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1`` — and
+those slots otherwise come from ``local`` (``plan`` shows which).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from attnplug.backends.local import LocalSpecProvider
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from attnplug.config import TransformerConfig
 
 __all__ = ["TritonSpecProvider"]
 
-# The slots this provider serves with its own kernels; the rest come from ``local``.
+# The slots this provider serves with kernels verified on a GPU; the rest come from ``local``.
 TRITON_SLOTS = frozenset({"core_attention", "layer_norm"})
+# Kernels verified on the CPU interpreter only: served when experimental kernels are enabled.
+EXPERIMENTAL_SLOTS = frozenset({"gated_delta_rule", "dsa_indexer_topk", "sparse_attention"})
+EXPERIMENTAL_ENV = "ATTNPLUG_TRITON_EXPERIMENTAL"
 
 
 class TritonSpecProvider(LocalSpecProvider):
-    """Triton flash attention and fused norms; everything else from the local backend."""
+    """Triton flash attention and fused norms (and, when enabled, the not yet GPU-verified gated
+    delta rule and DSA kernels); everything else from the local backend.
+
+    ``experimental_kernels``: ``None`` reads ``ATTNPLUG_TRITON_EXPERIMENTAL`` (``1`` enables).
+    """
 
     name = "triton"
 
+    def __init__(self, experimental_kernels: bool | None = None) -> None:
+        if experimental_kernels is None:
+            experimental_kernels = os.environ.get(EXPERIMENTAL_ENV, "") == "1"
+        self.experimental_kernels = bool(experimental_kernels)
+
     def served_by(self, slot: str) -> str:
-        """``"triton"`` for ``core_attention`` and ``layer_norm``, ``"local"`` otherwise."""
-        return self.name if slot in TRITON_SLOTS else LocalSpecProvider.name
+        """``"triton"`` for the slots its kernels serve, ``"local"`` otherwise."""
+        experimental = self.experimental_kernels and slot in EXPERIMENTAL_SLOTS
+        return self.name if slot in TRITON_SLOTS or experimental else LocalSpecProvider.name
 
     def supports(self, config: TransformerConfig) -> list[str]:
         """Reasons the kernels cannot serve ``config``: float64 parameters, head dim > 256."""
@@ -61,3 +84,33 @@ class TritonSpecProvider(LocalSpecProvider):
         from attnplug_triton.layers import FlashAttention
 
         return FlashAttention
+
+    def gated_delta_rule(self) -> Callable:
+        """:func:`attnplug_triton.ops.gated_delta_rule.gated_delta_rule`: the chunked kernels
+        (forward and backward), or the token-by-token kernel for short sequences without
+        autograd; K and V up to 256. Triton is imported on the first call."""
+        if not self.experimental_kernels:
+            return super().gated_delta_rule()
+        from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+
+        return gated_delta_rule
+
+    def dsa_indexer_topk(self) -> Callable:
+        """:func:`attnplug_triton.ops.dsa.topk.dsa_indexer_topk`: the indexer's scores and an
+        exact per-query top-k in Triton, never a ``[B, T, S]`` score tensor (indices in no
+        particular order, −1 in unused slots). Triton is imported when the slot is asked for."""
+        if not self.experimental_kernels:
+            return super().dsa_indexer_topk()
+        from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+
+        return dsa_indexer_topk
+
+    def sparse_attention(self) -> Callable:
+        """:func:`attnplug_triton.ops.dsa.sparse.sparse_attention`: attention over each query's
+        selected keys, forward and backward, each key gathered once per key/value head group;
+        head dims up to 256. Triton is imported when the slot is asked for."""
+        if not self.experimental_kernels:
+            return super().sparse_attention()
+        from attnplug_triton.ops.dsa.sparse import sparse_attention
+
+        return sparse_attention

@@ -101,7 +101,11 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
         provider.layer_norm(rms_norm=True, has_residual=True)
     local = LocalSpecProvider()
     assert provider.linear() is local.linear()
-    assert provider.gated_delta_rule() is local.gated_delta_rule()
+    for slot in ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention"):
+        # not yet verified on a GPU: served by local unless experimental kernels are enabled
+        assert getattr(provider, slot)() is getattr(local, slot)()
+        assert provider.served_by(slot) == "local"
+        assert TritonSpecProvider(experimental_kernels=True).served_by(slot) == "triton"
     assert provider.served_by("core_attention") == provider.served_by("layer_norm") == "triton"
     assert provider.served_by("linear") == "local"
 

@@ -1,0 +1,245 @@
+"""Correctness of the triton backend's gated delta rule at real shapes on the GPU, against float64.
+
+    python3 benchmarks/gpu_check_gdn.py            # all parts; JSON in $OUT when set
+    python3 benchmarks/gpu_check_gdn.py --quick    # the project shape and the decoding kernel
+    python3 benchmarks/gpu_check_gdn.py --parts configs
+
+Each row prints the relative error ‖out − ref‖ / ‖ref‖ (and the largest absolute error) of the
+output, the final state and every gradient (q, k, v, g, β, initial state), the reference being
+attnplug's chunked op run in float64 on the GPU (exact in float64; the per-token reference is
+too slow at these sizes). Parts:
+
+1. ``shapes``: the project shape (B=8, T=4096, H=16, K=V=128, bf16, q/k L2 norm, initial and
+   final state: the issue's "relative error ≤ 1e-2"), grouped value heads (Qwen3-Next's 16/32),
+   packed sequences with odd lengths, K=V=256, K≠V with V not a power of two, float16, float32;
+2. ``configs``: every autotuning configuration of every kernel, forced one at a time, in bf16 at
+   K=V=128 and K=V=64 — the check for Triton 3.4–3.7.0's Hopper miscompilation of 64-wide
+   blocks (shared/gpu/README.md), at every block size the autotuner may pick;
+3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd.
+
+A row fails when an error exceeds its dtype's tolerance (bf16 and fp16 1e-2, fp32 1e-4) or is
+not finite. Exit status 1 when any row fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+INPUTS = ("q", "k", "v", "g", "beta", "h0")
+
+# (label, B, T, H, HV, K, V, dtype, cu_seqlens or None, use_qk_l2norm)
+SHAPES = [
+    ("project shape", 8, 4096, 16, 16, 128, 128, torch.bfloat16, None, True),
+    ("qwen3-next heads 16/32", 2, 4096, 16, 32, 128, 128, torch.bfloat16, None, True),
+    ("packed odd lengths", 1, 3000, 4, 8, 128, 128, torch.bfloat16, [0, 1, 700, 2047, 3000],
+     True),
+    ("unit keys, no L2 norm", 2, 2048, 8, 8, 128, 128, torch.bfloat16, None, False),
+    ("K=V=256", 2, 1000, 2, 4, 256, 256, torch.bfloat16, None, True),
+    ("K=64 V=96", 2, 777, 4, 4, 64, 96, torch.float16, None, True),
+    ("fp32", 2, 1000, 4, 8, 128, 128, torch.float32, None, True),
+]
+QUICK = {"project shape"}
+_STARTED = time.time()
+
+
+def make_inputs(B: int, T: int, H: int, HV: int, K: int, V: int, N: int,
+                dtype: torch.dtype, l2norm: bool = True) -> dict[str, Tensor]:
+    """Random inputs in the layer's form (q, k, v in ``dtype``, g, β float32) and output grads;
+    unit-norm keys when the kernels do not normalise them."""
+    dev = "cuda"
+    k = torch.randn(B, T, H, K, device=dev, dtype=dtype)
+    return {
+        "q": torch.randn(B, T, H, K, device=dev, dtype=dtype),
+        "k": k if l2norm else F.normalize(k.float(), dim=-1).to(dtype),
+        "v": torch.randn(B, T, HV, V, device=dev, dtype=dtype),
+        "g": F.logsigmoid(torch.rand(B, T, HV, device=dev)) / 4,
+        "beta": torch.rand(B, T, HV, device=dev).sigmoid(),
+        "h0": torch.randn(N, HV, K, V, device=dev),
+        "do": torch.randn(B, T, HV, V, device=dev, dtype=dtype),
+        "dht": torch.randn(N, HV, K, V, device=dev),
+    }
+
+
+def run(fn, x: dict[str, Tensor], cast, cu: Tensor | None,
+        l2norm: bool = True) -> dict[str, Tensor]:
+    """o, the final state and the gradients of ``Σ o·do + Σ final·dht`` (detached)."""
+    leaves = {n: cast(x[n]).detach().requires_grad_() for n in INPUTS}
+    o, final = fn(*(leaves[n] for n in INPUTS[:5]), initial_state=leaves["h0"],
+                  output_final_state=True, cu_seqlens=cu, use_qk_l2norm=l2norm)
+    ((o * cast(x["do"])).sum() + (final * cast(x["dht"])).sum()).backward()
+    out = {"o": o.detach(), "final": final.detach()}
+    out.update({f"d{n}": leaves[n].grad for n in INPUTS})
+    return out
+
+
+def reference(x: dict[str, Tensor], cu: Tensor | None, l2norm: bool = True) -> dict[str, Tensor]:
+    from attnplug.ops import chunk_gated_delta_rule
+
+    return run(chunk_gated_delta_rule, x, lambda t: t.double(), cu, l2norm)
+
+
+def errors(outs: dict[str, Tensor], refs: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """Relative L2 error and largest absolute error of each output against its reference."""
+    result = {}
+    for name, ref in refs.items():
+        diff = outs[name].double() - ref
+        result[name] = {"rel": (diff.norm() / ref.norm().clamp_min(1e-30)).item(),
+                        "max_abs": diff.abs().max().item()}
+    return result
+
+
+def row(part: str, label: str, dtype: torch.dtype, errs: dict) -> dict:
+    tol = TOLERANCE[dtype]
+    ok = all(e["rel"] == e["rel"] and e["rel"] <= tol for e in errs.values())  # NaN fails
+    r = {"part": part, "case": label, "dtype": NAMES[dtype], "ok": bool(ok), "errors": errs}
+    cells = "  ".join(f"{n} {e['rel']:.1e}" for n, e in errs.items())
+    print(f"{time.time() - _STARTED:5.0f}s {'ok  ' if ok else 'FAIL'} {part:7} {NAMES[dtype]} "
+          f"{label:48} {cells}", flush=True)
+    return r
+
+
+def failed_row(part: str, label: str, dtype: torch.dtype, exc: Exception) -> dict:
+    print(f"{time.time() - _STARTED:5.0f}s FAIL {part:7} {NAMES[dtype]} {label:48} "
+          f"{type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    return {"part": part, "case": label, "dtype": NAMES[dtype], "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def check_shapes(quick: bool) -> list[dict]:
+    """Part 1: the autotuned kernels at real shapes."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+
+    rows = []
+    for label, B, T, H, HV, K, V, dtype, cu_list, l2norm in SHAPES:
+        if quick and label not in QUICK:
+            continue
+        cu = None if cu_list is None else torch.tensor(cu_list, device="cuda")
+        N = B if cu_list is None else len(cu_list) - 1
+        x = make_inputs(B, T, H, HV, K, V, N, dtype, l2norm)
+        name = f"{label} B{B} T{T} H{H}/{HV} K{K} V{V}"
+        try:
+            refs = reference(x, cu, l2norm)
+            outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), cu, l2norm)
+            rows.append(row("shapes", name, dtype, errors(outs, refs)))
+        except Exception as exc:  # a compile failure or an OOM is a failed row
+            rows.append(failed_row("shapes", name, dtype, exc))
+        del x
+        torch.cuda.empty_cache()
+    return rows
+
+
+def check_configs() -> list[dict]:
+    """Part 2: every configuration of every kernel, forced while the others autotune."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from attnplug_triton.ops.gated_delta_rule.common import force_config
+
+    kernels = {"kkt_solve": kkt_solve.CONFIGS, "chunk_fwd_h_o": chunk_h.CONFIGS,
+               "chunk_fwd_h_h": chunk_h.CONFIGS, "chunk_bwd_dh": chunk_h.CONFIGS,
+               "chunk_bwd_dq": chunk_bwd.CONFIGS, "chunk_bwd_dk": chunk_bwd.CONFIGS}
+    rows = []
+    dtype = torch.bfloat16
+    for dim in (128, 64):
+        B, T, H, HV = 2, 1000, 4, 8
+        x = make_inputs(B, T, H, HV, dim, dim, B, dtype)
+        refs = reference(x, None)
+        for kernel, configs in kernels.items():
+            for config in configs:
+                label = (f"D{dim} {kernel} {config.kwargs} warps={config.num_warps} "
+                         f"stages={config.num_stages}")
+                with force_config(kernel, config):
+                    try:
+                        outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), None)
+                        rows.append(row("configs", label, dtype, errors(outs, refs)))
+                    except Exception as exc:  # out of resources, compile failure
+                        rows.append(failed_row("configs", label, dtype, exc))
+    return rows
+
+
+def check_decode() -> list[dict]:
+    """Part 3: the token-by-token kernel (decoding, short prompts without autograd)."""
+    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+    from attnplug_triton.ops.gated_delta_rule.fused_recurrent import (
+        fused_recurrent_gated_delta_rule,
+    )
+
+    from attnplug.ops import gated_delta_rule_step, naive_recurrent_gated_delta_rule
+
+    rows = []
+    dtype = torch.bfloat16
+    x = make_inputs(64, 1, 16, 32, 128, 128, 64, dtype)
+    args = [x[n] for n in INPUTS[:5]]
+    o, state = fused_recurrent_gated_delta_rule(*args, initial_state=x["h0"],
+                                                output_final_state=True, use_qk_l2norm=True)
+    o_ref, state_ref = gated_delta_rule_step(*(a.double() for a in args), x["h0"].double(),
+                                             use_qk_l2norm=True)
+    rows.append(row("decode", "step B64 H16/32 K128 V128", dtype,
+                    errors({"o": o, "final": state}, {"o": o_ref, "final": state_ref})))
+    cu = torch.tensor([0, 1, 17, 60, 64], device="cuda")
+    x = make_inputs(1, 64, 16, 32, 128, 128, 4, dtype)
+    args = [x[n] for n in INPUTS[:5]]
+    kwargs = {"output_final_state": True, "cu_seqlens": cu, "use_qk_l2norm": True}
+    with torch.no_grad():
+        o, final = gated_delta_rule(*args, initial_state=x["h0"], **kwargs)
+    o_ref, final_ref = naive_recurrent_gated_delta_rule(
+        *(a.double() for a in args), initial_state=x["h0"].double(), **kwargs)
+    rows.append(row("decode", "slot, no grad, packed 1/16/43/4", dtype,
+                    errors({"o": o, "final": final}, {"o": o_ref, "final": final_ref})))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the project shape and the decoding kernel only")
+    parser.add_argument("--parts", nargs="+", choices=["shapes", "configs", "decode"],
+                        default=["shapes", "configs", "decode"], help="which checks to run")
+    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])
+                        if os.environ.get("OUT") else None,
+                        help="folder for gpu_check_gdn.json (default: $OUT when set)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check_gdn: no CUDA device", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    import triton
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}; relative L2 error per output", flush=True)
+    rows = []
+    if "shapes" in args.parts:
+        rows += check_shapes(args.quick)
+    if "configs" in args.parts and not args.quick:
+        rows += check_configs()
+    if "decode" in args.parts:
+        rows += check_decode()
+    from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
+
+    for line in chosen_configs():
+        print(f"autotuned {line}")
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in "
+          f"{time.time() - _STARTED:.0f} s"
+          + "".join(f"\nFAILED: {r['part']} {r['dtype']} {r['case']}" for r in failed))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check_gdn.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "triton": triton.__version__, "autotuned": chosen_configs(), "rows": rows},
+            indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

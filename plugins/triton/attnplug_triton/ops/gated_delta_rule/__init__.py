@@ -1,0 +1,53 @@
+"""The gated delta rule (DESIGN §8) through Triton: ``gated_delta_rule`` picks the kernel.
+
+- ``chunk.chunk_gated_delta_rule``: chunked (64 tokens, WY form), forward and backward; the
+  kernels are in ``kkt_solve.py``, ``chunk_h.py`` and ``chunk_bwd.py``.
+- ``fused_recurrent.fused_recurrent_gated_delta_rule``: token by token, forward only (decoding).
+
+Nothing is imported here until :func:`gated_delta_rule` is called (the kernel modules import
+Triton).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["RECURRENT_MAX_TOKENS", "gated_delta_rule"]
+
+# Without autograd, sequences up to this long go token by token (fla's layer does the same
+# below 64 tokens); longer ones, or any call that needs gradients, go through the chunked kernels.
+RECURRENT_MAX_TOKENS = 64
+
+
+def gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The ``triton`` backend's ``gated_delta_rule`` slot: same function as
+    :func:`attnplug.ops.chunk_gated_delta_rule` (DESIGN §8).
+
+    Runs the chunked kernels (differentiable) when a gradient is needed or a sequence is longer
+    than :data:`RECURRENT_MAX_TOKENS`, and the token-by-token kernel otherwise (decoding).
+
+    Returns:
+        ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
+
+    Raises:
+        ValueError: shapes, dtypes, devices or ``cu_seqlens`` the kernels do not take (named).
+    """
+    from attnplug_triton.ops.gated_delta_rule.common import check_args
+
+    seqs = check_args("gated_delta_rule", q, k, v, g, beta, initial_state, cu_seqlens, scale)
+    kwargs = {"scale": scale, "initial_state": initial_state,
+              "output_final_state": output_final_state, "use_qk_l2norm": use_qk_l2norm}
+    tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    if not training and seqs.longest <= RECURRENT_MAX_TOKENS:
+        from attnplug_triton.ops.gated_delta_rule.fused_recurrent import run_fused_recurrent
+
+        return run_fused_recurrent(q, k, v, g, beta, seqs, **kwargs)
+    from attnplug_triton.ops.gated_delta_rule.chunk import run_chunk
+
+    return run_chunk(q, k, v, g, beta, seqs, **kwargs)

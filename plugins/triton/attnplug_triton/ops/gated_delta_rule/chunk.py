@@ -1,0 +1,154 @@
+"""The chunked gated delta rule through Triton, forward and backward.
+
+``chunk_gated_delta_rule`` computes the same function as
+:func:`attnplug.ops.chunk_gated_delta_rule` (DESIGN §8, flash-linear-attention's conventions) with
+chunks of 64 tokens and the WY representation inside a chunk. Five kernels, each reading its
+inputs once and writing only what a later stage cannot rebuild in registers:
+
+1. ``kkt_solve_kernel`` (:mod:`.kkt_solve`), forward: k, g, β (and q) → ``A`` (64 values per
+   token and value head, in the inputs' dtype) and, with ``use_qk_l2norm``, q's and k's inverse
+   norms.
+2. ``chunk_fwd_h_kernel`` (:mod:`.chunk_h`), forward: q, k, v, g, β, A → o and the final state.
+3. ``chunk_fwd_h_kernel`` again in the backward (``STORE_H``): k, v, g, β, A → the state at the
+   start of every chunk.
+4. ``chunk_bwd_dh_kernel`` (:mod:`.chunk_h`), backward: q, k, g, β, A, dO → the gradient of the
+   state after every chunk, and of the initial state.
+5. ``chunk_bwd_kernel`` (:mod:`.chunk_bwd`), backward, twice: q, k, v, g, β, A, dO and the
+   states → dq; then with the states' gradients → dk, dv, dg, dβ.
+
+Fused away compared with flash-linear-attention 0.6's eight-plus kernels: the q/k L2 norm (the
+norms come from stage 1; q and k enter every dot as loaded and the norms scale rows and columns
+of the products; the norm's backward is in stage 5), the gate cumsum (``tl.cumsum`` in each
+kernel), ``w`` and ``u`` (``U − W h`` is computed as ``A(β⊙V − β⊙e^γ⊙K̂ h)``, never stored),
+``v_new`` (never stored), the per-chunk states in the forward (only the backward writes them) and
+the separate output kernel (the state kernel writes o). Saved for the backward: the inputs,
+``A`` and the norms; the per-chunk states are recomputed in the backward rather than kept from
+the forward, which keeps activation memory at the inputs plus ``A``.
+
+State ``h`` is float32 in registers; the per-chunk states stored for the backward and the dot
+operands are in the inputs' dtype (float32 inputs: float32 with TF32×3 dots), except the
+float32 tiles named below. float16, bfloat16 or float32 inputs; K and V up to 256; grouped value
+heads (key head ``h`` serves value heads ``h·G … h·G + G − 1``); ``cu_seqlens`` packing (B = 1).
+
+How the Hopper miscompilation of Triton 3.4–3.7.0 (a dot result cast to 16 bits and transposed
+into another dot with 64-wide blocks, which broke fla's dk/dβ) is avoided: no kernel transposes a
+16-bit dot result. The forward and the dh kernel transpose only tiles loaded from memory (and
+build ``Pᵀ`` as ``K qᵀ`` instead of transposing ``P``); the last backward kernel has exactly
+three dot results it must transpose (``X`` for ``dA``, ``dP``, and the WY term ``S``) and keeps
+them in float32, feeding float32 dots. ``benchmarks/gpu_check_gdn.py`` checks every block
+configuration of every kernel on the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnplug_triton.ops.gated_delta_rule.chunk_bwd import chunk_bwd
+from attnplug_triton.ops.gated_delta_rule.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from attnplug_triton.ops.gated_delta_rule.common import (
+    Sequences,
+    check_args,
+    precision,
+    token_major,
+)
+from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
+
+__all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction"]
+
+
+class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
+    """Autograd wrapper over token-major tensors: q, k ``[tokens, H, K]``, v ``[tokens, HV, V]``,
+    float32 contiguous g, beta ``[tokens, HV]``, initial state ``[N, HV, K, V]`` or None."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
+                output_final_state: bool) -> tuple[Tensor, Tensor | None]:
+        prec = precision(k.dtype)
+        a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
+        o, _, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, use_qk_l2norm,
+                                  prec, output=True, store_states=False,
+                                  final_state=output_final_state)
+        ctx.save_for_backward(q, k, v, g, beta, a, rq, rk, h0)
+        ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor | None, dht: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, g, beta, a, rq, rk, h0 = ctx.saved_tensors
+        seqs, scale, l2 = ctx.seqs, ctx.scale, ctx.use_qk_l2norm
+        prec = precision(k.dtype)
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
+                                   output=False, store_states=True, final_state=False)
+        initial_grad = h0 is not None and ctx.needs_input_grad[5]
+        dstates, dh0 = chunk_bwd_dh(q, k, g, beta, a, rq, rk, do, dht, seqs, scale, l2, prec,
+                                    initial_grad=initial_grad)
+        dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
+                                          seqs, scale, l2, prec)
+        dh0 = dh0.to(h0.dtype) if dh0 is not None else None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+
+
+def _common_dtype(*tensors: Tensor) -> torch.dtype:
+    dtypes = {x.dtype for x in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Sequences, *,
+              scale: float | None, initial_state: Tensor | None, output_final_state: bool,
+              use_qk_l2norm: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
+    :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    scale = K**-0.5 if scale is None else float(scale)
+    if B * T == 0:
+        o = v.new_zeros((B, T, HV, V))
+        if not output_final_state:
+            return o, None
+        if initial_state is None:
+            return o, q.new_zeros((seqs.num_seqs, HV, K, V), dtype=torch.float32)
+        return o, initial_state.float().clone()
+    dtype = _common_dtype(q, k, v)
+    qt, kt, vt = (token_major(x.to(dtype)) for x in (q, k, v))  # (B·T, heads, dim)
+    gt, bt = (token_major(x.float()).contiguous() for x in (g, beta))  # (B·T, HV)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
+                                                 use_qk_l2norm, output_final_state)
+    return o.view(B, T, HV, V).to(v.dtype), final
+
+
+def chunk_gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The gated delta rule, chunked, through Triton kernels; differentiable.
+
+    Args:
+        q, k: ``[B, T, H, K]``.
+        v: ``[B, T, HV, V]`` with ``HV % H == 0``; K, V <= 256.
+        g: log decays ``[B, T, HV]`` (``<= 0``); beta: write strengths ``[B, T, HV]``.
+        scale: multiplies q; default ``K ** -0.5``.
+        initial_state: ``[N, HV, K, V]`` or None (zeros); N = B, or the number of sequences.
+        output_final_state: also return each sequence's state after its last token.
+        cu_seqlens: ``[N + 1]`` integer offsets of packed sequences; requires B == 1.
+        use_qk_l2norm: L2-normalise q and k per head (``x / sqrt(Σx² + 1e-6)``) first.
+
+    Returns:
+        ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
+        Gradients reach q, k, v, g, beta and initial_state.
+
+    Raises:
+        ValueError: shapes, dtypes, devices or ``cu_seqlens`` the kernels do not take (named).
+    """
+    seqs = check_args("chunk_gated_delta_rule", q, k, v, g, beta, initial_state, cu_seqlens,
+                      scale)
+    return run_chunk(q, k, v, g, beta, seqs, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)

@@ -1,0 +1,230 @@
+"""Stage 4, the backward's parallel part: every gradient of one chunk, in two passes.
+
+One program per (chunk, value head) has the chunk's starting state ``h`` and the gradient ``dh``
+of the state after it (from :mod:`.chunk_h`) and rebuilds in registers what the forward had:
+``X = β⊙V − (β⊙e^γ⊙K̂) h`` and ``V_new = A X`` (= ``U − W h``), ``dV_new = Pᵀ dO +
+(K̂⊙e^{γ_C−γ}) dh`` with ``Pᵀ`` built as ``K Qᵀ`` scaled. The same kernel runs twice
+(``DQ_PASS``), so that each pass holds one ``(64, K)`` float32 accumulator rather than two
+(register pressure, checked by compiling for sm_90):
+
+* the dq pass accumulates ``dO hᵀ`` and ``dPᵀ = V_new dOᵀ`` over the value blocks and writes
+  ``dq = e^γ ⊙ dO hᵀ + (dP ⊙ Γ) K̂`` (then the L2 norm's backward);
+* the dk pass accumulates the gradient of ``K̂`` through the state update
+  (``e^{γ_C−γ} ⊙ V_new dhᵀ``) and through ``W`` (``−β e^γ ⊙ (Aᵀ dV_new) hᵀ``), ``dA = dV_new Xᵀ``
+  and ``dPᵀ``; writes ``dv = β ⊙ Aᵀ dV_new`` per value block; then closes with the WY inverse,
+  ``dM = −Aᵀ dA Aᵀ`` (strictly lower), ``dK̂ += (S + Sᵀ) K̂`` with ``S = dM ⊙ β ⊙ Γ``, and
+  ``dK̂ += (dPᵀ ⊙ Γᵀ) q``. Every ``γ`` term is collected per row (the row sums of the ``(64, K)``
+  gradients with q or K̂ are taken as ``(64, V)`` products: ``dO ⊙ (q h)``, ``V_new ⊙ (K dh)``,
+  ``Aᵀ dV_new ⊙ (K h)``) and turned into ``dg`` by a reverse cumulative sum inside the chunk,
+  plus the chunk total ``γ_C``'s gradient on every row; ``dβ`` likewise.
+
+With one value head per key head (``FINALIZE``) the L2 norm's backward runs here and dq, dk are
+written once in the inputs' dtype; with grouped heads the passes write float32 gradients of the
+normalised q̂, k̂ per value head, summed over the group afterwards.
+
+Hopper miscompilation (shared/gpu/README.md: a dot result cast to 16 bits and transposed into
+another dot, 64-wide): exactly three tiles here are dot results that a later dot needs
+transposed — ``X`` (for ``dA``), ``dP`` (from the accumulated ``dPᵀ``) and ``S`` (from ``dM``).
+All three stay **float32** and enter their dots as float32 (TF32, TF32×3 for float32 inputs);
+nothing cast to 16 bits is ever transposed. Every other transposed operand (``h``, ``dh``,
+``A``, ``K``, ``q``, ``dO``) is a tile loaded from memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnplug_triton.ops.gated_delta_rule.common import (
+    Sequences,
+    block,
+    chunk_bounds,
+    chunk_gates,
+    decay_lower,
+    decay_upper,
+    launch,
+    load_norms,
+    load_rows,
+    store_rows,
+)
+
+__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS"]
+
+CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
+           for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
+INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def chunk_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, chunk_seq, cu, chunk_off,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_PASS: tl.constexpr,
+):
+    """One (chunk, value head): dq (``DQ_PASS``), or dk, dv, dg and dβ (the other pass)."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    hk = hv // GROUP
+    dt = k_ptr.dtype.element_ty
+    _, start, eos = chunk_bounds(chunk_seq, cu, chunk_off, c, 64)
+    offs_c = tl.arange(0, 64)
+    offs_k = tl.arange(0, BK)
+    rows = start + offs_c
+    r_ok = rows < eos
+    k_ok = offs_k < DK
+    # q and k enter the dots as loaded; norms, scale and gates scale rows and columns
+    q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)  # (C, BK)
+    k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
+    rq = load_norms(rq_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM)
+    rk = load_norms(rk_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM)
+    rqs = rq * scale  # q_used = rqs ⊙ q
+    gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
+    eg = tl.exp(gam)
+    e_end = tl.exp(gam_c - gam)
+    c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
+    c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
+    a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
+    if not DQ_PASS:
+        pt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # Pᵀ from loaded tiles
+        pt = (pt * rk[:, None] * rqs[None, :] * decay_upper(gam, 64)).to(dt)
+
+    dqk = tl.zeros([64, BK], tl.float32)  # dq pass: Σ dO hᵀ; dk pass: the gradient of k̂
+    dpt = tl.zeros([64, 64], tl.float32)  # dPᵀ
+    da = tl.zeros([64, 64], tl.float32)  # dA
+    dbeta = tl.zeros([64], tl.float32)
+    t_q = tl.zeros([64], tl.float32)  # Σ_k q ⊙ (dO hᵀ), per row
+    t_end = tl.zeros([64], tl.float32)  # Σ_k K̂⊙e^{γ_C−γ} ⊙ its gradient, per row
+    t_w = tl.zeros([64], tl.float32)  # Σ_k K̂ ⊙ the gradient of β⊙e^γ⊙K̂, per row
+    dgc_h = tl.zeros([BV], tl.float32)  # Σ h⊙dh per value column (γ_C through e^{γ_C} h)
+    state = (c.to(tl.int64) * HV + hv) * DK * DV
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        v_ok = offs_v < DV
+        state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
+        state_ok = k_ok[:, None] & v_ok[None, :]
+        v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok).to(tl.float32)
+        do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
+        h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
+        # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
+        kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
+        x = v * beta[:, None] - kh * c_w[:, None]
+        v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
+        dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
+        if DQ_PASS:
+            dqk = tl.dot(do, tl.trans(h), dqk, input_precision=PRECISION)
+        else:
+            # ordered so that each (C, BV) tile dies soon after it is made
+            dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
+            kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
+            dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
+            # row sums with q or K̂ of the (C, K) gradients, taken as (C, V) products:
+            # K̂ ⊙ V_new dhᵀ is V_new ⊙ (K̂ dh), q ⊙ dO hᵀ is dO ⊙ (q h), K̂ ⊙ Y hᵀ is Y ⊙ (K̂ h)
+            t_end += tl.sum(v_new.to(tl.float32) * kdh, 1) * c_end
+            # dA = dU (β⊙V)ᵀ + dW (β⊙e^γ⊙K̂)ᵀ = dV_new Xᵀ: X is a dot result, kept float32
+            da = tl.dot(dv_new, tl.trans(x), da, input_precision=PRECISION)
+            # K̂ in the state update, V_new dhᵀ
+            dqk = tl.dot((v_new.to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh), dqk,
+                         input_precision=PRECISION)
+            dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
+            y = tl.dot(tl.trans(a), dv_new.to(dt), input_precision=PRECISION)  # Aᵀ dV_new
+            store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v, v_ok)
+            dbeta += tl.sum(v * y, 1)
+            t_w -= tl.sum(y * kh, 1) * rk
+            # K̂ in W, −Aᵀ dV_new hᵀ
+            dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
+                         input_precision=PRECISION)
+            t_q += tl.sum(do.to(tl.float32) * tl.dot(q, h, input_precision=PRECISION), 1)
+
+    # q, k and the gates again (from cache) rather than kept in registers through the loop
+    gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
+    eg = tl.exp(gam)
+    q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
+    k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
+    # the intra-chunk product P V_new, P = (q_used K̂ᵀ) ⊙ Γ; dP = (dPᵀ)ᵀ stays float32
+    gl = decay_lower(gam, 64, False)  # Γ on and below the diagonal
+    if DQ_PASS:
+        # O ∋ (q_used ⊙ e^γ) h and P V_new; then the L2 norm's backward
+        dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
+                                         input_precision=PRECISION)
+        dqh = dqs * scale  # gradient of q̂
+        if FINALIZE:
+            if USE_L2NORM:
+                q_hat = q.to(tl.float32) * rq[:, None]
+                dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
+        store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
+    else:
+        dgam = t_q * rqs * eg - t_end + t_w * beta * eg
+        dbeta += t_w * eg
+        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
+        yp = tl.trans(dpt) * p
+        dgam += tl.sum(yp, 1) - tl.sum(yp, 0)
+        dst = (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt)
+        dqk += tl.dot(dst, q, input_precision=PRECISION)
+        # the WY inverse: dM = −Aᵀ dA Aᵀ, kept on the strictly lower triangle by Γ_strict
+        dm = tl.dot(da.to(dt), tl.trans(a), input_precision=PRECISION).to(dt)
+        dm = -tl.dot(tl.trans(a), dm, input_precision=PRECISION)  # (C, C)
+        gs = decay_lower(gam, 64, True)
+        mkk = tl.dot(k, tl.trans(k), input_precision=PRECISION) * rk[:, None] * rk[None, :] * gs
+        dbeta += tl.sum(dm * mkk, 1)
+        xm = dm * mkk * beta[:, None]  # dM ⊙ M
+        dgam += tl.sum(xm, 1) - tl.sum(xm, 0)
+        xs = dm * gs * beta[:, None]  # S of the docstring, float32: transposed into a dot
+        dqk += tl.dot((xs + tl.trans(xs)) * rk[None, :], k.to(tl.float32),
+                      input_precision=PRECISION)
+        # g: γ_i = Σ_{t≤i} g_t inside the chunk, γ_C = Σ_t g_t
+        dgc = tl.sum(t_end, 0) + tl.sum(dgc_h, 0) * tl.exp(gam_c)
+        dg = tl.sum(dgam, 0) - tl.cumsum(dgam, 0) + dgam + dgc
+        gate = rows.to(tl.int64) * HV + hv
+        tl.store(dg_ptr + gate, dg, mask=r_ok)
+        tl.store(dbeta_ptr + gate, dbeta, mask=r_ok)
+        if FINALIZE:
+            if USE_L2NORM:
+                k_hat = k.to(tl.float32) * rk[:, None]
+                dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
+        store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
+
+
+def _l2norm_backward(x: Tensor, dy: Tensor) -> Tensor:
+    """Gradient of ``x / sqrt(Σx² + 1e-6)`` (last dim) given ``dy``, in float32."""
+    x = x.float()
+    r = torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+    y = x * r
+    return (dy - y * (y * dy).sum(-1, keepdim=True)) * r
+
+
+def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tensor,
+              rq: Tensor | None, rk: Tensor | None, do: Tensor,
+              states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
+              use_qk_l2norm: bool, precision: str) -> tuple[Tensor, ...]:
+    """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
+    inputs' dtype, dg and dbeta ``[tokens, HV]`` float32."""
+    tokens, H, K = k.shape
+    HV, V = v.shape[1:]
+    group = HV // H
+    finalize = group == 1
+    partial = k.dtype if finalize else torch.float32
+    dq = k.new_empty((tokens, HV, K), dtype=partial)
+    dk = k.new_empty((tokens, HV, K), dtype=partial)
+    dv = v.new_empty((tokens, HV, V))
+    dg = g.new_empty((tokens, HV))
+    dbeta = g.new_empty((tokens, HV))
+    for name, dq_pass in (("chunk_bwd_dq", True), ("chunk_bwd_dk", False)):
+        launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
+               ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
+               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta,
+               seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
+               k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
+               BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
+               PRECISION=precision, DQ_PASS=dq_pass)
+    if not finalize:
+        dq = dq.view(tokens, H, group, K).sum(2)  # (tokens, H, K) gradient of q̂
+        dk = dk.view(tokens, H, group, K).sum(2)
+        if use_qk_l2norm:
+            dq, dk = _l2norm_backward(q, dq), _l2norm_backward(k, dk)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+    return dq, dk, dv, dg, dbeta

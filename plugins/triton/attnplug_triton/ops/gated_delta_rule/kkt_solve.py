@@ -1,0 +1,205 @@
+"""Stage 1 of the chunked gated delta rule: the WY inverse ``A`` of every chunk, in one kernel.
+
+``A = (I + StrictTril(diag(β) K̂ K̂ᵀ ⊙ Γ))⁻¹`` (64 × 64, unit lower triangular) with
+``Γ_ij = exp(γ_i − γ_j)`` and ``K̂`` the (optionally L2-normalised) keys of the chunk. One program
+per (chunk, value head) computes the ten lower 16 × 16 blocks of ``M = StrictTril(...)`` from
+four 16-row key tiles, inverts the four diagonal blocks by forward substitution (15 row steps on
+16 × 16 tiles, each step one small float32 dot), fills the six blocks below them with
+``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee"), and writes ``A`` once
+(``[tokens, HV, 64]``, in the inputs' dtype, like fla). With ``use_qk_l2norm`` the key head's
+first program also writes the inverse norms of q and k (float32 ``[tokens, H]``), so that every
+later kernel feeds q and k to its dots as loaded. The cumulative gate and ``K̂K̂ᵀ`` never touch
+memory. Nothing here transposes a dot result: the only transposed operand is a loaded key tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnplug_triton.ops.gated_delta_rule.common import (
+    CHUNK,
+    Sequences,
+    block,
+    chunk_bounds,
+    launch,
+    load_rows,
+)
+
+__all__ = ["kkt_solve", "kkt_solve_kernel", "CONFIGS"]
+
+CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4) for s in (1, 2)]
+INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def _norms(x):
+    """``1 / sqrt(Σ x² + 1e-6)`` per row of a tile, float32."""
+    x = x.to(tl.float32)
+    return tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
+
+
+@triton.jit
+def _sub_keys(k_base, rk_ptr, rows, eos, stride_kt, offs_k, k_ok, H, hk, WRITE_NORMS,
+              USE_L2NORM: tl.constexpr):
+    """A 16-row key tile, normalised in float32, in the inputs' dtype for the dot; its inverse
+    norms are written to ``rk_ptr[t, hk]`` by one program per key head."""
+    k = load_rows(k_base, rows, rows < eos, stride_kt, offs_k, k_ok)
+    if USE_L2NORM:
+        rk = _norms(k)
+        if WRITE_NORMS:
+            tl.store(rk_ptr + rows.to(tl.int64) * H + hk, rk, mask=rows < eos)
+        k = (k.to(tl.float32) * rk[:, None]).to(k.dtype)
+    return k
+
+
+@triton.jit
+def _sub_gates(g_ptr, beta_ptr, rows, eos, hv, HV):
+    idx = rows.to(tl.int64) * HV + hv
+    ok = rows < eos
+    return tl.load(g_ptr + idx, mask=ok, other=0.0), tl.load(beta_ptr + idx, mask=ok, other=0.0)
+
+
+@triton.jit
+def _kkt_block(ka, kb, beta_a, gam_a, gam_b, DIAG: tl.constexpr, PRECISION: tl.constexpr):
+    """``M_ab = β_a (k_a · k_b) exp(γ_a − γ_b)``; strictly lower on a diagonal block."""
+    s = tl.dot(ka, tl.trans(kb), input_precision=PRECISION)  # (16, 16)
+    d = gam_a[:, None] - gam_b[None, :]
+    if DIAG:
+        i = tl.arange(0, 16)
+        keep = i[:, None] > i[None, :]
+        return tl.where(keep, s * tl.exp(tl.where(keep, d, 0.0)) * beta_a[:, None], 0.0)
+    return s * tl.exp(d) * beta_a[:, None]
+
+
+@triton.jit
+def _unit_lower_inverse(m):
+    """``(I + m)⁻¹`` of a strictly lower 16 × 16 tile, by forward substitution: step ``r`` sets
+    row ``r`` to ``e_r − Σ_{j<r} m_rj x_j``, read off row ``r`` of the product ``m x`` (rows
+    ``< r`` of ``x`` are final and ``m_rj = 0`` for ``j >= r``)."""
+    i = tl.arange(0, 16)
+    eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
+    x = eye
+    for r in tl.static_range(1, 16):
+        x = tl.where(i[:, None] == r, eye - tl.dot(m, x, input_precision="ieee"), x)
+    return x
+
+
+@triton.jit
+def kkt_solve_kernel(
+    q_ptr, k_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, chunk_seq, cu, chunk_off,
+    stride_qt, stride_qh, stride_kt, stride_kh, HV, GROUP,
+    DK: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``A`` of one (chunk, value head): ``a_ptr[t, hv, :]`` for the chunk's tokens ``t``; with
+    ``USE_L2NORM`` also the inverse norms of q and k (``[t, hk]``, by the key head's first
+    value head), so that the later kernels use q and k as loaded."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    hk = hv // GROUP
+    H = HV // GROUP
+    first = hv % GROUP == 0
+    _, start, eos = chunk_bounds(chunk_seq, cu, chunk_off, c, 64)
+    k_base = k_ptr + hk * stride_kh
+    offs_k = tl.arange(0, BK)
+    k_ok = offs_k < DK
+    rows = start + tl.arange(0, 64)
+    if USE_L2NORM:
+        if first:
+            q = load_rows(q_ptr + hk * stride_qh, rows, rows < eos, stride_qt, offs_k, k_ok)
+            tl.store(rq_ptr + rows.to(tl.int64) * H + hk, _norms(q), mask=rows < eos)
+    r0 = start + tl.arange(0, 16)
+    r1 = r0 + 16
+    r2 = r0 + 32
+    r3 = r0 + 48
+    k0 = _sub_keys(k_base, rk_ptr, r0, eos, stride_kt, offs_k, k_ok, H, hk, first, USE_L2NORM)
+    k1 = _sub_keys(k_base, rk_ptr, r1, eos, stride_kt, offs_k, k_ok, H, hk, first, USE_L2NORM)
+    k2 = _sub_keys(k_base, rk_ptr, r2, eos, stride_kt, offs_k, k_ok, H, hk, first, USE_L2NORM)
+    k3 = _sub_keys(k_base, rk_ptr, r3, eos, stride_kt, offs_k, k_ok, H, hk, first, USE_L2NORM)
+    g0, b0 = _sub_gates(g_ptr, beta_ptr, r0, eos, hv, HV)
+    g1, b1 = _sub_gates(g_ptr, beta_ptr, r1, eos, hv, HV)
+    g2, b2 = _sub_gates(g_ptr, beta_ptr, r2, eos, hv, HV)
+    g3, b3 = _sub_gates(g_ptr, beta_ptr, r3, eos, hv, HV)
+    # γ over the whole chunk: each tile's cumsum plus the totals of the tiles before it
+    s0 = tl.sum(g0, 0)
+    s1 = s0 + tl.sum(g1, 0)
+    s2 = s1 + tl.sum(g2, 0)
+    c0 = tl.cumsum(g0, 0)
+    c1 = tl.cumsum(g1, 0) + s0
+    c2 = tl.cumsum(g2, 0) + s1
+    c3 = tl.cumsum(g3, 0) + s2
+
+    m00 = _kkt_block(k0, k0, b0, c0, c0, True, PRECISION)
+    m11 = _kkt_block(k1, k1, b1, c1, c1, True, PRECISION)
+    m22 = _kkt_block(k2, k2, b2, c2, c2, True, PRECISION)
+    m33 = _kkt_block(k3, k3, b3, c3, c3, True, PRECISION)
+    m10 = _kkt_block(k1, k0, b1, c1, c0, False, PRECISION)
+    m20 = _kkt_block(k2, k0, b2, c2, c0, False, PRECISION)
+    m21 = _kkt_block(k2, k1, b2, c2, c1, False, PRECISION)
+    m30 = _kkt_block(k3, k0, b3, c3, c0, False, PRECISION)
+    m31 = _kkt_block(k3, k1, b3, c3, c1, False, PRECISION)
+    m32 = _kkt_block(k3, k2, b3, c3, c2, False, PRECISION)
+
+    a00 = _unit_lower_inverse(m00)
+    a11 = _unit_lower_inverse(m11)
+    a22 = _unit_lower_inverse(m22)
+    a33 = _unit_lower_inverse(m33)
+    a10 = -tl.dot(tl.dot(a11, m10, input_precision="ieee"), a00, input_precision="ieee")
+    a21 = -tl.dot(tl.dot(a22, m21, input_precision="ieee"), a11, input_precision="ieee")
+    a32 = -tl.dot(tl.dot(a33, m32, input_precision="ieee"), a22, input_precision="ieee")
+    a20 = tl.dot(m20, a00, input_precision="ieee")
+    a20 = -tl.dot(a22, tl.dot(m21, a10, a20, input_precision="ieee"), input_precision="ieee")
+    a31 = tl.dot(m31, a11, input_precision="ieee")
+    a31 = -tl.dot(a33, tl.dot(m32, a21, a31, input_precision="ieee"), input_precision="ieee")
+    a30 = tl.dot(m31, a10, tl.dot(m30, a00, input_precision="ieee"), input_precision="ieee")
+    a30 = -tl.dot(a33, tl.dot(m32, a20, a30, input_precision="ieee"), input_precision="ieee")
+
+    # A's rows in four 16-row strips; the blocks above the diagonal are stored as zeros
+    a_base = a_ptr + hv * 64
+    cols = tl.arange(0, 16)[None, :]
+    p0 = a_base + r0.to(tl.int64)[:, None] * HV * 64 + cols
+    p1 = p0 + 16 * HV * 64
+    p2 = p0 + 32 * HV * 64
+    p3 = p0 + 48 * HV * 64
+    ok0 = (r0 < eos)[:, None]
+    ok1 = (r1 < eos)[:, None]
+    ok2 = (r2 < eos)[:, None]
+    ok3 = (r3 < eos)[:, None]
+    dt = a_ptr.dtype.element_ty
+    zero = tl.zeros([16, 16], dt)
+    tl.store(p0, a00.to(dt), mask=ok0)
+    tl.store(p0 + 16, zero, mask=ok0)
+    tl.store(p0 + 32, zero, mask=ok0)
+    tl.store(p0 + 48, zero, mask=ok0)
+    tl.store(p1, a10.to(dt), mask=ok1)
+    tl.store(p1 + 16, a11.to(dt), mask=ok1)
+    tl.store(p1 + 32, zero, mask=ok1)
+    tl.store(p1 + 48, zero, mask=ok1)
+    tl.store(p2, a20.to(dt), mask=ok2)
+    tl.store(p2 + 16, a21.to(dt), mask=ok2)
+    tl.store(p2 + 32, a22.to(dt), mask=ok2)
+    tl.store(p2 + 48, zero, mask=ok2)
+    tl.store(p3, a30.to(dt), mask=ok3)
+    tl.store(p3 + 16, a31.to(dt), mask=ok3)
+    tl.store(p3 + 32, a32.to(dt), mask=ok3)
+    tl.store(p3 + 48, a33.to(dt), mask=ok3)
+
+def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
+              use_qk_l2norm: bool, precision: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(A[tokens, HV, 64]`` in k's dtype, and with ``use_qk_l2norm`` the inverse norms
+    ``rq, rk[tokens, H]`` float32 (else None)``)`` for token-major ``q, k[tokens, H, K]`` and
+    float32 ``g, beta[tokens, HV]`` (contiguous)."""
+    tokens, H, K = k.shape
+    HV = g.shape[1]
+    a = k.new_empty((tokens, HV, CHUNK))
+    rq = rk = None
+    if use_qk_l2norm:
+        rq, rk = (k.new_empty((tokens, H), dtype=torch.float32) for _ in range(2))
+    launch("kkt_solve", kkt_solve_kernel, CONFIGS, INTERPRETER_CONFIG, ["DK", "USE_L2NORM"],
+           lambda meta: (seqs.num_chunks, HV),
+           q, k, g, beta, a, rq, rk, seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0),
+           q.stride(1), k.stride(0), k.stride(1), HV, HV // H, DK=K, BK=block(K),
+           USE_L2NORM=use_qk_l2norm, PRECISION=precision)
+    return a, rq, rk

@@ -1,0 +1,295 @@
+"""The DSA kernels against float64 references: indexer top-k, sparse attention, KL loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_cases import DEVICE, HAS_CUDA, assert_matches
+
+from attnplug import TransformerConfig
+from attnplug.ops.dsa import indexer_scores
+
+FP32 = torch.float32
+
+
+def _index_inputs(B: int, T: int, S: int, HI: int, DI: int, dtype: torch.dtype = FP32
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randn(B, T, HI, DI, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, S, DI, device=DEVICE, dtype=dtype)
+    w = torch.randn(B, T, HI, device=DEVICE, dtype=dtype)
+    return q, k, w
+
+
+def _visible_counts(T: int, S: int, causal: bool) -> torch.Tensor:
+    t = torch.arange(T, device=DEVICE)
+    return (t + (S - T) + 1).clamp(max=S) if causal else torch.full_like(t, S)  # (T,)
+
+
+def _assert_top_scores(indices: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       w: torch.Tensor, topk: int, causal: bool, relu: bool) -> None:
+    """Each row lists distinct visible keys, as many as it can, whose float64 scores are the
+    ``topk`` largest (compared as sorted score sets: float32 may swap near-equal keys)."""
+    B, T = indices.shape[:2]
+    assert indices.shape == (B, T, topk) and indices.dtype == torch.long
+    ref = indexer_scores(q.double(), k.double(), w.double(), causal=causal, relu=relu)  # (B,T,S)
+    n_vis = _visible_counts(T, k.shape[1], causal)
+    scale = ref[ref.isfinite()].abs().max().item() if ref.isfinite().any() else 1.0
+    for b in range(B):
+        for t in range(T):
+            row = indices[b, t]
+            n = min(topk, int(n_vis[t]))
+            chosen = row[:n]
+            assert (row[n:] == -1).all() and (chosen >= 0).all(), f"row {b},{t}: {row.tolist()}"
+            assert chosen.unique().numel() == n, f"row {b},{t} repeats a key: {row.tolist()}"
+            got = ref[b, t, chosen].sort().values
+            best = ref[b, t].topk(n).values.sort().values
+            assert got.isfinite().all(), f"row {b},{t} selects a key it cannot see"
+            assert torch.allclose(got, best, atol=1e-5 * scale, rtol=0), f"row {b},{t}"
+
+
+# (B, T, S, HI, DI, topk, causal, relu): one token; S > T; HI and DI not powers of two;
+# not causal; no ReLU. On a GPU also bigger bf16 ones, at the blocks used there.
+TOPK_CASES = [
+    ((1, 1, 5, 4, 16, 3, True, True), FP32),
+    ((2, 33, 40, 4, 16, 8, True, True), FP32),
+    ((1, 70, 76, 3, 20, 12, True, True), FP32),
+    ((1, 24, 30, 4, 16, 8, False, True), FP32),
+    ((1, 24, 24, 4, 16, 8, True, False), FP32),
+] + ([((2, 1500, 1600, 4, 64, 512, True, True), torch.bfloat16),
+      ((1, 1024, 1024, 64, 128, 256, True, True), torch.bfloat16)] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
+def test_topk_selects_the_keys_with_the_highest_scores(case, dtype) -> None:
+    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+
+    B, T, S, HI, DI, topk, causal, relu = case
+    q, k, w = _index_inputs(B, T, S, HI, DI, dtype)
+    indices = dsa_indexer_topk(q, k, w, topk=topk, causal=causal, relu=relu)
+    _assert_top_scores(indices, q, k, w, topk, causal, relu)
+
+
+def test_topk_takes_every_visible_key_and_pads_with_minus_one() -> None:
+    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+
+    q, k, w = _index_inputs(2, 20, 24, 2, 16)
+    indices = dsa_indexer_topk(q, k, w, topk=30)
+    _assert_top_scores(indices, q, k, w, 30, True, True)
+
+
+def test_topk_narrows_many_times_and_breaks_ties_by_position() -> None:
+    from attnplug_triton.ops.dsa.topk import TopkConfig, dsa_indexer_topk
+
+    # Four candidate slots and two thresholds per pass: several narrowing passes per row.
+    tight = TopkConfig(block_m=8, block_n=16, num_edges=2, capacity=4, num_warps=1, num_stages=1)
+    q, k, w = _index_inputs(1, 24, 30, 4, 16)
+    _assert_top_scores(dsa_indexer_topk(q, k, w, topk=8, config=tight), q, k, w, 8, True, True)
+    # Scores on a coarse grid: many keys tie at the k-th score (value ties inside the interval).
+    q, k, w = q.round(), k.round(), torch.ones_like(w)
+    _assert_top_scores(dsa_indexer_topk(q, k, w, topk=8, config=tight), q, k, w, 8, True, True)
+    # All scores 0: the first visible keys, then −1 (the first query sees 7 keys).
+    indices = dsa_indexer_topk(q, k, torch.zeros_like(w), topk=8)  # (1, 24, 8)
+    slots = torch.arange(8, device=DEVICE)
+    first = torch.where(slots < _visible_counts(24, 30, True)[:, None], slots, -1)  # (24, 8)
+    assert torch.equal(indices[0], first)
+
+
+def _selection(B: int, T: int, S: int, topk: int, drop: float) -> torch.Tensor:
+    """Random distinct keys per query (any key, no causal rule), a fraction of slots −1."""
+    idx = torch.stack([torch.randperm(S, device=DEVICE)[:topk] for _ in range(B * T)])
+    idx = idx.view(B, T, topk)
+    return idx.masked_fill(torch.rand(idx.shape, device=DEVICE) < drop, -1)
+
+
+def _run(fn, q, k, v, indices, do, **kwargs) -> list[torch.Tensor]:
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves, indices, **kwargs)
+    o.backward(do)
+    return [o] + [x.grad for x in leaves]
+
+
+# (B, T, S, H, Hkv, D, Dv, topk): one token; GQA H=4/Hkv=2; S > T; topk > BLOCK_N; D != Dv;
+# MQA in float16 (with int32 indices). On a GPU also a bigger bf16 one.
+SPARSE_CASES = [
+    ((1, 1, 9, 4, 2, 16, 16, 5), FP32),
+    ((2, 17, 24, 4, 2, 16, 16, 12), FP32),
+    ((1, 70, 80, 4, 2, 40, 24, 72), FP32),
+    ((1, 33, 40, 4, 1, 16, 16, 20), torch.float16),
+] + ([((1, 1024, 1100, 16, 1, 128, 128, 512), torch.bfloat16)] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("case,dtype", SPARSE_CASES, ids=str)
+def test_sparse_attention_matches_float64_reference(case, dtype) -> None:
+    from attnplug_triton.ops.dsa.naive import naive_sparse_attention
+    from attnplug_triton.ops.dsa.sparse import sparse_attention
+
+    B, T, S, H, Hkv, D, Dv, topk = case
+    q = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, S, Hkv, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, S, Hkv, Dv, device=DEVICE, dtype=dtype)
+    do = torch.randn(B, T, H, Dv, device=DEVICE, dtype=dtype)
+    indices = _selection(B, T, S, topk, drop=0.3)
+    indices[0, T // 2] = -1  # a query with no key at all: zero output, zero gradient
+    if dtype == torch.float16:
+        indices = indices.int()
+    outs = _run(sparse_attention, q, k, v, indices, do, scale=0.3)
+    refs = _run(naive_sparse_attention, q.double(), k.double(), v.double(), indices,
+                do.double(), scale=0.3)
+    for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):
+        assert out.dtype == dtype
+        assert_matches(f"{name} {case}", out, ref, dtype)
+    assert (outs[0][0, T // 2] == 0).all() and (outs[1][0, T // 2] == 0).all()
+
+
+@pytest.mark.parametrize("T", [1, 33])
+def test_topk_of_every_visible_key_then_sparse_attention_is_dense_causal(T: int) -> None:
+    from attnplug_triton.ops.attention.naive import naive_attention
+    from attnplug_triton.ops.dsa.sparse import sparse_attention
+    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+
+    S, H, Hkv, D = T + 6, 4, 2, 16
+    iq, ik, iw = _index_inputs(1, T, S, 2, 16)
+    indices = dsa_indexer_topk(iq, ik, iw, topk=S)  # every visible key, in some order
+    q = torch.randn(1, T, H, D, device=DEVICE)
+    k = torch.randn(1, S, Hkv, D, device=DEVICE)
+    v = torch.randn(1, S, Hkv, D, device=DEVICE)
+    do = torch.randn(1, T, H, D, device=DEVICE)
+    outs = _run(sparse_attention, q, k, v, indices, do)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = naive_attention(*leaves)
+    ref.backward(do.double())
+    for name, out, r in zip(("o", "dq", "dk", "dv"), outs, [ref] + [x.grad for x in leaves],
+                            strict=True):
+        assert_matches(f"{name} T={T}", out, r, FP32)
+
+
+# (B, T, S, H, Hkv, D, HI, DI, causal, relu)
+KL_CASES = [
+    (1, 1, 5, 4, 2, 16, 4, 16, True, True),
+    (2, 17, 20, 4, 2, 16, 4, 16, True, True),
+    (1, 70, 70, 4, 2, 24, 3, 20, True, True),
+    (1, 33, 40, 4, 1, 16, 4, 16, False, True),
+    (1, 33, 33, 4, 4, 16, 4, 16, True, False),
+]
+
+
+@pytest.mark.parametrize("case", KL_CASES, ids=str)
+def test_indexer_kl_loss_and_its_gradients_match_float64(case) -> None:
+    from attnplug_triton.ops.dsa.kl import indexer_kl_loss
+    from attnplug_triton.ops.dsa.naive import naive_indexer_kl_loss
+
+    B, T, S, H, Hkv, D, HI, DI, causal, relu = case
+    q = torch.randn(B, T, H, D, device=DEVICE)
+    k = torch.randn(B, S, Hkv, D, device=DEVICE)
+    index = _index_inputs(B, T, S, HI, DI)
+    ours = [x.clone().requires_grad_() for x in index]
+    refs = [x.double().requires_grad_() for x in index]
+    loss = indexer_kl_loss(q, k, *ours, softmax_scale=0.4, causal=causal, relu=relu)
+    ref = naive_indexer_kl_loss(q.double(), k.double(), *refs, softmax_scale=0.4,
+                                causal=causal, relu=relu)
+    loss.backward()
+    ref.backward()
+    assert loss.dtype == FP32 and loss.dim() == 0
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    for name, x, r in zip(("d index_q", "d index_k", "d weights"), ours, refs, strict=True):
+        assert_matches(f"{name} {case}", x.grad, r.grad, FP32)
+
+
+def _dsa_config(**overrides) -> TransformerConfig:
+    fields = dict(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                  experimental_attention_variant="dsa", dsa_indexer_n_heads=3,
+                  dsa_indexer_head_dim=16, dsa_indexer_topk=16, dsa_indexer_loss_coeff=0.3)
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def test_kl_loss_is_the_loss_the_dsa_layer_records() -> None:
+    from attnplug_triton.ops.dsa.kl import indexer_kl_loss
+    from attnplug_triton.ops.dsa.naive import naive_indexer_kl_loss
+
+    from attnplug.backends.local import LocalSpecProvider
+    from attnplug.spec import build_module
+    from attnplug.specs import get_dsa_module_spec_for_backend
+
+    cfg = _dsa_config()
+    layer = build_module(get_dsa_module_spec_for_backend(cfg, LocalSpecProvider()), config=cfg,
+                         layer_number=1).to(DEVICE)
+    x = 8 * torch.randn(2, 11, 32, device=DEVICE)  # peaked distributions, not near-uniform ones
+    layer(x)
+    recorded = layer.core_attention.aux_losses["dsa_indexer"]
+    q, k, _, _ = layer.project_qkv(x)
+    index = layer.core_attention.indexer.project(x.detach())
+    coeff = cfg.dsa_indexer_loss_coeff
+    ours = coeff * indexer_kl_loss(q, k, *index)
+    exact = coeff * naive_indexer_kl_loss(q.double(), k.double(), *(x.double() for x in index))
+    assert abs(recorded.item() - exact.item()) <= 1e-5 * exact.item()  # the layer's loss is
+    assert abs(ours.item() - exact.item()) <= 1e-5 * exact.item()  # this function's
+    params = list(layer.core_attention.indexer.parameters())
+    expected = torch.autograd.grad(recorded, params)
+    for p, got, want in zip(params, torch.autograd.grad(ours, params), expected, strict=True):
+        assert_matches(f"grad of {tuple(p.shape)}", got, want, FP32)
+
+
+def test_triton_dsa_layer_matches_the_local_one() -> None:
+    from attnplug_triton.provider import TritonSpecProvider
+
+    from attnplug.backends.local import LocalSpecProvider
+    from attnplug.spec import build_module
+    from attnplug.specs import get_dsa_module_spec_for_backend
+
+    cfg = _dsa_config()  # topk >= T: the selection is tested above, not here (ties at 0)
+    layers = [build_module(get_dsa_module_spec_for_backend(cfg, provider), config=cfg,
+                           layer_number=1).to(DEVICE)
+              for provider in (LocalSpecProvider(), TritonSpecProvider(experimental_kernels=True))]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 12, 32, device=DEVICE)
+    outs = [layer(x) for layer in layers]
+    grads = [torch.autograd.grad(o.square().sum(), list(layer.parameters()), allow_unused=True)
+             for o, layer in zip(outs, layers, strict=True)]
+    assert_matches("y", outs[1], outs[0], FP32)
+    for (name, _), got, want in zip(layers[0].named_parameters(), grads[1], grads[0],
+                                    strict=True):
+        if want is None:  # the indexer: trained by its KL loss only
+            assert got is None, name
+        else:
+            assert_matches(name, got, want, FP32)
+
+
+def test_provider_serves_the_dsa_kernels() -> None:
+    from attnplug_triton.ops.dsa.sparse import sparse_attention
+    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+    from attnplug_triton.provider import TritonSpecProvider
+
+    provider = TritonSpecProvider(experimental_kernels=True)
+    assert provider.dsa_indexer_topk() is dsa_indexer_topk
+    assert provider.sparse_attention() is sparse_attention
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda q, k, w: (q, k[..., :8], w), "k must be"),
+    (lambda q, k, w: (q, k[:, :3], w), "S=3 < T=5"),
+    (lambda q, k, w: (q, k, w[..., :1]), "weights must be"),
+    (lambda q, k, w: (q.double(), k.double(), w.double()), "float64"),
+])
+def test_topk_bad_arguments_are_named(bad, message) -> None:
+    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+
+    q, k, w = _index_inputs(1, 5, 5, 2, 16)
+    with pytest.raises(ValueError, match=message):
+        dsa_indexer_topk(*bad(q, k, w), topk=2)
+    with pytest.raises(ValueError, match="topk must be a positive int"):
+        dsa_indexer_topk(q, k, w, topk=0)
+
+
+def test_sparse_attention_bad_arguments_are_named() -> None:
+    from attnplug_triton.ops.dsa.sparse import sparse_attention
+
+    q = torch.randn(1, 5, 4, 16, device=DEVICE)
+    k = torch.randn(1, 6, 2, 16, device=DEVICE)
+    idx = torch.zeros(1, 5, 3, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        sparse_attention(q[:, :, :3], k, k, idx)
+    with pytest.raises(ValueError, match="indices must be"):
+        sparse_attention(q, k, k, idx[:, :4])
+    with pytest.raises(ValueError, match="int32 or int64"):
+        sparse_attention(q, k, k, idx.float())

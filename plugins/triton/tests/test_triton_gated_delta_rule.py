@@ -1,0 +1,199 @@
+"""The triton backend's gated delta rule against the float64 reference: outputs, final states and
+every gradient (q, k, v, g, beta, initial state), plus the decoding kernel against the step op.
+
+On the CPU the kernels run in Triton's interpreter, which is slow: tiny head dims, few cases.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_cases import DEVICE, HAS_CUDA, assert_matches
+
+from attnplug.ops import (
+    chunk_gated_delta_rule,
+    gated_delta_rule_step,
+    naive_recurrent_gated_delta_rule,
+)
+
+
+def _import_kernels_for_the_interpreter() -> None:
+    """Define the kernels with ``TRITON_INTERPRET=1`` (see conftest.py) when there is no GPU."""
+    if HAS_CUDA or importlib.util.find_spec("triton") is None:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import attnplug_triton.ops.gated_delta_rule.chunk  # noqa: F401
+        import attnplug_triton.ops.gated_delta_rule.fused_recurrent  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_kernels_for_the_interpreter()
+
+
+def _inputs(B: int, T: int, H: int, HV: int, K: int, V: int, N: int, l2norm: bool,
+            dtype: torch.dtype, strided: bool = False) -> dict[str, torch.Tensor]:
+    """Random q, k, v, g, beta, initial state, do, dht (k unit-norm unless normalised inside)."""
+    if strided:  # q, k, v as views of one fused projection, like the GDN layer's
+        qkv = torch.randn(B, T, 2 * H * K + HV * V, device=DEVICE, dtype=dtype)
+        q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, HV, V)
+    else:
+        q = torch.randn(B, T, H, K, device=DEVICE, dtype=dtype)
+        k = torch.randn(B, T, H, K, device=DEVICE, dtype=dtype)
+        v = torch.randn(B, T, HV, V, device=DEVICE, dtype=dtype)
+    if not l2norm:
+        k = F.normalize(k.float(), dim=-1).to(dtype)
+    return {
+        "q": q, "k": k, "v": v,
+        "g": F.logsigmoid(torch.rand(B, T, HV, device=DEVICE)) / 4,
+        "beta": torch.rand(B, T, HV, device=DEVICE).sigmoid(),
+        "h0": torch.randn(N, HV, K, V, device=DEVICE),
+        "do": torch.randn(B, T, HV, V, device=DEVICE, dtype=dtype),
+        "dht": torch.randn(N, HV, K, V, device=DEVICE),
+    }
+
+
+NAMES = ("q", "k", "v", "g", "beta", "h0")
+
+
+def _run(fn, x: dict[str, torch.Tensor], cast, with_h0: bool, **kwargs) -> dict:
+    """o, final state and the gradient of ``Σ o·do + Σ final·dht`` for every input."""
+    leaves = {n: cast(x[n]).detach().requires_grad_() for n in NAMES}
+    o, final = fn(*(leaves[n] for n in NAMES[:5]),
+                  initial_state=leaves["h0"] if with_h0 else None, output_final_state=True,
+                  **kwargs)
+    ((o * cast(x["do"])).sum() + (final * cast(x["dht"])).sum()).backward()
+    out = {"o": o, "final": final}
+    out.update({f"d{n}": leaves[n].grad for n in NAMES if with_h0 or n != "h0"})
+    return out
+
+
+def _check(fn, x: dict, label: str, dtype: torch.dtype, with_h0: bool, **kwargs) -> None:
+    outs = _run(fn, x, lambda t: t.clone(), with_h0, **kwargs)
+    refs = _run(naive_recurrent_gated_delta_rule, x, lambda t: t.double(), with_h0, **kwargs)
+    assert outs["o"].dtype == x["v"].dtype and outs["final"].dtype == torch.float32
+    for name, ref in refs.items():
+        assert_matches(f"{label} {name}", outs[name], ref, dtype)
+
+
+# (label, B, T, H, HV, K, V, initial state, use_qk_l2norm, cu_seqlens). HV = 2·H (grouped value
+# heads) except where a case says otherwise; H = HV takes the path that finishes dq, dk in the
+# kernel. K, V not powers of two pad the blocks; K = V = 256 is the largest head.
+CASES = [
+    ("T=1", 2, 1, 1, 2, 16, 32, True, True, None),
+    ("T=37 strided", 2, 37, 1, 2, 16, 32, False, True, None),
+    ("T=64+5 H=HV", 1, 69, 2, 2, 32, 16, True, False, None),
+    ("T=130", 1, 130, 1, 2, 16, 32, True, True, None),
+    ("cu_seqlens", 1, 100, 1, 2, 16, 32, True, True, [0, 5, 70, 70, 100]),
+    ("HV=3H K=48 V=40", 1, 70, 1, 3, 48, 40, True, True, None),
+    ("K=V=256 H=HV", 1, 20, 1, 1, 256, 256, True, True, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_chunk_matches_the_float64_reference(case) -> None:
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    label, B, T, H, HV, K, V, with_h0, l2norm, cu = case
+    torch.manual_seed(hash(label) % 2**31)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
+    N = B if cu is None else len(cu) - 1
+    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
+    _check(triton_gdr, x, label, torch.float32, with_h0, cu_seqlens=cu_seqlens,
+           use_qk_l2norm=l2norm)
+
+
+def test_float16_inputs_and_a_custom_scale() -> None:
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    torch.manual_seed(0)
+    x = _inputs(1, 69, 1, 2, 16, 32, 1, True, torch.float16)
+    _check(triton_gdr, x, "fp16", torch.float16, True, use_qk_l2norm=True, scale=0.3)
+
+
+def test_decoding_kernel_matches_the_step_op() -> None:
+    from attnplug_triton.ops.gated_delta_rule.fused_recurrent import (
+        fused_recurrent_gated_delta_rule,
+    )
+
+    torch.manual_seed(1)
+    x = _inputs(3, 1, 1, 2, 16, 32, 3, True, torch.float32)
+    args = [x[n] for n in NAMES[:5]]
+    o, state = fused_recurrent_gated_delta_rule(*args, initial_state=x["h0"],
+                                                output_final_state=True, use_qk_l2norm=True)
+    o_ref, state_ref = gated_delta_rule_step(*(a.double() for a in args), x["h0"].double(),
+                                             use_qk_l2norm=True)
+    assert_matches("o", o, o_ref, torch.float32)
+    assert_matches("state", state, state_ref, torch.float32)
+
+
+def test_the_slot_goes_token_by_token_without_autograd_and_chunked_with_it() -> None:
+    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+    from attnplug_triton.ops.gated_delta_rule.fused_recurrent import (
+        fused_recurrent_gated_delta_rule,
+    )
+    from attnplug_triton.provider import TritonSpecProvider
+
+    provider = TritonSpecProvider(experimental_kernels=True)
+    assert provider.gated_delta_rule() is gated_delta_rule
+    assert provider.served_by("gated_delta_rule") == "triton"
+    torch.manual_seed(2)
+    cu = torch.tensor([0, 3, 40, 41], device=DEVICE)
+    x = _inputs(1, 41, 1, 2, 16, 16, 3, True, torch.float32)
+    args = [x[n] for n in NAMES[:5]]
+    kwargs = {"initial_state": x["h0"], "output_final_state": True, "cu_seqlens": cu,
+              "use_qk_l2norm": True}
+    with torch.no_grad():
+        o, final = gated_delta_rule(*args, **kwargs)
+    o_ref, final_ref = naive_recurrent_gated_delta_rule(
+        *(a.double() for a in args), **{**kwargs, "initial_state": x["h0"].double()})
+    assert_matches("o", o, o_ref, torch.float32)
+    assert_matches("final", final, final_ref, torch.float32)
+    q = args[0].clone().requires_grad_()
+    with pytest.raises(ValueError, match="forward only"):
+        fused_recurrent_gated_delta_rule(q, *args[1:], **kwargs)
+    o, _ = gated_delta_rule(q, *args[1:], **kwargs)
+    assert o.grad_fn is not None
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda a: {**a, "q": a["q"].repeat(1, 1, 3, 1), "k": a["k"].repeat(1, 1, 3, 1)},
+     "multiple of the key heads"),
+    (lambda a: {**a, "v": a["v"].repeat(1, 1, 1, 17)}, "head dims"),
+    (lambda a: {**a, "q": a["q"].double(), "k": a["k"].double()}, "float64"),
+    (lambda a: {**a, "g": a["g"][..., :1]}, "g must be"),
+    (lambda a: {**a, "initial_state": a["initial_state"][:1]}, "initial_state must be"),
+    (lambda a: {**a, "cu_seqlens": torch.tensor([0, 3, 5])}, "B == 1"),
+])
+def test_bad_arguments_are_named(bad, message) -> None:
+    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+
+    x = _inputs(2, 5, 1, 2, 16, 16, 2, True, torch.float32)
+    args = {n: x[n] for n in NAMES[:5]} | {"initial_state": x["h0"]}
+    with pytest.raises(ValueError, match=message):
+        gated_delta_rule(**bad(args))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="real shapes in bfloat16 need a CUDA device")
+def test_real_shape_in_bfloat16_on_the_gpu() -> None:
+    """B=8, T=4096, H=16, K=V=128, bf16: relative error <= 1e-2 against float64 (the chunked
+    reference, exact in float64 and cheaper than the per-token one at this size)."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    torch.manual_seed(3)
+    x = _inputs(8, 4096, 16, 16, 128, 128, 8, True, torch.bfloat16)
+    outs = _run(triton_gdr, x, lambda t: t.clone(), True, use_qk_l2norm=True)
+    refs = _run(chunk_gated_delta_rule, x, lambda t: t.double(), True, use_qk_l2norm=True)
+    for name, ref in refs.items():
+        rel = ((outs[name].double() - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-2, f"{name}: relative error {rel:.2e} > 1e-2"
