@@ -452,14 +452,7 @@ class TransformerConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TransformerConfig:
         """Build a config from a mapping; unknown keys raise ``ConfigError`` with a did-you-mean."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: expected a table of TransformerConfig fields")
-        known = cls.field_names()
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown field {key!r}{hint}")
+        check_table(cls, values, source, "TransformerConfig")
         missing = [a.name for a in attrs.fields(cls)
                    if a.default is attrs.NOTHING and a.name not in values]
         if values.get("num_layers") is None and values.get("hybrid_layer_pattern") is None:
@@ -484,6 +477,20 @@ class TransformerConfig:
             if isinstance(value, tuple):
                 out[key] = list(value)
         return out
+
+
+def check_table(cls: type, values: Any, source: str, what: str) -> None:
+    """Raise ``ConfigError`` unless ``values`` is a mapping whose keys are all fields of the
+    attrs class ``cls`` (an unknown key gets a did-you-mean). ``source`` starts the message;
+    ``what`` names the kind of table."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a table of {what} fields")
+    known = [a.name for a in attrs.fields(cls)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown field {key!r}{hint}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

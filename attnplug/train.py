@@ -15,7 +15,6 @@ micro-batches: the objective of a multi-process run with the same setting.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.util
 import json
 import math
@@ -43,7 +42,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from attnplug._errors import ConfigError
-from attnplug.config import TransformerConfig, _choice, _float, _int, read_toml
+from attnplug.config import TransformerConfig, _choice, _float, _int, check_table, read_toml
 from attnplug.data import IGNORE_INDEX, TASKS, check_lm, check_mqar, make_task
 
 __all__ = [
@@ -148,14 +147,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "[train]") -> TrainConfig:
         """Build from a mapping; an unknown key raises ``ConfigError`` with a did-you-mean."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: expected a table of [train] fields")
-        known = [a.name for a in attrs.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown field {key!r}{hint}")
+        check_table(cls, values, source, "[train]")
         return cls(**values)
 
     @classmethod

@@ -20,7 +20,6 @@ them ``microbatches`` is part of the objective.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import attrs
 
 from attnplug._errors import ConfigError
-from attnplug.config import _bool, _choice, _int, read_toml
+from attnplug.config import _bool, _choice, _int, check_table, read_toml
 
 __all__ = ["SCHEDULES", "Layout", "ParallelConfig", "resolve_layout", "world_size_from_env"]
 
@@ -67,14 +66,7 @@ class ParallelConfig:
     def from_dict(cls, values: dict[str, Any], *,
                   source: str = "[parallel]") -> ParallelConfig:
         """Build from a mapping; an unknown key raises ``ConfigError`` with a did-you-mean."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: expected a table of [parallel] fields")
-        known = [a.name for a in attrs.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown field {key!r}{hint}")
+        check_table(cls, values, source, "[parallel]")
         return cls(**values)
 
     @classmethod
