@@ -531,6 +531,16 @@ def _loop(run: _Run, reporter: _Reporter, save: str | None, save_every: int | No
 
 def _summarize(run: _Run, wall_seconds: float) -> dict[str, Any]:
     """The results of a finished run: the keys of ``--json`` (DESIGN §10 names the first five)."""
+    parameters = sum(p.numel() for p in run.model.parameters())
+    return summarize_run(run, wall_seconds, device=run.device.type, parameters=parameters)
+
+
+def summarize_run(run: Any, wall_seconds: float, *, device: str,
+                  parameters: int) -> dict[str, Any]:
+    """The ``--json`` keys of a finished run, single- or multi-process: ``run`` has the
+    ``model``, ``step``, ``losses``, ``evals``, ``tokens``, ``train_seconds``, ``task``,
+    ``train_cfg`` and ``aux_loss`` of a training run; ``device`` and ``parameters`` are given
+    because a pipeline rank holds only part of the model."""
     final = run.evals[-1]
     return {
         "backend": run.model.backend_name,
@@ -544,8 +554,8 @@ def _summarize(run: _Run, wall_seconds: float) -> dict[str, Any]:
         "chance_accuracy": run.task.chance_accuracy,
         "eval_loss": final["loss"],
         "aux_loss": run.aux_loss,
-        "device": run.device.type,
-        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "device": device,
+        "parameters": parameters,
         "vocab_size": run.task.vocab_size,
         "wall_time_s": wall_seconds,
         "losses": run.losses,

@@ -61,6 +61,7 @@ from attnplug.train import (
     make_optimizer,
     make_scheduler,
     save_plot,
+    summarize_run,
 )
 
 __all__ = ["run_distributed_train", "single_process_parameter_order"]
@@ -239,27 +240,9 @@ def _parameter_count(run: _Run) -> int:
 
 def _summarize(run: _Run, wall_seconds: float) -> dict[str, Any]:
     """The results (``attnplug.train``'s ``--json`` keys, and ``"parallel"``: the layout)."""
-    final = run.evals[-1]
-    return {
-        "backend": run.model.backend_name,
-        "steps": run.step,
-        "initial_loss": run.losses[0],
-        "final_loss": run.losses[-1],
-        "tokens_per_second": run.tokens / run.train_seconds if run.train_seconds else 0.0,
-        "task": run.task.name,
-        "seed": run.train_cfg.seed,
-        "accuracy": final["accuracy"],
-        "chance_accuracy": run.task.chance_accuracy,
-        "eval_loss": final["loss"],
-        "aux_loss": run.aux_loss,
-        "device": run.engine.device.type,
-        "parameters": _parameter_count(run),
-        "vocab_size": run.task.vocab_size,
-        "wall_time_s": wall_seconds,
-        "losses": run.losses,
-        "evals": run.evals,
-        "parallel": run.layout.to_dict(),
-    }
+    result = summarize_run(run, wall_seconds, device=run.engine.device.type,
+                           parameters=_parameter_count(run))
+    return {**result, "parallel": run.layout.to_dict()}
 
 
 def run_distributed_train(args: argparse.Namespace, model_cfg: TransformerConfig,
