@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "interpreting", "next_power_of_2",
+__all__ = ["MAX_HEAD_DIM", "check_qkv", "SUPPORTED_DTYPES", "interpreting", "next_power_of_2",
            "check_runnable", "sm_count"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -22,6 +22,38 @@ def interpreting() -> bool:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (``n >= 1``)."""
     return 1 << (n - 1).bit_length()
+
+
+def check_qkv(owner: str, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+    """Check ``q[B,T,H,D]``, ``k[B,S,Hkv,D]``, ``v[B,S,Hkv,Dv]`` of an attention kernel: 4-D,
+    matching sizes, ``H`` a multiple of ``Hkv``, one dtype, head dims up to ``MAX_HEAD_DIM``.
+
+    Returns ``(B, T, H, D, S, Hkv, Dv)``; raises ``ValueError`` naming ``owner`` and the argument.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{owner}: {name} must be a 4-D tensor (batch, seq, heads, dim); "
+                             f"got {shape}")
+    B, T, H, D = q.shape
+    _, S, Hkv, Dv = v.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{owner}: k must be [B={B}, S, Hkv, D={D}] to match q "
+                         f"{tuple(q.shape)}; got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{owner}: v must be [B, S, Hkv, Dv] with B, S, Hkv as in k "
+                         f"{tuple(k.shape)}; got {tuple(v.shape)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"{owner}: the query heads H={H} must be a multiple of the key/value "
+                         f"heads Hkv={Hkv}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"{owner}: q, k and v must share one dtype; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"{owner}: head dims up to {MAX_HEAD_DIM} are supported; got D={D}, "
+                         f"Dv={Dv}")
+    return B, T, H, D, S, Hkv, Dv
 
 
 def check_runnable(owner: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor
 from attnplug_triton.ops.attention import kernels
 from attnplug_triton.ops.utils import (
     MAX_HEAD_DIM,
+    check_qkv,
     check_runnable,
     interpreting,
     next_power_of_2,
@@ -148,31 +149,10 @@ def _launch(name: str, grid: Callable[[int, int], tuple[int, int]], args: tuple,
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor) -> None:
     owner = "flash_attention"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{owner}: {name} must be a 4-D tensor (batch, seq, heads, dim); "
-                             f"got {shape}")
-    B, T, H, D = q.shape
-    _, S, Hkv, Dv = v.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{owner}: k must be [B={B}, S, Hkv, D={D}] to match q "
-                         f"{tuple(q.shape)}; got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{owner}: v must be [B, S, Hkv, Dv] with B, S, Hkv as in k "
-                         f"{tuple(k.shape)}; got {tuple(v.shape)}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"{owner}: the query heads H={H} must be a multiple of the key/value "
-                         f"heads Hkv={Hkv}")
+    B, T, H, D, S, Hkv, Dv = check_qkv(owner, q, k, v)
     if S < T:
         raise ValueError(f"{owner}: causal attention needs S >= T (the queries are the last T "
                          f"positions); got S={S}, T={T}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"{owner}: q, k and v must share one dtype; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if max(D, Dv) > MAX_HEAD_DIM:
-        raise ValueError(f"{owner}: head dims up to {MAX_HEAD_DIM} are supported; got D={D}, "
-                         f"Dv={Dv}")
     check_runnable(owner, {"q": q, "k": k, "v": v})
 
 

@@ -34,7 +34,12 @@ import triton.language as tl
 from torch import Tensor
 
 from attnplug_triton.ops.dsa.scores import dot_precision, unit_last_stride
-from attnplug_triton.ops.utils import MAX_HEAD_DIM, check_runnable, interpreting, next_power_of_2
+from attnplug_triton.ops.utils import (
+    check_qkv,
+    check_runnable,
+    interpreting,
+    next_power_of_2,
+)
 
 __all__ = ["SparseConfig", "default_sparse_config", "sparse_attention", "sparse_forward",
            "sparse_backward"]
@@ -182,28 +187,7 @@ def sparse_bwd_kernel(
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
     owner = "sparse_attention"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{owner}: {name} must be a 4-D tensor (batch, seq, heads, dim); "
-                             f"got {shape}")
-    B, T, H, D = q.shape
-    _, S, Hkv, Dv = v.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{owner}: k must be [B={B}, S, Hkv, D={D}] to match q "
-                         f"{tuple(q.shape)}; got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{owner}: v must be [B, S, Hkv, Dv] with B, S, Hkv as in k "
-                         f"{tuple(k.shape)}; got {tuple(v.shape)}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"{owner}: the query heads H={H} must be a multiple of the key/value "
-                         f"heads Hkv={Hkv}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"{owner}: q, k and v must share one dtype; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if max(D, Dv) > MAX_HEAD_DIM:
-        raise ValueError(f"{owner}: head dims up to {MAX_HEAD_DIM} are supported; got D={D}, "
-                         f"Dv={Dv}")
+    B, T, H, D, S, Hkv, Dv = check_qkv(owner, q, k, v)
     if not isinstance(indices, Tensor) or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{owner}: indices must be an int32 or int64 tensor [B, T, topk]")
     if indices.dim() != 3 or indices.shape[:2] != (B, T):
