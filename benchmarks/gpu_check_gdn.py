@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_check_gdn.py            # all parts; JSON in $OUT when set
     python3 benchmarks/gpu_check_gdn.py --quick    # the project shape and the decoding kernel
     python3 benchmarks/gpu_check_gdn.py --parts configs
+    python3 benchmarks/gpu_check_gdn.py --parts probe  # chunk_bwd configs, a process each
 
 Each row prints the relative error ‖out − ref‖ / ‖ref‖ (and the largest absolute error) of the
 output, the final state and every gradient (q, k, v, g, β, initial state), the reference being
@@ -15,7 +16,12 @@ too slow at these sizes). Parts:
 2. ``configs``: every autotuning configuration of every kernel, forced one at a time, in bf16 at
    K=V=128 and K=V=64 — the check for Triton 3.4–3.7.0's Hopper miscompilation of 64-wide
    blocks (shared/gpu/README.md), at every block size the autotuner may pick;
-3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd.
+3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd;
+4. ``probe`` (not in the default parts): each ``chunk_bwd`` configuration forced for both of its
+   passes in a process of its own, with ``CUDA_LAUNCH_BLOCKING=1``. On the H200 with Triton 3.6
+   the backward faulted (illegal memory access, 2026-11-28; benchmarks/results) and a fault
+   ends the CUDA context, so parts 1–2 stop at the first one; this part names every
+   configuration that faults and checks the others.
 
 A row fails when an error exceeds its dtype's tolerance (bf16 and fp16 1e-2, fp32 1e-4) or is
 not finite. Exit status 1 when any row fails.
@@ -167,6 +173,58 @@ def check_configs() -> list[dict]:
     return rows
 
 
+def probe_one(index: int, dim: int) -> int:
+    """One probe (in its own process): both chunk_bwd passes forced to ``CONFIGS[index]``, the
+    other kernels autotuned, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim`` against float64. Prints
+    one JSON line; a fault ends the process (the parent reports it)."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from attnplug_triton.ops.gated_delta_rule.common import force_config
+
+    config = chunk_bwd.CONFIGS[index]
+    x = make_inputs(2, 1000, 4, 8, dim, dim, 2, torch.bfloat16)
+    refs = reference(x, None)
+    with force_config("chunk_bwd_dq", config), force_config("chunk_bwd_dk", config):
+        outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), None)
+    torch.cuda.synchronize()
+    errs = errors(outs, refs)
+    ok = all(e["rel"] <= TOLERANCE[torch.bfloat16] for e in errs.values())
+    print(json.dumps({"ok": ok, "errors": {n: e["rel"] for n, e in errs.items()}}), flush=True)
+    return 0
+
+
+def check_probe() -> list[dict]:
+    """Part 4: every chunk_bwd configuration in a process of its own (CUDA_LAUNCH_BLOCKING=1),
+    so that one that faults (an illegal memory access ends the CUDA context) is named and the
+    others still run."""
+    import subprocess
+
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd
+
+    rows = []
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    for dim in (128, 64):
+        for index, config in enumerate(chunk_bwd.CONFIGS):
+            label = (f"D{dim} chunk_bwd {config.kwargs} warps={config.num_warps} "
+                     f"stages={config.num_stages}")
+            try:
+                done = subprocess.run([sys.executable, __file__, "--probe-one", str(index),
+                                       str(dim)], env=env, capture_output=True, text=True,
+                                      timeout=240)
+                last = (done.stdout.strip().splitlines() or [""])[-1]
+                result = json.loads(last) if last.startswith("{") else None
+            except subprocess.TimeoutExpired:
+                done, result = None, None
+            if result is not None:
+                errs = {n: {"rel": e, "max_abs": float("nan")} for n, e in result["errors"].items()}
+                rows.append(row("probe", label, torch.bfloat16, errs))
+            else:
+                tail = "timeout" if done is None else " | ".join(
+                    (done.stdout + done.stderr).strip().splitlines()[-3:])
+                rows.append(failed_row("probe", label, torch.bfloat16, RuntimeError(tail)))
+    return rows
+
+
 def check_decode() -> list[dict]:
     """Part 3: the token-by-token kernel (decoding, short prompts without autograd)."""
     from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
@@ -203,8 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="the project shape and the decoding kernel only")
-    parser.add_argument("--parts", nargs="+", choices=["shapes", "configs", "decode"],
-                        default=["shapes", "configs", "decode"], help="which checks to run")
+    parser.add_argument("--parts", nargs="+", choices=["shapes", "configs", "decode", "probe"],
+                        default=["shapes", "configs", "decode"],
+                        help="which checks to run (probe: each chunk_bwd configuration in a "
+                        "process of its own)")
+    parser.add_argument("--probe-one", nargs=2, type=int, metavar=("INDEX", "DIM"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])
                         if os.environ.get("OUT") else None,
                         help="folder for gpu_check_gdn.json (default: $OUT when set)")
@@ -213,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check_gdn: no CUDA device", file=sys.stderr)
         return 1
     torch.manual_seed(0)
+    if args.probe_one is not None:
+        return probe_one(*args.probe_one)
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -224,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += check_configs()
     if "decode" in args.parts:
         rows += check_decode()
+    if "probe" in args.parts:
+        rows += check_probe()
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for line in chosen_configs():
