@@ -15,6 +15,9 @@ Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, fl
   the indexer learns from its KL loss only) then ``sparse_attention``; in ``fwd+bwd`` also the
   sparse attention's backward (dq, dk, dv);
 - ``dsa-topk`` and ``dsa-sparse``: the two parts alone (the sparse part on precomputed indices);
+- ``dsa-blocked`` and ``dsa-topk-blocked``: the same with the score-then-select top-k
+  (``topk_blocked.py``: scores once into a bounded int64 key buffer, then ``torch.topk``) instead
+  of the streaming one; ``topk-local``: the local backend's top-k, what runs without triton;
 - ``dsa-kl`` (``--kl``): the indexer's KL loss against the dense main attention, with its
   gradient (the training-only extra; not part of the DSA total).
 
@@ -60,9 +63,11 @@ def kernels() -> dict[str, Callable] | str:
         from attnplug_triton.ops.dsa.kl import indexer_kl_loss
         from attnplug_triton.ops.dsa.sparse import sparse_attention
         from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+        from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    return {"topk": dsa_indexer_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
+    return {"topk": dsa_indexer_topk, "topk-blocked": dsa_indexer_topk_blocked,
+            "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
@@ -86,6 +91,14 @@ def sparse_flops(B: int, T: int, H: int, D: int, topk: int) -> float:
     return 4.0 * D * pairs * B * H
 
 
+def local_topk(q: Tensor, k: Tensor, weights: Tensor, *, topk: int) -> Tensor:
+    """The local backend's top-k (query blocks, einsum scores, torch.topk): what a DSA model
+    runs without the triton backend."""
+    from attnplug.ops.dsa import dsa_indexer_topk
+
+    return dsa_indexer_topk(q, k, weights, topk=topk)
+
+
 def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H: int, Hkv: int,
              D: int, topk: int, indexer: str, mode: str, with_kl: bool) -> None:
     """Measure one (T, indexer, mode) case: SDPA, the DSA total and its parts."""
@@ -106,7 +119,8 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
     impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
     if isinstance(fns, str):
-        impls.update(dict.fromkeys(("dsa", "dsa-topk", "dsa-sparse"), fns))
+        impls.update(dict.fromkeys(("dsa", "dsa-blocked", "dsa-topk", "dsa-topk-blocked",
+                                    "topk-local", "dsa-sparse"), fns))
     else:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
         indices = topk_fn(iq, ik, iw, topk=topk)
@@ -119,8 +133,15 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
+        def dsa_blocked() -> object:
+            o = sparse_fn(q, k, v, fns["topk-blocked"](iq, ik, iw, topk=topk))
+            return o.backward(do) if backward else o
+
         impls["dsa"] = dsa
+        impls["dsa-blocked"] = dsa_blocked
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
+        impls["dsa-topk-blocked"] = lambda: fns["topk-blocked"](iq, ik, iw, topk=topk)
+        impls["topk-local"] = lambda: local_topk(iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:
             leaves = [x.detach().requires_grad_() for x in (iq, ik, iw)]
@@ -140,11 +161,13 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
 def goal_note(bench: Bench) -> str:
     """The goal's verdict from the measured rows (T = 32K, forward+backward)."""
-    rows = [r for r in bench.results if r.impl == "dsa" and r.case.startswith("T=32K")
+    rows = [r for r in bench.results if r.impl in ("dsa", "dsa-blocked")
+            and r.case.startswith("T=32K")
             and r.case.endswith("fwd+bwd") and r.ratio is not None]
     if not rows:
         return f"goal (T=32K fwd+bwd dsa <= {GOAL}x SDPA): not measured in this run"
-    return "; ".join(f"goal (T=32K fwd+bwd dsa <= {GOAL}x SDPA), {r.case}: {r.ratio:.2f}x — "
+    return "; ".join(f"goal (T=32K fwd+bwd dsa <= {GOAL}x SDPA), {r.case} {r.impl}: "
+                     f"{r.ratio:.2f}x — "
                      + ("reached" if r.ratio <= GOAL else "not reached") for r in rows)
 
 

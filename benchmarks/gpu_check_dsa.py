@@ -72,6 +72,7 @@ def selection_errors(indices: Tensor, scores: Tensor, topk: int, n_vis: Tensor) 
 
 def check_topk(quick: bool) -> list[dict]:
     from attnplug_triton.ops.dsa.topk import TopkConfig, dsa_indexer_topk
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
     from attnplug.ops.dsa import indexer_scores
 
@@ -92,20 +93,25 @@ def check_topk(quick: bool) -> list[dict]:
         if label.startswith("ties"):
             w = torch.zeros_like(w)
         topk = 2048
-        torch.cuda.synchronize()
-        start = time.time()
-        indices = dsa_indexer_topk(q, k, w, topk=topk, causal=causal, config=cfg)
-        torch.cuda.synchronize()
-        seconds = time.time() - start
         scores = indexer_scores(q.double(), k.double(), w.double(), causal=causal)  # (B, T, S)
         t = torch.arange(T, device="cuda")
         n_vis = (t + S - T + 1).clamp(max=S) if causal else torch.full_like(t, S)
-        errs = selection_errors(indices, scores, topk, n_vis)
-        ok = (errs["bad_fill_rows"] == errs["repeat_rows"] == errs["invisible_rows"] == 0
-              and errs["max_score_gap"] <= 1e-5)
-        detail = " ".join(f"{key}={value:.1e}" if isinstance(value, float) else f"{key}={value}"
-                          for key, value in errs.items()) + f" ({seconds:.2f} s incl. compile)"
-        rows.append(report("topk", f"{label} B{B} T{T} S{S} HI{HI} DI{DI}", ok, detail))
+        methods = {"streaming": (dsa_indexer_topk, {"config": cfg})}
+        if cfg is None:  # the blocked top-k has no streaming configuration to narrow
+            methods["blocked"] = (dsa_indexer_topk_blocked, {})
+        for method, (select, extra) in methods.items():
+            torch.cuda.synchronize()
+            start = time.time()
+            indices = select(q, k, w, topk=topk, causal=causal, **extra)
+            torch.cuda.synchronize()
+            seconds = time.time() - start
+            errs = selection_errors(indices, scores, topk, n_vis)
+            ok = (errs["bad_fill_rows"] == errs["repeat_rows"] == errs["invisible_rows"] == 0
+                  and errs["max_score_gap"] <= 1e-5)
+            detail = " ".join(f"{key}={value:.1e}" if isinstance(value, float)
+                              else f"{key}={value}" for key, value in errs.items())
+            rows.append(report("topk", f"{method} {label} B{B} T{T} S{S} HI{HI} DI{DI}", ok,
+                               f"{detail} ({seconds:.2f} s incl. compile)"))
         del scores
         torch.cuda.empty_cache()
     return rows

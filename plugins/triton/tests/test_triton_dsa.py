@@ -59,22 +59,53 @@ TOPK_CASES = [
       ((1, 1024, 1024, 64, 128, 256, True, True), torch.bfloat16)] if HAS_CUDA else [])
 
 
-@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
-def test_topk_selects_the_keys_with_the_highest_scores(case, dtype) -> None:
-    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+def _topk_function(name: str):
+    """The streaming top-k (``streaming``) or the score-then-select one (``blocked``)."""
+    if name == "streaming":
+        from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
 
+        return dsa_indexer_topk
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+
+    return dsa_indexer_topk_blocked
+
+
+TOPK_FUNCTIONS = ["streaming", "blocked"]
+
+
+@pytest.mark.parametrize("method", TOPK_FUNCTIONS)
+@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
+def test_topk_selects_the_keys_with_the_highest_scores(case, dtype, method) -> None:
     B, T, S, HI, DI, topk, causal, relu = case
     q, k, w = _index_inputs(B, T, S, HI, DI, dtype)
-    indices = dsa_indexer_topk(q, k, w, topk=topk, causal=causal, relu=relu)
+    indices = _topk_function(method)(q, k, w, topk=topk, causal=causal, relu=relu)
     _assert_top_scores(indices, q, k, w, topk, causal, relu)
 
 
-def test_topk_takes_every_visible_key_and_pads_with_minus_one() -> None:
-    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
-
+@pytest.mark.parametrize("method", TOPK_FUNCTIONS)
+def test_topk_takes_every_visible_key_and_pads_with_minus_one(method) -> None:
     q, k, w = _index_inputs(2, 20, 24, 2, 16)
-    indices = dsa_indexer_topk(q, k, w, topk=30)
+    indices = _topk_function(method)(q, k, w, topk=30)
     _assert_top_scores(indices, q, k, w, 30, True, True)
+
+
+def test_blocked_topk_takes_queries_in_blocks_and_breaks_ties_by_position() -> None:
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+
+    # A buffer of 3 query rows (3 · S · 8 bytes): 24 queries in 8 blocks, same selection.
+    q, k, w = _index_inputs(1, 24, 30, 4, 16)
+    whole = dsa_indexer_topk_blocked(q, k, w, topk=8)
+    parts = dsa_indexer_topk_blocked(q, k, w, topk=8, block_bytes=3 * 30 * 8)
+    assert torch.equal(whole.sort(-1).values, parts.sort(-1).values)
+    _assert_top_scores(parts, q, k, w, 8, True, True)
+    # Coarse scores: many ties at the k-th score; then all 0: the first visible keys, −1 after.
+    q, k, w = q.round(), k.round(), torch.ones_like(w)
+    _assert_top_scores(dsa_indexer_topk_blocked(q, k, w, topk=8), q, k, w, 8, True, True)
+    indices = dsa_indexer_topk_blocked(q, k, torch.zeros_like(w), topk=8)  # (1, 24, 8)
+    slots = torch.arange(8, device=DEVICE)
+    first = torch.where(slots < _visible_counts(24, 30, True)[:, None], slots, -1)  # (24, 8)
+    chosen = torch.where(indices[0] < 0, 99, indices[0]).sort(-1).values
+    assert torch.equal(torch.where(chosen == 99, -1, chosen), first)
 
 
 def test_topk_narrows_many_times_and_breaks_ties_by_position() -> None:
@@ -271,14 +302,17 @@ def test_provider_serves_the_dsa_kernels() -> None:
     (lambda q, k, w: (q, k, w[..., :1]), "weights must be"),
     (lambda q, k, w: (q.double(), k.double(), w.double()), "float64"),
 ])
-def test_topk_bad_arguments_are_named(bad, message) -> None:
-    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
-
+@pytest.mark.parametrize("method", TOPK_FUNCTIONS)
+def test_topk_bad_arguments_are_named(bad, message, method) -> None:
+    topk_fn = _topk_function(method)
     q, k, w = _index_inputs(1, 5, 5, 2, 16)
     with pytest.raises(ValueError, match=message):
-        dsa_indexer_topk(*bad(q, k, w), topk=2)
+        topk_fn(*bad(q, k, w), topk=2)
     with pytest.raises(ValueError, match="topk must be a positive int"):
-        dsa_indexer_topk(q, k, w, topk=0)
+        topk_fn(q, k, w, topk=0)
+    if method == "blocked":
+        with pytest.raises(ValueError, match="block_bytes must be a positive int"):
+            topk_fn(q, k, w, topk=2, block_bytes=0)
 
 
 def test_sparse_attention_bad_arguments_are_named() -> None:

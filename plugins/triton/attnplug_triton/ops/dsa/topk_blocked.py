@@ -1,0 +1,172 @@
+"""The lightning indexer's top-k as score-then-select: a Triton kernel writes every visible
+score of a block of queries as a sortable int64 key, ``torch.topk`` picks the largest.
+
+The alternative to :mod:`.topk`'s streaming selection, which never holds a row's scores but
+recomputes them in four or more passes (H200, T = 32K: 180 ms, most of a DSA step). Here the
+scores are computed once, in the same packed-head tile as :mod:`.scores` describes:
+
+    key[b, t, s] = (order_key(score[t, s]) << 32) | (S − 1 − s)    (int64)
+
+so that comparing keys compares scores first and, between equal scores, prefers the earlier
+position — the streaming kernel's tie rule, exactly, with no float compare. Keys a query
+cannot see (``s > t + S − T`` with ``causal``) are ``INT64_MIN``; tiles wholly above the
+diagonal skip the product. The queries are taken ``query_block`` at a time so the key buffer
+``[B, query_block, S]`` (8 bytes a pair) stays within ``block_bytes`` (default 1 GiB); at
+T = S = 32K and B = 1 that is 4096 queries a block, 8 blocks.
+
+Cost: one indexer forward over the causal pairs, 8 bytes written a pair, and ``torch.topk``'s
+radix selection over 64-bit keys (a few reads of the buffer). Memory: the buffer, not
+``O(B·T·S)``; more than the streaming kernel's ``O(B·T·capacity)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnplug_triton.ops.dsa.scores import (
+    check_indexer_inputs,
+    dot_precision,
+    load_index_queries,
+    unit_last_stride,
+)
+from attnplug_triton.ops.dsa.topk import _check_topk
+from attnplug_triton.ops.utils import interpreting, next_power_of_2
+
+__all__ = ["dsa_indexer_topk_blocked", "indexer_keys"]
+
+_INT64_MIN = tl.constexpr(-(2**63))
+_KEY_BYTES = 8
+
+
+@triton.jit
+def indexer_keys_kernel(
+    Q, K, W, OUT,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_wb, stride_wt, stride_wh,
+    stride_ob, stride_ot, T, S, HI, DI, Q0, TQ,
+    CAUSAL: tl.constexpr, RELU: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The ``[BLOCK_M, BLOCK_N]`` tile of keys of queries ``Q0 + pid_m·BLOCK_M + i`` (rows of
+    ``OUT`` counted from ``Q0``) and key positions ``pid_n·BLOCK_N + j``, batch element b."""
+    b = tl.program_id(2).to(tl.int64)
+    t0 = Q0 + tl.program_id(0).to(tl.int64) * BLOCK_M
+    t = t0 + tl.arange(0, BLOCK_M).to(tl.int64)  # (BM,) queries
+    s = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BN,)
+    out = OUT + b * stride_ob + (t - Q0)[:, None] * stride_ot + s[None, :]
+    in_buffer = (t < Q0 + TQ)[:, None] & (s < S)[None, :]
+    seen = (t < T)[:, None] & (s < S)[None, :]
+    if CAUSAL:
+        seen = seen & (s[None, :] <= t[:, None] + (S - T))
+        # the tile's first key is past what its last query sees: nothing to score
+        skip = tl.program_id(1).to(tl.int64) * BLOCK_N > t0 + BLOCK_M - 1 + (S - T)
+    else:
+        skip = False
+    if skip:
+        tl.store(out, tl.full([BLOCK_M, BLOCK_N], _INT64_MIN, tl.int64), mask=in_buffer)
+    else:
+        q, w = load_index_queries(Q, W, b, t0, T, HI, DI, stride_qb, stride_qt, stride_qh,
+                                  stride_wb, stride_wt, stride_wh,
+                                  BLOCK_M, HP, BLOCK_D)  # (BM·HP, BD), (BM·HP,)
+        d = tl.arange(0, BLOCK_D)
+        k = tl.load(K + b * stride_kb + s[:, None] * stride_ks + d[None, :],
+                    mask=(s[:, None] < S) & (d[None, :] < DI), other=0.0)  # (BN, BD)
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM·HP, BN)
+        if RELU:
+            x = tl.maximum(x, 0.0)
+        score = tl.sum(tl.reshape(x * w[:, None], (BLOCK_M, HP, BLOCK_N)), 1)  # (BM, BN)
+        bits = score.to(tl.int32, bitcast=True)
+        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order keys, as order_key()
+        key = (key32.to(tl.int64) << 32) | (S - 1 - s)[None, :]
+        tl.store(out, tl.where(seen, key, _INT64_MIN), mask=in_buffer)
+
+
+def _blocks(hp: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)``: about 128 packed rows per product on a GPU (64 for
+    float32), small under the interpreter so that test sizes span several tiles."""
+    if interpreting():
+        return max(1, 16 // hp), 16, 1
+    rows = 64 if dtype == torch.float32 else 128
+    return max(1, rows // hp), 64, 4 if dtype == torch.float32 else 8
+
+
+def indexer_keys(q: Tensor, k: Tensor, weights: Tensor, out: Tensor, *, query_start: int,
+                 causal: bool, relu: bool) -> Tensor:
+    """Fill ``out[B, n, S]`` (int64) with the keys of queries ``query_start ..
+    query_start + n`` (checked inputs, unit last strides); returns ``out``."""
+    B, T, HI, DI = q.shape
+    S = k.shape[1]
+    n = out.shape[1]
+    hp = next_power_of_2(HI)
+    block_m, block_n, warps = _blocks(hp, q.dtype)
+    if block_m * hp < 16:  # the dot needs 16 rows
+        block_m = 16 // hp
+    grid = (triton.cdiv(n, block_m), triton.cdiv(S, block_n), B)
+    indexer_keys_kernel[grid](
+        q, k, weights, out, *q.stride()[:3], *k.stride()[:2], *weights.stride(),
+        out.stride(0), out.stride(1), T, S, HI, DI, query_start, n,
+        CAUSAL=bool(causal), RELU=bool(relu), HP=hp, BLOCK_D=max(16, next_power_of_2(DI)),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        num_warps=warps, num_stages=1 if interpreting() else 2,
+    )
+    return out
+
+
+def dsa_indexer_topk_blocked(
+    q: Tensor,
+    k: Tensor,
+    weights: Tensor,
+    *,
+    topk: int,
+    causal: bool = True,
+    relu: bool = True,
+    block_bytes: int = 1 << 30,
+) -> Tensor:
+    """The ``topk`` keys with the largest indexer score for each query (score-then-select).
+
+    Same arguments, result and tie rule as :func:`attnplug_triton.ops.dsa.topk.dsa_indexer_topk`
+    (``indices[B, T, topk]`` int64, in no particular order, −1 in the slots beyond the number
+    of visible keys; equal scores: the earlier key first). ``block_bytes`` bounds the key
+    buffer (at least one query's row is always taken).
+
+    Raises:
+        ValueError: shapes, dtypes, devices, ``topk`` or ``block_bytes`` the kernel does not take.
+    """
+    owner = "dsa_indexer_topk_blocked"
+    check_indexer_inputs(owner, q, k, weights, causal)
+    _check_topk(topk)
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+        raise ValueError(f"{owner}: block_bytes must be a positive int; got {block_bytes!r}")
+    B, T, HI, DI = q.shape
+    S = k.shape[1]
+    out = torch.empty((B, T, topk), dtype=torch.long, device=q.device)
+    if B * T == 0:
+        return out
+    if HI == 0 or DI == 0:
+        raise ValueError(f"{owner}: q must have at least one index head and one channel; got "
+                         f"{tuple(q.shape)}")
+    if S == 0:
+        return out.fill_(-1)
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    take = min(topk, S)
+    block = max(1, min(T, block_bytes // (B * S * _KEY_BYTES)))
+    keys = torch.empty((B, block, S), dtype=torch.long, device=q.device)
+    for start in range(0, T, block):
+        n = min(block, T - start)
+        part = indexer_keys(q, k, weights, keys[:, :n], query_start=start, causal=causal,
+                            relu=relu)  # (B, n, S)
+        best = torch.topk(part, take, dim=-1, sorted=False).values  # (B, n, take)
+        pos = (S - 1) - (best & 0xFFFFFFFF)
+        out[:, start:start + n, :take] = torch.where(best == _INT64_MIN.value, -1, pos)
+    # Queries that see at most ``topk`` keys take them all, in position order, then −1: the
+    # slots of the ones they cannot see must come last, which an unsorted top-k does not give.
+    seen = torch.arange(T, device=q.device) + (S - T + 1) if causal else torch.full(
+        (T,), S, device=q.device)
+    few = seen.clamp(max=S) < topk  # (T,)
+    if bool(few.any()):
+        slots = torch.arange(topk, device=q.device)
+        n_few = seen.clamp(max=S)[few]
+        out[:, few] = torch.where(slots < n_few[:, None], slots, -1)  # (B, few, topk)
+    return out
