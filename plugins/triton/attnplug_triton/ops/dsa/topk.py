@@ -52,7 +52,7 @@ from attnplug_triton.ops.dsa.scores import (
 )
 from attnplug_triton.ops.utils import interpreting, next_power_of_2
 
-__all__ = ["TopkConfig", "default_topk_config", "dsa_indexer_topk"]
+__all__ = ["TopkConfig", "default_topk_config", "dsa_indexer_topk", "start_topk"]
 
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
@@ -272,6 +272,25 @@ def _check_topk(topk: object) -> int:
     return topk
 
 
+def start_topk(owner: str, q: Tensor, k: Tensor, weights: Tensor, topk: object,
+               causal: bool) -> tuple[Tensor, bool]:
+    """Check a top-k call's arguments (``ValueError`` naming them) and allocate its
+    ``[B, T, topk]`` int64 output; ``done`` when no kernel is needed (no query, or no key: all
+    −1)."""
+    check_indexer_inputs(owner, q, k, weights, causal)
+    _check_topk(topk)
+    B, T, HI, DI = q.shape
+    out = torch.empty((B, T, topk), dtype=torch.long, device=q.device)
+    if B * T == 0:
+        return out, True
+    if HI == 0 or DI == 0:
+        raise ValueError(f"{owner}: q must have at least one index head and one channel; got "
+                         f"{tuple(q.shape)}")
+    if k.shape[1] == 0:
+        return out.fill_(-1), True
+    return out, False
+
+
 def _check_config(cfg: TopkConfig, heads_padded: int) -> None:
     fine = (cfg.num_edges >= 1 and next_power_of_2(cfg.num_edges) == cfg.num_edges
             and cfg.capacity >= 1 and cfg.block_n >= 16
@@ -314,20 +333,12 @@ def dsa_indexer_topk(
     Raises:
         ValueError: shapes, dtypes, devices or ``topk`` the kernels do not take.
     """
-    owner = "dsa_indexer_topk"
-    check_indexer_inputs(owner, q, k, weights, causal)
-    _check_topk(topk)
+    out, done = start_topk("dsa_indexer_topk", q, k, weights, topk, causal)
+    if done:
+        return out
+    q, k = unit_last_stride(q), unit_last_stride(k)
     B, T, HI, DI = q.shape
     S = k.shape[1]
-    out = torch.empty((B, T, topk), dtype=torch.long, device=q.device)
-    if B * T == 0:
-        return out
-    if HI == 0 or DI == 0:
-        raise ValueError(f"{owner}: q must have at least one index head and one channel; got "
-                         f"{tuple(q.shape)}")
-    if S == 0:
-        return out.fill_(-1)
-    q, k = unit_last_stride(q), unit_last_stride(k)
     hp = next_power_of_2(HI)
     cfg = config or default_topk_config(hp, q.dtype)
     _check_config(cfg, hp)
@@ -353,7 +364,7 @@ def dsa_indexer_topk(
             topk_pass_kernel[grid](*args, MODE=mode, **meta)
             mode = _COUNT_KEY
         else:  # pragma: no cover - the intervals shrink every pass; a bug otherwise
-            raise RuntimeError(f"{owner}: the top-k thresholds did not converge")
+            raise RuntimeError("dsa_indexer_topk: the top-k thresholds did not converge")
     topk_pass_kernel[grid](*args, MODE=_EMIT, **meta)
     rows_per = 16 if interpreting() else 2
     topk_select_kernel[(triton.cdiv(rows, rows_per),)](

@@ -26,13 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnplug_triton.ops.dsa.scores import (
-    check_indexer_inputs,
-    dot_precision,
-    load_index_queries,
-    unit_last_stride,
-)
-from attnplug_triton.ops.dsa.topk import _check_topk
+from attnplug_triton.ops.dsa.scores import dot_precision, load_index_queries, unit_last_stride
+from attnplug_triton.ops.dsa.topk import start_topk
 from attnplug_triton.ops.utils import interpreting, next_power_of_2
 
 __all__ = ["dsa_indexer_topk_blocked", "indexer_keys"]
@@ -135,21 +130,14 @@ def dsa_indexer_topk_blocked(
         ValueError: shapes, dtypes, devices, ``topk`` or ``block_bytes`` the kernel does not take.
     """
     owner = "dsa_indexer_topk_blocked"
-    check_indexer_inputs(owner, q, k, weights, causal)
-    _check_topk(topk)
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
         raise ValueError(f"{owner}: block_bytes must be a positive int; got {block_bytes!r}")
-    B, T, HI, DI = q.shape
-    S = k.shape[1]
-    out = torch.empty((B, T, topk), dtype=torch.long, device=q.device)
-    if B * T == 0:
+    out, done = start_topk(owner, q, k, weights, topk, causal)
+    if done:
         return out
-    if HI == 0 or DI == 0:
-        raise ValueError(f"{owner}: q must have at least one index head and one channel; got "
-                         f"{tuple(q.shape)}")
-    if S == 0:
-        return out.fill_(-1)
     q, k = unit_last_stride(q), unit_last_stride(k)
+    B, T = q.shape[:2]
+    S = k.shape[1]
     take = min(topk, S)
     block = max(1, min(T, block_bytes // (B * S * _KEY_BYTES)))
     keys = torch.empty((B, block, S), dtype=torch.long, device=q.device)
