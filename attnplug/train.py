@@ -514,19 +514,28 @@ def _eval(run: _Run, reporter: _Reporter) -> None:
     reporter.message(f"step {run.step}: eval loss {loss:.4f}, accuracy {accuracy:.1%}")
 
 
-def _loop(run: _Run, reporter: _Reporter, save: str | None, save_every: int | None) -> None:
+def _loop(run: Any, reporter: _Reporter, save: str | None, save_every: int | None, *,
+          train_step: Callable[[Any], float] | None = None,
+          evaluate_run: Callable[[Any, _Reporter], None] | None = None,
+          save_run: Callable[[Any, str | Path], None] | None = None) -> None:
+    """Train to ``run.train_cfg.steps``: evaluate every ``eval_every`` steps and at the end,
+    save every ``save_every``. The step, evaluation and save are this module's unless given
+    (the multi-process trainer gives its own)."""
+    train_step = train_step or _train_step
+    evaluate_run = evaluate_run or _eval
+    save_run = save_run or _save_checkpoint
     cfg = run.train_cfg
     while run.step < cfg.steps:
         start = time.perf_counter()
-        run.losses.append(_train_step(run))
+        run.losses.append(train_step(run))
         run.train_seconds += time.perf_counter() - start
         reporter.step(run)
         if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-            _eval(run, reporter)
+            evaluate_run(run, reporter)
         if save_every and run.step % save_every == 0 and run.step < cfg.steps:
-            _save_checkpoint(run, save)
+            save_run(run, save)
     if not run.evals or run.evals[-1]["step"] != run.step:
-        _eval(run, reporter)
+        evaluate_run(run, reporter)
 
 
 def _summarize(run: _Run, wall_seconds: float) -> dict[str, Any]:

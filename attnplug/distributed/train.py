@@ -54,6 +54,7 @@ from attnplug.train import (
     _arg,
     _check_resumable,
     _deterministic,
+    _loop,
     _read_checkpoint,
     _Reporter,
     _rng_states,
@@ -214,21 +215,6 @@ def _resume(run: _Run, path: str | Path, note: Callable[[str], None]) -> None:
 # -- the job ------------------------------------------------------------------------------------
 
 
-def _loop(run: _Run, reporter: _Reporter, save: str | None, save_every: int | None) -> None:
-    cfg = run.train_cfg
-    while run.step < cfg.steps:
-        start = time.perf_counter()
-        run.losses.append(_train_step(run))
-        run.train_seconds += time.perf_counter() - start
-        reporter.step(run)
-        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-            _eval(run, reporter)
-        if save_every and run.step % save_every == 0 and run.step < cfg.steps:
-            _save(run, save)
-    if not run.evals or run.evals[-1]["step"] != run.step:
-        _eval(run, reporter)
-
-
 def _parameter_count(run: _Run) -> int:
     """Parameters of the whole model: each pipeline rank counts its own (DTensors count whole),
     summed over the pipeline ranks of one data-parallel replica."""
@@ -273,7 +259,8 @@ def run_distributed_train(args: argparse.Namespace, model_cfg: TransformerConfig
         with _Reporter(run, quiet=quiet) as reporter:
             if resume:
                 _resume(run, resume, _rank0_note)
-            _loop(run, reporter, _arg(args, "save"), _arg(args, "save_every"))
+            _loop(run, reporter, _arg(args, "save"), _arg(args, "save_every"),
+                  train_step=_train_step, evaluate_run=_eval, save_run=_save)
         if _arg(args, "save"):
             _save(run, args.save)
         result = _summarize(run, time.perf_counter() - wall)
