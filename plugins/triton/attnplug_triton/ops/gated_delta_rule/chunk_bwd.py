@@ -89,6 +89,13 @@ def chunk_bwd_kernel(
     c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
     c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
+    # Aᵀ loaded as a tile of its own rather than tl.trans(a). With one shared-memory copy of A
+    # read both ways (A X and Aᵀ dV_new in the same loop), the wgmma of Aᵀ dV_new read shared
+    # memory out of bounds on an H200 with Triton 3.6 (compute-sanitizer, SASS offset matched
+    # by compiling for sm_90); chunk_bwd_dh, which reads only Aᵀ, ran clean. A candidate
+    # workaround, not yet run on a GPU: benchmarks/gpu_check_gdn.py --parts probe.
+    at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64) + offs_c[:, None],
+                 mask=r_ok[None, :] & (offs_c < 64)[:, None], other=0.0)  # (C, C) Aᵀ
     if not DQ_PASS:
         pt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # Pᵀ from loaded tiles
         pt = (pt * rk[:, None] * rqs[None, :] * decay_upper(gam, 64)).to(dt)
@@ -131,7 +138,7 @@ def chunk_bwd_kernel(
             dqk = tl.dot((v_new.to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh), dqk,
                          input_precision=PRECISION)
             dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
-            y = tl.dot(tl.trans(a), dv_new.to(dt), input_precision=PRECISION)  # Aᵀ dV_new
+            y = tl.dot(at, dv_new.to(dt), input_precision=PRECISION)  # Aᵀ dV_new
             store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v, v_ok)
             dbeta += tl.sum(v * y, 1)
             t_w -= tl.sum(y * kh, 1) * rk
@@ -166,8 +173,8 @@ def chunk_bwd_kernel(
         dst = (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt)
         dqk += tl.dot(dst, q, input_precision=PRECISION)
         # the WY inverse: dM = −Aᵀ dA Aᵀ, kept on the strictly lower triangle by Γ_strict
-        dm = tl.dot(da.to(dt), tl.trans(a), input_precision=PRECISION).to(dt)
-        dm = -tl.dot(tl.trans(a), dm, input_precision=PRECISION)  # (C, C)
+        dm = tl.dot(da.to(dt), at, input_precision=PRECISION).to(dt)
+        dm = -tl.dot(at, dm, input_precision=PRECISION)  # (C, C)
         gs = decay_lower(gam, 64, True)
         mkk = tl.dot(k, tl.trans(k), input_precision=PRECISION) * rk[:, None] * rk[None, :] * gs
         dbeta += tl.sum(dm * mkk, 1)
