@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU call that decides the triton backend's experimental kernels (run from the repo root on
+# the GPU machine; results under $OUT; send .whl/ along for the fla anchor):
+#   1. the gated delta rule backward: each chunk_bwd configuration in a process of its own,
+#      then the real shapes (fwd+bwd vs float64) and the forward/backward benchmark;
+#   2. DSA: both top-k methods at real shapes vs float64, then the benchmark at 4K and 32K
+#      (streaming vs blocked vs the local top-k, and the DSA totals against SDPA).
+# Every step has its own time limit, so one that hangs or faults leaves the rest to run.
+set -u
+OUT=${OUT:-runs/experimental}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton > "$OUT/install.log" 2>&1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >> "$OUT/install.log" 2>&1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+step() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  echo "== $name: exit $?"
+  grep -E "ok |FAIL|passed|goal|T=32K|T=4096|error" "$OUT/$name.txt" | cut -c1-220 | tail -n 24
+}
+step gdn_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --out "$OUT/gdn_probe"
+step gdn_shapes 150 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
+step gdn_bench 120 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd
+step dsa_check 120 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
+step dsa_bench 200 python3 benchmarks/bench_dsa.py --seqlens 4096 32768 --out "$OUT/dsa_bench"
