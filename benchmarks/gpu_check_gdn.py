@@ -175,16 +175,24 @@ def check_configs() -> list[dict]:
 
 def probe_one(index: int, dim: int) -> int:
     """One probe (in its own process): both chunk_bwd passes forced to ``CONFIGS[index]``, the
-    other kernels autotuned, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim`` against float64. Prints
+    other kernels at their first configurations, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim`` against float64. Prints
     one JSON line; a fault ends the process (the parent reports it)."""
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd
+    from contextlib import ExitStack
+
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.common import force_config
 
     config = chunk_bwd.CONFIGS[index]
     x = make_inputs(2, 1000, 4, 8, dim, dim, 2, torch.bfloat16)
     refs = reference(x, None)
-    with force_config("chunk_bwd_dq", config), force_config("chunk_bwd_dk", config):
+    forced = {"chunk_bwd_dq": config, "chunk_bwd_dk": config,
+              # the other kernels at their first configuration: no autotuning per process
+              "kkt_solve": kkt_solve.CONFIGS[0], "chunk_fwd_h_o": chunk_h.CONFIGS[0],
+              "chunk_fwd_h_h": chunk_h.CONFIGS[0], "chunk_bwd_dh": chunk_h.CONFIGS[0]}
+    with ExitStack() as stack:
+        for name, forced_config in forced.items():
+            stack.enter_context(force_config(name, forced_config))
         outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
     errs = errors(outs, refs)
@@ -193,7 +201,7 @@ def probe_one(index: int, dim: int) -> int:
     return 0
 
 
-def check_probe() -> list[dict]:
+def check_probe(dims: tuple[int, ...] = (128,)) -> list[dict]:
     """Part 4: every chunk_bwd configuration in a process of its own (CUDA_LAUNCH_BLOCKING=1),
     so that one that faults (an illegal memory access ends the CUDA context) is named and the
     others still run."""
@@ -203,7 +211,7 @@ def check_probe() -> list[dict]:
 
     rows = []
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    for dim in (128, 64):
+    for dim in dims:
         for index, config in enumerate(chunk_bwd.CONFIGS):
             label = (f"D{dim} chunk_bwd {config.kwargs} warps={config.num_warps} "
                      f"stages={config.num_stages}")

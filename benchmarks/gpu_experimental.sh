@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One GPU call that decides the triton backend's experimental kernels (run from the repo root on
-# the GPU machine; results under $OUT; send .whl/ along for the fla anchor):
-#   1. the gated delta rule backward: each chunk_bwd configuration in a process of its own,
-#      then the real shapes (fwd+bwd vs float64) and the forward/backward benchmark;
-#   2. DSA: both top-k methods at real shapes vs float64, then the benchmark at 4K and 32K
-#      (streaming vs blocked vs the local top-k, and the DSA totals against SDPA).
+# The GPU checks that decide the triton backend's experimental kernels, two calls of under ten
+# minutes (run from the repo root on the GPU machine; results under $OUT; send .whl/ along for
+# the fla anchor):
+#   bash benchmarks/gpu_experimental.sh gdn   the gated delta rule backward: each chunk_bwd
+#       configuration in a process of its own, then the real shapes (fwd+bwd vs float64) and
+#       the forward / forward+backward benchmark;
+#   bash benchmarks/gpu_experimental.sh dsa   both top-k methods at real shapes vs float64,
+#       then the benchmark at 4K and 32K (streaming vs blocked vs the local top-k, the DSA
+#       totals against SDPA).
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 OUT=${OUT:-runs/experimental}
@@ -23,8 +26,18 @@ step() {  # name, seconds, command...
   echo "== $name: exit $?"
   grep -E "ok |FAIL|passed|goal|T=32K|T=4096|error" "$OUT/$name.txt" | cut -c1-220 | tail -n 24
 }
-step gdn_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --out "$OUT/gdn_probe"
-step gdn_shapes 150 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
-step gdn_bench 120 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd
-step dsa_check 120 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
-step dsa_bench 200 python3 benchmarks/bench_dsa.py --seqlens 4096 32768 --out "$OUT/dsa_bench"
+case ${1:-} in
+  gdn)
+    step gdn_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --out "$OUT/gdn_probe"
+    step gdn_shapes 150 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
+    step gdn_bench 120 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd
+    ;;
+  dsa)
+    step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
+    step dsa_bench 300 python3 benchmarks/bench_dsa.py --seqlens 4096 32768 --out "$OUT/dsa_bench"
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_experimental.sh gdn|dsa" >&2
+    exit 2
+    ;;
+esac
