@@ -175,8 +175,8 @@ def check_configs() -> list[dict]:
 
 def probe_one(index: int, dim: int) -> int:
     """One probe (in its own process): both chunk_bwd passes forced to ``CONFIGS[index]``, the
-    other kernels at their first configurations, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim`` against float64. Prints
-    one JSON line; a fault ends the process (the parent reports it)."""
+    other kernels at their first configurations, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim``
+    against float64. Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 
     from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve

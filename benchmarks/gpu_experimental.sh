@@ -10,6 +10,10 @@
 #       totals against SDPA).
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
+case ${1:-} in
+  gdn | dsa) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|dsa" >&2; exit 2 ;;
+esac
 OUT=${OUT:-runs/experimental}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -35,9 +39,5 @@ case ${1:-} in
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
     step dsa_bench 300 python3 benchmarks/bench_dsa.py --seqlens 4096 32768 --out "$OUT/dsa_bench"
-    ;;
-  *)
-    echo "usage: bash benchmarks/gpu_experimental.sh gdn|dsa" >&2
-    exit 2
     ;;
 esac
