@@ -242,17 +242,24 @@ def _chunk_forward(
     q_in = q * gam.exp()[..., None]  # (NH, NT, C, K) reads the state at the chunk start
     q_intra = (q @ k.transpose(-1, -2)) * decay  # (NH, NT, C, C) reads this chunk's new values
 
+    # Only the state recursion is sequential: two products a chunk, on chunk-major contiguous
+    # factors (no copy per step, forward or backward); the outputs are batched afterwards.
+    u, w, k_to_end = (x.transpose(0, 1).contiguous() for x in (u, w, k_to_end))  # (NT, NH, ·, ·)
+    chunk_decay = chunk_decay.transpose(0, 1)  # (NT, NH, 1, 1)
     h = h0.reshape(N * HV, K, V)  # (NH, K, V)
-    outs = []
+    starts, v_news = [], []
     for n in range(NT):
-        v_new = torch.baddbmm(u[:, n], w[:, n], h, alpha=-1)  # (NH, C, V) U − W h
-        outs.append(torch.baddbmm(q_intra[:, n] @ v_new, q_in[:, n], h))  # (NH, C, V)
-        h = torch.baddbmm(chunk_decay[:, n] * h, k_to_end[:, n], v_new)  # (NH, K, V)
+        starts.append(h)
+        v_new = torch.baddbmm(u[n], w[n], h, alpha=-1)  # (NH, C, V) U − W h
+        v_news.append(v_new)
+        h = torch.baddbmm(chunk_decay[n] * h, k_to_end[n], v_new)  # (NH, K, V)
     h_final = h.reshape(N, HV, K, V)
     if NT == 0:
         return q.new_zeros(N, Tp, HV, V), h_final
-    o = torch.stack(outs, dim=1).reshape(N, HV, Tp, V).transpose(1, 2)  # (N, Tp, HV, V)
-    return o, h_final
+    h_start = torch.stack(starts, dim=1)  # (NH, NT, K, V) the state before each chunk
+    v_new = torch.stack(v_news, dim=1)  # (NH, NT, C, V)
+    o = q_intra @ v_new + q_in @ h_start  # (NH, NT, C, V)
+    return o.reshape(N, HV, Tp, V).transpose(1, 2), h_final  # (N, Tp, HV, V)
 
 
 def chunk_gated_delta_rule(
