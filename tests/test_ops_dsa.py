@@ -211,6 +211,12 @@ def test_a_row_without_valid_index_gives_zeros_and_finite_gradients():
     assert (q.grad[0, 2] == 0).all()
 
 
+def test_no_queries_give_an_empty_output():
+    q, k, v = make_attention_inputs(13, 1, 0, 5, 4, 2, 8, 6)
+    idx = torch.zeros(1, 0, 3, dtype=torch.long)
+    assert sparse_attention(q, k, v, idx).shape == (1, 0, 4, 6)
+
+
 def test_sparse_gradients_match_naive_in_float64():
     q, k, v = make_attention_inputs(12, 2, 24, 30, 4, 2, 8, 6, requires_grad=True)
     idx = random_indices(13, 2, 24, 30, 10)

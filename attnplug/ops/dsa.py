@@ -68,11 +68,12 @@ def _block_scores(q: Tensor, k: Tensor, weights: Tensor, relu: bool) -> Tensor:
     """
     kt = k.transpose(1, 2)  # (B, DI, S)
     scores = None
-    for h in range(q.shape[2]):
-        logits = q[:, :, h] @ kt  # (B, t, S)
+    # unbind, not indexing: its gradient is one stack, not a zero-filled full-size tensor a head
+    for q_h, w_h in zip(q.unbind(2), weights.unbind(2), strict=True):
+        logits = q_h @ kt  # (B, t, S)
         if relu:
             logits = logits.clamp(min=0)
-        term = weights[:, :, h, None] * logits  # (B, t, S)
+        term = w_h[..., None] * logits  # (B, t, S)
         scores = term if scores is None else scores + term
     return scores
 
@@ -289,12 +290,14 @@ def sparse_attention(
     dtype = _compute_dtype(q)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     idx = indices.long()
-    blocks = [
-        _sparse_block(qc[:, s : s + query_block], kc, vc, idx[:, s : s + query_block], scale)
-        for s in range(0, T, query_block)
-    ]
-    if not blocks:
+    if T == 0:
         return q.new_zeros((B, 0, H, v.shape[-1]))
+    blocks = [  # split, not slicing: one gradient concatenation rather than one per block
+        _sparse_block(q_block, kc, vc, idx_block, scale)
+        for q_block, idx_block in zip(
+            qc.split(query_block, dim=1), idx.split(query_block, dim=1), strict=True
+        )
+    ]
     return torch.cat(blocks, dim=1).to(q.dtype)  # (B, T, H, Dv)
 
 

@@ -244,8 +244,10 @@ def _chunk_forward(
 
     # Only the state recursion is sequential: two products a chunk, on chunk-major contiguous
     # factors (no copy per step, forward or backward); the outputs are batched afterwards.
-    u, w, k_to_end = (x.transpose(0, 1).contiguous() for x in (u, w, k_to_end))  # (NT, NH, ·, ·)
-    chunk_decay = chunk_decay.transpose(0, 1)  # (NT, NH, 1, 1)
+    # unbind, not indexing: the gradient of NT selections would be NT zero-filled full-size
+    # tensors (quadratic in the length); unbind's is one stack.
+    u, w, k_to_end, chunk_decay = (x.transpose(0, 1).contiguous().unbind(0)
+                                   for x in (u, w, k_to_end, chunk_decay))  # NT × (NH, ·, ·)
     h = h0.reshape(N * HV, K, V)  # (NH, K, V)
     starts, v_news = [], []
     for n in range(NT):
