@@ -12,6 +12,7 @@ processes, or a single-process checkpoint file.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import time
@@ -265,6 +266,11 @@ def run_distributed_train(args: argparse.Namespace, model_cfg: TransformerConfig
             _save(run, args.save)
         result = _summarize(run, time.perf_counter() - wall)
         rank0 = _is_rank0()
+        # The model, optimizer and pipeline schedule hold communication state (FSDP2's work
+        # handles among it): free them while the process group is up, not at interpreter exit,
+        # where a gloo work object freed during finalisation can abort the process.
+        del run
+        gc.collect()
     if not rank0:
         return 0
     if _arg(args, "plot"):
