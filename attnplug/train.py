@@ -312,6 +312,7 @@ class _Run:
     train_seconds: float = 0.0
     tokens: int = 0
     microbatches: int = 1
+    step_times: list[tuple[int, float]] = attrs.field(factory=list)  # this session's steps
 
 
 def _check_finite(run: _Run, loss: torch.Tensor) -> None:
@@ -526,9 +527,11 @@ def _loop(run: Any, reporter: _Reporter, save: str | None, save_every: int | Non
     save_run = save_run or _save_checkpoint
     cfg = run.train_cfg
     while run.step < cfg.steps:
-        start = time.perf_counter()
+        tokens, start = run.tokens, time.perf_counter()
         run.losses.append(train_step(run))
-        run.train_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        run.train_seconds += seconds
+        run.step_times.append((run.tokens - tokens, seconds))
         reporter.step(run)
         if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
             evaluate_run(run, reporter)
@@ -544,6 +547,15 @@ def _summarize(run: _Run, wall_seconds: float) -> dict[str, Any]:
     return summarize_run(run, wall_seconds, device=run.device.type, parameters=parameters)
 
 
+def steady_tokens_per_second(step_times: list[tuple[int, float]]) -> float:
+    """Tokens per second over the second half of a session's ``(tokens, seconds)`` steps: the
+    rate once compilation, autotuning and allocator warm-up are behind (all of them when there
+    are fewer than two)."""
+    later = step_times[len(step_times) // 2:]
+    seconds = sum(s for _, s in later)
+    return sum(t for t, _ in later) / seconds if seconds else 0.0
+
+
 def summarize_run(run: Any, wall_seconds: float, *, device: str,
                   parameters: int) -> dict[str, Any]:
     """The ``--json`` keys of a finished run, single- or multi-process: ``run`` has the
@@ -557,6 +569,7 @@ def summarize_run(run: Any, wall_seconds: float, *, device: str,
         "initial_loss": run.losses[0],
         "final_loss": run.losses[-1],
         "tokens_per_second": run.tokens / run.train_seconds if run.train_seconds else 0.0,
+        "tokens_per_second_steady": steady_tokens_per_second(run.step_times),
         "task": run.task.name,
         "seed": run.train_cfg.seed,
         "accuracy": final["accuracy"],
@@ -581,6 +594,7 @@ def _summary_table(result: dict[str, Any]) -> Table:
         ("steps", str(result["steps"])), ("initial loss", f"{result['initial_loss']:.4f}"),
         ("final loss", f"{result['final_loss']:.4f}"), ("eval loss", f"{result['eval_loss']:.4f}"),
         ("accuracy", accuracy), ("tokens/s", f"{result['tokens_per_second']:,.0f}"),
+        ("tokens/s, 2nd half", f"{result['tokens_per_second_steady']:,.0f}"),
         ("wall time", f"{result['wall_time_s']:.1f} s"),
     ]
     table = Table(title="attnplug train", show_header=False)

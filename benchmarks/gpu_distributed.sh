@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9 on a 2-GPU machine (run from the repo root; results under $OUT): the example hybrid at a
 # GPU size (benchmarks/configs/hybrid_gpu*.toml) trained on one GPU, with FSDP2 over two GPUs and
-# as two pipeline stages (1F1B), NCCL; prints tokens/s of each against the one-GPU run.
+# as two pipeline stages (1F1B), NCCL; prints tokens/s of each (whole run, and over the second
+# half of the steps) and the second-half rate against the one-GPU run's.
 #   OUT=runs/dist bash benchmarks/gpu_distributed.sh [backend] [steps]
 set -u
 OUT=${OUT:-runs/dist}
@@ -35,10 +36,11 @@ for name in ("one_gpu", "fsdp2_2gpu", "pp2_2gpu"):
         rows[name] = json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError) as exc:
         print(f"{name}: no result ({exc.__class__.__name__})")
-base = rows.get("one_gpu", {}).get("tokens_per_second")
-print(f"{'run':12} {'tokens/s':>10} {'vs 1 GPU':>9} {'initial':>8} {'final':>8}")
+base = rows.get("one_gpu", {}).get("tokens_per_second_steady")
+print(f"{'run':12} {'tokens/s':>10} {'2nd half':>10} {'vs 1 GPU':>9} {'initial':>8} {'final':>8}")
 for name, d in rows.items():
-    tps = d.get("tokens_per_second")
-    ratio = f"{tps / base:.2f}x" if tps and base else "-"
-    print(f"{name:12} {tps:10.0f} {ratio:>9} {d['initial_loss']:8.4f} {d['final_loss']:8.4f}")
+    tps, steady = d.get("tokens_per_second"), d.get("tokens_per_second_steady")
+    ratio = f"{steady / base:.2f}x" if steady and base else "-"
+    print(f"{name:12} {tps:10.0f} {steady or 0:10.0f} {ratio:>9} {d['initial_loss']:8.4f} "
+          f"{d['final_loss']:8.4f}")
 PY

@@ -17,8 +17,8 @@ for backend in triton local; do
   python3 - "$OUT/train_$backend.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print({k: d[k] for k in ("backend", "steps", "initial_loss", "final_loss", "accuracy",
-                         "tokens_per_second")})
+print({k: d.get(k) for k in ("backend", "steps", "initial_loss", "final_loss", "accuracy",
+                             "tokens_per_second", "tokens_per_second_steady")})
 PY
 done
 timeout 150 python3 benchmarks/bench_attention.py --seqlens 4096 16384 --out "$OUT/attention" \

@@ -233,6 +233,16 @@ def test_without_json_progress_goes_to_stderr_and_a_table_to_stdout(tmp_path, ca
 # -- the real model ----------------------------------------------------------------------------
 
 
+def test_steady_rate_is_taken_over_the_second_half_of_the_steps():
+    from attnplug.train import steady_tokens_per_second
+
+    # a slow first step (compilation) does not count; an odd count keeps the longer half
+    assert steady_tokens_per_second([(100, 10.0), (100, 1.0), (100, 1.0), (100, 2.0)]) == 200 / 3
+    assert steady_tokens_per_second([(100, 10.0), (100, 1.0), (300, 1.0)]) == 200.0
+    assert steady_tokens_per_second([(50, 0.5)]) == 100.0
+    assert steady_tokens_per_second([]) == 0.0
+
+
 @needs_model
 def test_json_result_has_the_documented_keys(tmp_path, capsys):
     result = _train_json(capsys, _config(tmp_path), "--steps", "6")
@@ -242,6 +252,7 @@ def test_json_result_has_the_documented_keys(tmp_path, capsys):
     assert result["backend"] == "local" and result["steps"] == 6 and result["task"] == "mqar"
     assert len(result["losses"]) == 6 and result["losses"][-1] == result["final_loss"]
     assert result["tokens_per_second"] > 0 and 0 <= result["accuracy"] <= 1
+    assert result["tokens_per_second_steady"] > 0
     assert [e["step"] for e in result["evals"]] == [5, 6]
     assert result["chance_accuracy"] == pytest.approx(1 / 8)
     assert result["initial_loss"] == pytest.approx(math.log(17), rel=0.1)

@@ -88,6 +88,7 @@ class _Run:
     aux_loss: float = 0.0
     train_seconds: float = 0.0
     tokens: int = 0
+    step_times: list[tuple[int, float]] = attrs.field(factory=list)  # this session's steps
 
     @property
     def model(self) -> Any:
