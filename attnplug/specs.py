@@ -22,6 +22,7 @@ Every slot a backend fills is wrapped in a :class:`~attnplug.spec.ModuleSpec` wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -104,6 +105,18 @@ def _slot(backend: BackendSpecProvider, slot: str, *args: Any, **kwargs: Any) ->
     return ModuleSpec(value, metainfo={"slot": slot, "backend": backend.served_by(slot)})
 
 
+def _optional_kernel(backend: BackendSpecProvider, slot: str, local: Callable) -> ModuleSpec:
+    """An optional kernel slot (one added to the contract after third-party backends existed):
+    the backend's when it serves it, else ``local`` — recorded as served by ``local``, so
+    ``attnplug plan`` shows it."""
+    from attnplug.backends.base import SlotNotServed
+
+    try:
+        return _slot(backend, slot)
+    except SlotNotServed:
+        return ModuleSpec(local, metainfo={"slot": slot, "backend": "local"})
+
+
 def _rms(config: TransformerConfig) -> bool:
     return config.normalization == "RMSNorm"
 
@@ -165,10 +178,13 @@ def get_dsa_module_spec_for_backend(
 
     The lightning indexer (``linear_wq_b``, ``linear_wk``, LayerNorm ``k_norm``,
     ``linear_weights_proj``, the ``dsa_indexer_topk`` kernel) picks each query's keys; the
-    ``sparse_attention`` kernel attends over them. The input norm stays separate
+    ``sparse_attention`` kernel attends over them; the ``dsa_indexer_loss`` kernel trains the
+    indexer (its KL loss against the main attention). The input norm stays separate
     (``fuse_input_layernorm`` false): the indexer reads the normalised hidden states.
     Raises ``ConfigError`` when the DSA fields are unset.
     """
+    from attnplug.ops import dsa_indexer_loss as local_loss
+
     _require_dsa_fields(config)
     backend = _provider(config, backend)
     qk_norm = _qk_norm(config, backend)
@@ -185,7 +201,9 @@ def get_dsa_module_spec_for_backend(
     core = ModuleSpec(
         DSA_ATTENTION,
         submodules=DSAttentionSubmodules(
-            indexer=indexer, sparse_attention=_slot(backend, "sparse_attention")
+            indexer=indexer,
+            sparse_attention=_slot(backend, "sparse_attention"),
+            dsa_indexer_loss=_optional_kernel(backend, "dsa_indexer_loss", local_loss),
         ),
     )
     return ModuleSpec(

@@ -231,6 +231,26 @@ def test_gathered_and_listed_forms_agree_with_repeats_and_empty_rows(B, T, S, H,
     assert (outs[1][0][0, 0] == 0).all()
 
 
+def test_indexer_loss_slot_is_the_kl_of_the_scores_against_the_attention():
+    from attnplug.ops import causal_attention_probs, dsa_indexer_loss
+
+    q, k, _ = make_attention_inputs(16, 2, 9, 12, 4, 2, 8, 8)
+    g = gen(17)
+    iq = torch.randn(2, 9, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ik = torch.randn(2, 12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    iw = torch.randn(2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    q.requires_grad_()
+    loss = dsa_indexer_loss(q, k, iq, ik, iw, softmax_scale=0.3)
+    expected = dsa_indexer_kl_loss(indexer_scores(iq, ik, iw, causal=True),
+                                   causal_attention_probs(q, k, softmax_scale=0.3))
+    assert torch.allclose(loss, expected, rtol=1e-12)
+    loss.backward()
+    assert q.grad is None  # the main attention does not learn from the indexer's loss
+    assert all(x.grad is not None for x in (iq, ik, iw))
+    with pytest.raises(ValueError, match="causal=False is not accepted"):
+        dsa_indexer_loss(q, k, iq, ik, iw, causal=False)
+
+
 def test_no_queries_give_an_empty_output():
     q, k, v = make_attention_inputs(13, 1, 0, 5, 4, 2, 8, 6)
     idx = torch.zeros(1, 0, 3, dtype=torch.long)

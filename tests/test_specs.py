@@ -166,6 +166,12 @@ def test_dsa_spec_structure():
     indexer = core.submodules.indexer.submodules
     assert indexer.k_norm.module is Fused.LN  # the indexer's key norm is always LayerNorm
     assert indexer.dsa_indexer_topk.module is topk_kernel
+    # dsa_indexer_loss is optional: a backend that does not serve it gets local's, shown as such
+    from attnplug.ops import dsa_indexer_loss
+
+    assert core.submodules.dsa_indexer_loss.module is dsa_indexer_loss
+    assert core.submodules.dsa_indexer_loss.metainfo == {"slot": "dsa_indexer_loss",
+                                                         "backend": "local"}
     assert spec.submodules.q_layernorm.module is Fused.RMS
     # the host's QKV projection is never norm-fused: the indexer reads the normalised input
     assert spec.submodules.linear_qkv.module is Fused.Col

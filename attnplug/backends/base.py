@@ -28,6 +28,11 @@ What the layers do with each slot (the contract a third-party backend implements
 - ``activation_func()``: a function ``act(x) -> y`` that replaces ``config.activation_func`` in
   MLPs, or ``None`` to use the config's.
 - ``gated_delta_rule()``, ``dsa_indexer_topk()``, ``sparse_attention()``: kernels (DESIGN §8).
+- ``dsa_indexer_loss()``: a kernel (attnplug's extension of DESIGN §8) computing the DSA
+  indexer's KL loss from the main attention's q, k and the indexer's q, k, weights:
+  ``fn(q[B,T,H,D], k[B,S,Hkv,D], index_q[B,T,HI,DI], index_k[B,S,DI], index_weights[B,T,HI], *,
+  softmax_scale=None, causal=True, relu=True) -> scalar``, differentiable in the indexer's
+  inputs only (``attnplug.ops.dsa_indexer_loss`` is the reference).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ MODULE_SLOTS = (
     "grouped_mlp_modules",
     "activation_func",
 )
-KERNEL_SLOTS = ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention")
+KERNEL_SLOTS = ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss")
 SLOTS = MODULE_SLOTS + KERNEL_SLOTS
 
 
@@ -130,6 +135,9 @@ class BackendSpecProvider:
 
     def sparse_attention(self) -> Callable:
         raise self._not_served("sparse_attention")
+
+    def dsa_indexer_loss(self) -> Callable:
+        raise self._not_served("dsa_indexer_loss")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.name!r}>"

@@ -82,3 +82,8 @@ class LocalSpecProvider(BackendSpecProvider):
         from attnplug.ops import sparse_attention
 
         return sparse_attention
+
+    def dsa_indexer_loss(self) -> Callable:
+        from attnplug.ops import dsa_indexer_loss
+
+        return dsa_indexer_loss

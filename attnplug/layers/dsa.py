@@ -29,9 +29,8 @@ from torch import nn
 from attnplug.layers._checks import check_layer_args, check_positive_int
 from attnplug.layers.attention import SelfAttention
 from attnplug.layers.aux_loss import AuxLossMixin
-from attnplug.layers.norms import compute_dtype
 from attnplug.layers.rope import apply_rope
-from attnplug.ops import causal_attention_probs, dsa_indexer_kl_loss, indexer_scores
+from attnplug.ops import dsa_indexer_loss
 from attnplug.spec import build_module
 
 if TYPE_CHECKING:
@@ -101,7 +100,8 @@ class DSAttention(AuxLossMixin, nn.Module):
     """DSA core attention: ``forward(q[B,T,H,D], k[B,T,G,D], v[B,T,G,Dv], x[B,T,h]) -> o``.
 
     Built ``(config, layer_number=1, softmax_scale=None)`` like any core attention. Slots:
-    ``indexer`` (built ``(config, layer_number=)``), ``sparse_attention`` (a kernel).
+    ``indexer`` (built ``(config, layer_number=)``), ``sparse_attention`` and
+    ``dsa_indexer_loss`` (kernels; the loss is ``attnplug.ops.dsa_indexer_loss`` when unset).
     """
 
     def __init__(self, config: TransformerConfig, submodules: DSAttentionSubmodules,
@@ -118,6 +118,8 @@ class DSAttention(AuxLossMixin, nn.Module):
         self.softmax_scale = softmax_scale
         self.indexer = build_module(submodules.indexer, config, layer_number=layer_number)
         self.sparse_attention = build_module(submodules.sparse_attention)
+        self.indexer_loss = (dsa_indexer_loss if submodules.dsa_indexer_loss is None
+                             else build_module(submodules.dsa_indexer_loss))
         self.reset_aux_losses()
 
     def _wants_loss(self) -> bool:
@@ -126,12 +128,9 @@ class DSAttention(AuxLossMixin, nn.Module):
 
     def _indexer_loss(self, q: torch.Tensor, k: torch.Tensor, iq: torch.Tensor,
                       ik: torch.Tensor, iw: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            dtype = compute_dtype(q.dtype)
-            probs = causal_attention_probs(q.to(dtype), k.to(dtype),
-                                           softmax_scale=self.softmax_scale)  # (B, T, H, S)
-        scores = indexer_scores(iq, ik, iw, causal=True, relu=True)  # (B, T, S)
-        return self.config.dsa_indexer_loss_coeff * dsa_indexer_kl_loss(scores, probs)
+        loss = self.indexer_loss(q.detach(), k.detach(), iq, ik, iw,
+                                 softmax_scale=self.softmax_scale, causal=True, relu=True)
+        return self.config.dsa_indexer_loss_coeff * loss
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, *,
                 position_offset: int = 0) -> torch.Tensor:

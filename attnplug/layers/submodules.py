@@ -72,6 +72,7 @@ class DSAIndexerSubmodules:
 class DSAttentionSubmodules:
     indexer: Any = None
     sparse_attention: Any = None
+    dsa_indexer_loss: Any = None  # None: attnplug.ops.dsa_indexer_loss
 
 
 @attrs.define

@@ -12,6 +12,7 @@ from attnplug.ops.attention import (
 )
 from attnplug.ops.dsa import (
     dsa_indexer_kl_loss,
+    dsa_indexer_loss,
     dsa_indexer_topk,
     indexer_scores,
     naive_dsa_indexer_topk,
@@ -30,6 +31,7 @@ __all__ = [
     "causal_mask",
     "chunk_gated_delta_rule",
     "dsa_indexer_kl_loss",
+    "dsa_indexer_loss",
     "dsa_indexer_topk",
     "gated_delta_rule_step",
     "indexer_scores",

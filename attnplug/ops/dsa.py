@@ -23,6 +23,7 @@ __all__ = [
     "dsa_indexer_topk",
     "sparse_attention",
     "dsa_indexer_kl_loss",
+    "dsa_indexer_loss",
     "naive_dsa_indexer_topk",
     "naive_sparse_attention",
 ]
@@ -419,3 +420,48 @@ def dsa_indexer_kl_loss(
     log_q = logits.log_softmax(-1).masked_fill(~allowed, 0.0)  # (B, T, S)
     kl = (torch.xlogy(target, target) - target * log_q).sum(-1)  # (B, T)
     return kl.mean()
+
+
+def dsa_indexer_loss(
+    q: Tensor,
+    k: Tensor,
+    index_q: Tensor,
+    index_k: Tensor,
+    index_weights: Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    relu: bool = True,
+) -> Tensor:
+    """The ``dsa_indexer_loss`` kernel slot (DESIGN §8 extension): the indexer's KL loss against
+    the head-summed main attention, from the main attention's q, k and the indexer's inputs.
+
+    ``dsa_indexer_kl_loss(indexer_scores(index_q, index_k, index_weights, relu=relu),
+    causal_attention_probs(q, k, softmax_scale=softmax_scale))``: the main attention's
+    probabilities ``[B, T, H, S]`` are materialised here (without gradient; q and k receive
+    none), which a fused kernel (attnplug-triton's) avoids.
+
+    Args:
+        q: ``[B, T, H, D]``; k: ``[B, S, Hkv, D]``; index_q: ``[B, T, HI, DI]``;
+            index_k: ``[B, S, DI]``; index_weights: ``[B, T, HI]``.
+        softmax_scale: the main attention's scale; default ``D ** -0.5``.
+        causal: only keys ``s <= t + S − T`` (the only form the main attention has here).
+        relu: the indexer's ReLU.
+
+    Returns:
+        A scalar, differentiable in ``index_q``, ``index_k`` and ``index_weights``.
+
+    Raises:
+        ValueError: shapes that do not fit, or ``causal=False`` (named in the message).
+    """
+    from attnplug.ops.attention import causal_attention_probs
+
+    if not causal:
+        raise ValueError("dsa_indexer_loss: causal=False is not accepted here: the main "
+                         "attention is causal; expected causal=True")
+    with torch.no_grad():
+        dtype = _compute_dtype(q)
+        probs = causal_attention_probs(q.to(dtype), k.to(dtype),
+                                       softmax_scale=softmax_scale)  # (B, T, H, S)
+    scores = indexer_scores(index_q, index_k, index_weights, causal=True, relu=relu)  # (B, T, S)
+    return dsa_indexer_kl_loss(scores, probs)

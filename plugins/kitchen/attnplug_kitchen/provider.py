@@ -343,6 +343,10 @@ class KitchenSpecProvider(BackendSpecProvider):
         """The fallback's DSA sparse attention kernel."""
         return self._delegate("sparse_attention")
 
+    def dsa_indexer_loss(self) -> Callable:
+        """The fallback's DSA indexer loss kernel."""
+        return self._delegate("dsa_indexer_loss")
+
     def __repr__(self) -> str:
         if self.fallback is None:
             return f"<{type(self).__name__} backend={self.name!r} unconfigured>"

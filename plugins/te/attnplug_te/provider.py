@@ -81,9 +81,9 @@ class TESpecProvider(LocalSpecProvider):
     """The ``te`` backend: Transformer Engine modules, kernels from another backend.
 
     ``kernel_backend`` names the backend asked first for the kernel slots
-    (``gated_delta_rule``, ``dsa_indexer_topk``, ``sparse_attention``); ``None`` means
-    :data:`KERNEL_FALLBACKS` (``"triton"`` when it can run, else ``"local"``). A slot the chosen
-    backend does not serve comes from ``local``.
+    (``gated_delta_rule``, ``dsa_indexer_topk``, ``sparse_attention``, ``dsa_indexer_loss``);
+    ``None`` means :data:`KERNEL_FALLBACKS` (``"triton"`` when it can run, else ``"local"``). A
+    slot the chosen backend does not serve comes from ``local``.
 
     Creating the provider imports ``transformer_engine.pytorch``; raises ``ImportError`` (with
     ``pip install "attnplug[te]"``) when it cannot be imported.
@@ -196,6 +196,9 @@ class TESpecProvider(LocalSpecProvider):
 
     def sparse_attention(self) -> Callable:
         return self._kernel("sparse_attention")[1]
+
+    def dsa_indexer_loss(self) -> Callable:
+        return self._kernel("dsa_indexer_loss")[1]
 
     def __repr__(self) -> str:
         return f"<TESpecProvider backend={self.name!r} kernels={list(self._kernel_order)!r}>"

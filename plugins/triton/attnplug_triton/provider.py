@@ -7,9 +7,10 @@ other slot is inherited from :class:`attnplug.backends.LocalSpecProvider`, and
 is asked for, not when this module is.
 
 The gated delta rule and DSA kernels (``gated_delta_rule``, ``dsa_indexer_topk``,
-``sparse_attention``) match the float64 references under the CPU interpreter but have not yet
-been checked on a GPU, where Triton 3.4–3.7.0 is known to miscompile some Hopper kernels
-(gpu/README.md). Until they are, they are served only when asked for —
+``sparse_attention``, ``dsa_indexer_loss``) match the float64 references under the CPU
+interpreter; on an H200 the DSA ones are correct but slower than ``local`` and the gated delta
+rule's backward faults (plugins/triton/README.md). Until that changes they are served only when
+asked for —
 ``TritonSpecProvider(experimental_kernels=True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1`` — and
 those slots otherwise come from ``local`` (``plan`` shows which).
 """
@@ -31,7 +32,8 @@ __all__ = ["TritonSpecProvider"]
 # The slots this provider serves with kernels verified on a GPU; the rest come from ``local``.
 TRITON_SLOTS = frozenset({"core_attention", "layer_norm"})
 # Kernels verified on the CPU interpreter only: served when experimental kernels are enabled.
-EXPERIMENTAL_SLOTS = frozenset({"gated_delta_rule", "dsa_indexer_topk", "sparse_attention"})
+EXPERIMENTAL_SLOTS = frozenset({"gated_delta_rule", "dsa_indexer_topk", "sparse_attention",
+                                "dsa_indexer_loss"})
 EXPERIMENTAL_ENV = "ATTNPLUG_TRITON_EXPERIMENTAL"
 
 
@@ -114,3 +116,13 @@ class TritonSpecProvider(LocalSpecProvider):
         from attnplug_triton.ops.dsa.sparse import sparse_attention
 
         return sparse_attention
+
+    def dsa_indexer_loss(self) -> Callable:
+        """:func:`attnplug_triton.ops.dsa.kl.indexer_kl_loss`: the indexer's KL loss against the
+        head-summed main attention in one kernel, never a ``[B, H, T, S]`` tensor. Triton is
+        imported when the slot is asked for."""
+        if not self.experimental_kernels:
+            return super().dsa_indexer_loss()
+        from attnplug_triton.ops.dsa.kl import indexer_kl_loss
+
+        return indexer_kl_loss

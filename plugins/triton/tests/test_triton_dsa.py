@@ -284,9 +284,21 @@ def test_triton_dsa_layer_matches_the_local_one() -> None:
             assert got is None, name
         else:
             assert_matches(name, got, want, FP32)
+    # the indexer's KL loss, from the fused kernel (dsa_indexer_loss slot) in the triton layer;
+    # peaked attention (a larger input), so that the KL is not a float32 cancellation of ~0
+    x = 8 * torch.randn(2, 12, 32, device=DEVICE)
+    for layer in layers:
+        layer(x)
+    losses = [layer.core_attention.aux_losses["dsa_indexer"] for layer in layers]
+    assert abs(losses[1].item() - losses[0].item()) <= 1e-5 * losses[0].item()
+    indexers = [list(layer.core_attention.indexer.parameters()) for layer in layers]
+    for got, want in zip(torch.autograd.grad(losses[1], indexers[1]),
+                         torch.autograd.grad(losses[0], indexers[0]), strict=True):
+        assert_matches("indexer grad", got, want, FP32)
 
 
 def test_provider_serves_the_dsa_kernels() -> None:
+    from attnplug_triton.ops.dsa.kl import indexer_kl_loss
     from attnplug_triton.ops.dsa.sparse import sparse_attention
     from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
     from attnplug_triton.provider import TritonSpecProvider
@@ -294,6 +306,9 @@ def test_provider_serves_the_dsa_kernels() -> None:
     provider = TritonSpecProvider(experimental_kernels=True)
     assert provider.dsa_indexer_topk() is dsa_indexer_topk
     assert provider.sparse_attention() is sparse_attention
+    assert provider.dsa_indexer_loss() is indexer_kl_loss
+    assert provider.served_by("dsa_indexer_loss") == "triton"
+    assert TritonSpecProvider(experimental_kernels=False).served_by("dsa_indexer_loss") == "local"
 
 
 @pytest.mark.parametrize("bad,message", [
