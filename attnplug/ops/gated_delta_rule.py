@@ -242,25 +242,23 @@ def _chunk_forward(
     q_in = q * gam.exp()[..., None]  # (NH, NT, C, K) reads the state at the chunk start
     q_intra = (q @ k.transpose(-1, -2)) * decay  # (NH, NT, C, C) reads this chunk's new values
 
-    # Only the state recursion is sequential: two products a chunk, on chunk-major contiguous
-    # factors (no copy per step, forward or backward); the outputs are batched afterwards.
-    # unbind, not indexing: the gradient of NT selections would be NT zero-filled full-size
-    # tensors (quadratic in the length); unbind's is one stack.
-    u, w, k_to_end, chunk_decay = (x.transpose(0, 1).contiguous().unbind(0)
-                                   for x in (u, w, k_to_end, chunk_decay))  # NT × (NH, ·, ·)
+    # Chunk-major contiguous factors, taken with unbind: no copy per step, and one gradient
+    # stack rather than a zero-filled full-size gradient per indexed step (quadratic in the
+    # length). Outputs are made in the loop, so no state is kept beyond what autograd saves.
+    u, w, k_to_end, chunk_decay, q_intra, q_in = (
+        x.transpose(0, 1).contiguous().unbind(0)
+        for x in (u, w, k_to_end, chunk_decay, q_intra, q_in)
+    )  # NT × (NH, ·, ·)
     h = h0.reshape(N * HV, K, V)  # (NH, K, V)
-    starts, v_news = [], []
+    outs = []
     for n in range(NT):
-        starts.append(h)
         v_new = torch.baddbmm(u[n], w[n], h, alpha=-1)  # (NH, C, V) U − W h
-        v_news.append(v_new)
+        outs.append(torch.baddbmm(q_intra[n] @ v_new, q_in[n], h))  # (NH, C, V)
         h = torch.baddbmm(chunk_decay[n] * h, k_to_end[n], v_new)  # (NH, K, V)
     h_final = h.reshape(N, HV, K, V)
     if NT == 0:
         return q.new_zeros(N, Tp, HV, V), h_final
-    h_start = torch.stack(starts, dim=1)  # (NH, NT, K, V) the state before each chunk
-    v_new = torch.stack(v_news, dim=1)  # (NH, NT, C, V)
-    o = q_intra @ v_new + q_in @ h_start  # (NH, NT, C, V)
+    o = torch.stack(outs, dim=1)  # (NH, NT, C, V)
     return o.reshape(N, HV, Tp, V).transpose(1, 2), h_final  # (N, Tp, HV, V)
 
 
