@@ -54,6 +54,7 @@ from torch import nn  # noqa: E402
 
 from attnplug import TransformerConfig  # noqa: E402
 from attnplug.backends import (  # noqa: E402
+    KERNEL_SLOTS,
     BackendError,
     LocalSpecProvider,
     SlotNotServed,
@@ -260,7 +261,7 @@ def test_grouped_experts_reject_counts_that_do_not_fit(te) -> None:
 def test_kernel_slots_and_activation_come_from_elsewhere(te) -> None:
     assert te.activation_func() is None
     assert te.fuse_layernorm_and_linear() is True
-    for slot in ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention"):
+    for slot in KERNEL_SLOTS:
         assert te.served_by(slot) == "local"
     try:
         triton = get_provider("triton")

@@ -16,6 +16,7 @@ from attnplug_te.provider import TESpecProvider
 
 from attnplug import TransformerConfig
 from attnplug.backends import (
+    KERNEL_SLOTS,
     BackendError,
     LocalSpecProvider,
     SlotNotServed,
@@ -217,8 +218,8 @@ def test_a_norm_fused_with_the_residual_is_not_served(monkeypatch) -> None:
 def test_kernels_come_from_local_when_triton_cannot_run(monkeypatch) -> None:
     te = make_provider(monkeypatch, triton=False)
     assert te.gated_delta_rule().__name__ == "local_gdr"
-    assert {te.served_by(s) for s in ("gated_delta_rule", "dsa_indexer_topk",
-                                      "sparse_attention")} == {"local"}
+    assert {te.served_by(s) for s in KERNEL_SLOTS} == {"local"}
+    assert te.dsa_indexer_loss() is LocalSpecProvider().dsa_indexer_loss()
 
 
 def test_kernels_come_from_triton_where_it_serves_them_else_local(monkeypatch) -> None:

@@ -13,7 +13,7 @@ import torch
 from triton_cases import DEVICE, assert_matches
 
 from attnplug import TransformerConfig
-from attnplug.backends import LocalSpecProvider, SlotNotServed
+from attnplug.backends import KERNEL_SLOTS, LocalSpecProvider, SlotNotServed
 
 
 def _config(**overrides) -> TransformerConfig:
@@ -101,8 +101,8 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
         provider.layer_norm(rms_norm=True, has_residual=True)
     local = LocalSpecProvider()
     assert provider.linear() is local.linear()
-    for slot in ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention"):
-        # not yet verified on a GPU: served by local unless experimental kernels are enabled
+    for slot in KERNEL_SLOTS:
+        # experimental: served by local unless experimental kernels are enabled
         assert getattr(provider, slot)() is getattr(local, slot)()
         assert provider.served_by(slot) == "local"
         assert TritonSpecProvider(experimental_kernels=True).served_by(slot) == "triton"
