@@ -89,11 +89,13 @@ def chunk_bwd_kernel(
     c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
     c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
-    # Aᵀ loaded as a tile of its own rather than tl.trans(a). With one shared-memory copy of A
-    # read both ways (A X and Aᵀ dV_new in the same loop), the wgmma of Aᵀ dV_new read shared
-    # memory out of bounds on an H200 with Triton 3.6 (compute-sanitizer, SASS offset matched
-    # by compiling for sm_90); chunk_bwd_dh, which reads only Aᵀ, ran clean. A candidate
-    # workaround, not yet run on a GPU: benchmarks/gpu_check_gdn.py --parts probe.
+    # Aᵀ loaded as a tile of its own rather than tl.trans(a). On an H200 with Triton 3.6 this
+    # kernel faulted (illegal memory access); compute-sanitizer's first report was a shared-
+    # memory read by the wgmma of Aᵀ dV_new (SASS offset matched by compiling for sm_90), where
+    # one shared-memory copy of A is read both ways (A X and Aᵀ dV_new in the same loop), while
+    # chunk_bwd_dh, which reads only Aᵀ, ran clean. The report may also be the sanitizer's
+    # known wgmma false positive, so this is a candidate workaround, not yet run on a GPU:
+    # benchmarks/gpu_check_gdn.py --parts probe.
     at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64) + offs_c[:, None],
                  mask=r_ok[None, :] & (offs_c < 64)[:, None], other=0.0)  # (C, C) Aᵀ
     if not DQ_PASS:
