@@ -153,7 +153,8 @@ def check_configs() -> list[dict]:
 
     kernels = {"kkt_solve": kkt_solve.CONFIGS, "chunk_fwd_h_o": chunk_h.CONFIGS,
                "chunk_fwd_h_h": chunk_h.CONFIGS, "chunk_bwd_dh": chunk_h.CONFIGS,
-               "chunk_bwd_dq": chunk_bwd.CONFIGS, "chunk_bwd_dk": chunk_bwd.CONFIGS}
+               "chunk_bwd_dq": chunk_bwd.CONFIGS, "chunk_bwd_dv": chunk_bwd.CONFIGS,
+               "chunk_bwd_dk": chunk_bwd.CONFIGS}
     rows = []
     dtype = torch.bfloat16
     for dim in (128, 64):
@@ -174,7 +175,7 @@ def check_configs() -> list[dict]:
 
 
 def probe_one(index: int, dim: int) -> int:
-    """One probe (in its own process): both chunk_bwd passes forced to ``CONFIGS[index]``, the
+    """One probe (in its own process): the chunk_bwd passes forced to ``CONFIGS[index]``, the
     other kernels at their first configurations, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim``
     against float64. Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
@@ -186,7 +187,7 @@ def probe_one(index: int, dim: int) -> int:
     config = chunk_bwd.CONFIGS[index]
     x = make_inputs(2, 1000, 4, 8, dim, dim, 2, torch.bfloat16)
     refs = reference(x, None)
-    forced = {"chunk_bwd_dq": config, "chunk_bwd_dk": config,
+    forced = {"chunk_bwd_dq": config, "chunk_bwd_dv": config, "chunk_bwd_dk": config,
               # the other kernels at their first configuration: no autotuning per process
               "kkt_solve": kkt_solve.CONFIGS[0], "chunk_fwd_h_o": chunk_h.CONFIGS[0],
               "chunk_fwd_h_h": chunk_h.CONFIGS[0], "chunk_bwd_dh": chunk_h.CONFIGS[0]}

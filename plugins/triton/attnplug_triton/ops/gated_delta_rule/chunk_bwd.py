@@ -1,22 +1,25 @@
-"""Stage 4, the backward's parallel part: every gradient of one chunk, in two passes.
+"""Stage 4, the backward's parallel part: every gradient of one chunk, in three passes.
 
 One program per (chunk, value head) has the chunk's starting state ``h`` and the gradient ``dh``
 of the state after it (from :mod:`.chunk_h`) and rebuilds in registers what the forward had:
 ``X = β⊙V − (β⊙e^γ⊙K̂) h`` and ``V_new = A X`` (= ``U − W h``), ``dV_new = Pᵀ dO +
-(K̂⊙e^{γ_C−γ}) dh`` with ``Pᵀ`` built as ``K Qᵀ`` scaled. The same kernel runs twice
-(``DQ_PASS``), so that each pass holds one ``(64, K)`` float32 accumulator rather than two
-(register pressure, checked by compiling for sm_90):
+(K̂⊙e^{γ_C−γ}) dh`` with ``Pᵀ`` built as ``K Qᵀ`` scaled. The same kernel runs three times
+(``PASS``), so that each pass holds at most one ``(64, K)`` float32 accumulator (register
+pressure, checked by compiling for sm_90):
 
-* the dq pass accumulates ``dO hᵀ`` and ``dPᵀ = V_new dOᵀ`` over the value blocks and writes
+* the dq pass (0) accumulates ``dO hᵀ`` and ``dPᵀ = V_new dOᵀ`` over the value blocks and writes
   ``dq = e^γ ⊙ dO hᵀ + (dP ⊙ Γ) K̂`` (then the L2 norm's backward);
-* the dk pass accumulates the gradient of ``K̂`` through the state update
-  (``e^{γ_C−γ} ⊙ V_new dhᵀ``) and through ``W`` (``−β e^γ ⊙ (Aᵀ dV_new) hᵀ``), ``dA = dV_new Xᵀ``
-  and ``dPᵀ``; writes ``dv = β ⊙ Aᵀ dV_new`` per value block; then closes with the WY inverse,
-  ``dM = −Aᵀ dA Aᵀ`` (strictly lower), ``dK̂ += (S + Sᵀ) K̂`` with ``S = dM ⊙ β ⊙ Γ``, and
-  ``dK̂ += (dPᵀ ⊙ Γᵀ) q``. Every ``γ`` term is collected per row (the row sums of the ``(64, K)``
-  gradients with q or K̂ are taken as ``(64, V)`` products: ``dO ⊙ (q h)``, ``V_new ⊙ (K dh)``,
-  ``Aᵀ dV_new ⊙ (K h)``) and turned into ``dg`` by a reverse cumulative sum inside the chunk,
-  plus the chunk total ``γ_C``'s gradient on every row; ``dβ`` likewise.
+* the dv pass (1) writes ``Y = Aᵀ dV_new`` (float32 scratch) and ``dv = β ⊙ Y`` per value block
+  — a product the single dk pass used to make itself, split out after that pass faulted on an
+  H200 (see the kernel);
+* the dk pass (2) accumulates the gradient of ``K̂`` through the state update
+  (``e^{γ_C−γ} ⊙ V_new dhᵀ``) and through ``W`` (``−β e^γ ⊙ Y hᵀ``), ``dA = dV_new Xᵀ`` and
+  ``dPᵀ``; then closes with the WY inverse, ``dM = −Aᵀ dA Aᵀ`` (strictly lower),
+  ``dK̂ += (S + Sᵀ) K̂`` with ``S = dM ⊙ β ⊙ Γ``, and ``dK̂ += (dPᵀ ⊙ Γᵀ) q``. Every ``γ`` term is
+  collected per row (the row sums of the ``(64, K)`` gradients with q or K̂ are taken as
+  ``(64, V)`` products: ``dO ⊙ (q h)``, ``V_new ⊙ (K dh)``, ``Y ⊙ (K h)``) and turned into ``dg``
+  by a reverse cumulative sum inside the chunk, plus the chunk total ``γ_C``'s gradient on every
+  row; ``dβ`` likewise.
 
 With one value head per key head (``FINALIZE``) the L2 norm's backward runs here and dq, dk are
 written once in the inputs' dtype; with grouped heads the passes write float32 gradients of the
@@ -60,13 +63,16 @@ INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
 @triton.jit
 def chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, chunk_seq, cu, chunk_off,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, chunk_seq, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
-    DQ_PASS: tl.constexpr,
+    PASS: tl.constexpr,
 ):
-    """One (chunk, value head): dq (``DQ_PASS``), or dk, dv, dg and dβ (the other pass)."""
+    """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
+    and dβ from that Y (``PASS`` 2)."""
+    DQ_PASS: tl.constexpr = PASS == 0
+    DV_PASS: tl.constexpr = PASS == 1
     c = tl.program_id(0)
     hv = tl.program_id(1)
     hk = hv // GROUP
@@ -89,15 +95,6 @@ def chunk_bwd_kernel(
     c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
     c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
-    # Aᵀ loaded as a tile of its own rather than tl.trans(a). On an H200 with Triton 3.6 this
-    # kernel faulted (illegal memory access); compute-sanitizer's first report was a shared-
-    # memory read by the wgmma of Aᵀ dV_new (SASS offset matched by compiling for sm_90), where
-    # one shared-memory copy of A is read both ways (A X and Aᵀ dV_new in the same loop), while
-    # chunk_bwd_dh, which reads only Aᵀ, ran clean. The report may also be the sanitizer's
-    # known wgmma false positive, so this is a candidate workaround, not yet run on a GPU:
-    # benchmarks/gpu_check_gdn.py --parts probe.
-    at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64) + offs_c[:, None],
-                 mask=r_ok[None, :] & (offs_c < 64)[:, None], other=0.0)  # (C, C) Aᵀ
     if not DQ_PASS:
         pt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # Pᵀ from loaded tiles
         pt = (pt * rk[:, None] * rqs[None, :] * decay_upper(gam, 64)).to(dt)
@@ -111,6 +108,29 @@ def chunk_bwd_kernel(
     t_w = tl.zeros([64], tl.float32)  # Σ_k K̂ ⊙ the gradient of β⊙e^γ⊙K̂, per row
     dgc_h = tl.zeros([BV], tl.float32)  # Σ h⊙dh per value column (γ_C through e^{γ_C} h)
     state = (c.to(tl.int64) * HV + hv) * DK * DV
+    if DV_PASS:
+        # Y = Aᵀ dV_new in a kernel of its own. On an H200 with Triton 3.6 the single dk pass
+        # faulted (illegal memory access); compute-sanitizer's first report was the wgmma of
+        # Aᵀ dV_new there (SASS offset matched by compiling for sm_90; possibly the sanitizer's
+        # known wgmma false positive). chunk_bwd_dh, which computes the same product in a
+        # kernel as small as this one, ran clean. A candidate workaround, not yet run on a
+        # GPU: benchmarks/gpu_check_gdn.py --parts probe.
+        at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64)
+                     + offs_c[:, None], mask=r_ok[None, :] & (offs_c < 64)[:, None],
+                     other=0.0)  # (C, C) Aᵀ
+        for v0 in range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            v_ok = offs_v < DV
+            state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
+            state_ok = k_ok[:, None] & v_ok[None, :]
+            do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
+            dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
+            kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
+            dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
+            y = tl.dot(at, dv_new.to(dt), input_precision=PRECISION)  # (C, BV) Aᵀ dV_new
+            store_rows(y_ptr + hv * DV, y, rows, r_ok, HV * DV, offs_v, v_ok)
+            store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v, v_ok)
+        return
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         v_ok = offs_v < DV
@@ -140,8 +160,7 @@ def chunk_bwd_kernel(
             dqk = tl.dot((v_new.to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh), dqk,
                          input_precision=PRECISION)
             dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
-            y = tl.dot(at, dv_new.to(dt), input_precision=PRECISION)  # Aᵀ dV_new
-            store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v, v_ok)
+            y = load_rows(y_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Aᵀ dV_new
             dbeta += tl.sum(v * y, 1)
             t_w -= tl.sum(y * kh, 1) * rk
             # K̂ in W, −Aᵀ dV_new hᵀ
@@ -175,8 +194,8 @@ def chunk_bwd_kernel(
         dst = (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt)
         dqk += tl.dot(dst, q, input_precision=PRECISION)
         # the WY inverse: dM = −Aᵀ dA Aᵀ, kept on the strictly lower triangle by Γ_strict
-        dm = tl.dot(da.to(dt), at, input_precision=PRECISION).to(dt)
-        dm = -tl.dot(at, dm, input_precision=PRECISION)  # (C, C)
+        dm = tl.dot(da.to(dt), tl.trans(a), input_precision=PRECISION).to(dt)
+        dm = -tl.dot(tl.trans(a), dm, input_precision=PRECISION)  # (C, C)
         gs = decay_lower(gam, 64, True)
         mkk = tl.dot(k, tl.trans(k), input_precision=PRECISION) * rk[:, None] * rk[None, :] * gs
         dbeta += tl.sum(dm * mkk, 1)
@@ -222,14 +241,15 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     dv = v.new_empty((tokens, HV, V))
     dg = g.new_empty((tokens, HV))
     dbeta = g.new_empty((tokens, HV))
-    for name, dq_pass in (("chunk_bwd_dq", True), ("chunk_bwd_dk", False)):
+    y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
+    for name, which in (("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)):
         launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
                ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
-               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta,
+               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
                seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
                k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, DQ_PASS=dq_pass)
+               PRECISION=precision, PASS=which)
     if not finalize:
         dq = dq.view(tokens, H, group, K).sum(2)  # (tokens, H, K) gradient of q̂
         dk = dk.view(tokens, H, group, K).sum(2)
