@@ -29,21 +29,18 @@ import attrs
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from attnplug._errors import ConfigError
 from attnplug.config import TransformerConfig, _choice, _float, _int, check_table, read_toml
 from attnplug.data import IGNORE_INDEX, TASKS, check_lm, check_mqar, make_task
+from attnplug.report import (
+    Reporter,
+    save_plot,
+    summarize_run,
+    summary_table,
+)
 
 __all__ = [
     "TrainConfig",
@@ -463,61 +460,15 @@ def _load_checkpoint(run: _Run, path: str | Path, note: Callable[[str], None]) -
 # -- reporting --------------------------------------------------------------------------------
 
 
-class _Reporter:
-    """Progress on stderr: a rich bar on a terminal, a line every ``log_every`` steps elsewhere,
-    nothing at all with ``--json``."""
-
-    def __init__(self, run: _Run, *, quiet: bool) -> None:
-        self.console = Console(stderr=True)
-        self.quiet = quiet
-        self.log_every = run.train_cfg.log_every
-        self.progress: Progress | None = None
-        if not quiet and self.console.is_terminal:
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=self.console,
-            )
-            self.bar = self.progress.add_task(
-                f"{run.task.name} · {run.model.backend_name}", total=run.train_cfg.steps,
-                completed=run.step, loss="-",
-            )
-
-    def __enter__(self) -> _Reporter:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def step(self, run: _Run) -> None:
-        """Show the loss after ``run.step`` (averaged over the last ``log_every`` steps)."""
-        recent = run.losses[-self.log_every:]
-        loss = sum(recent) / len(recent)
-        if self.progress is not None:
-            self.progress.update(self.bar, completed=run.step, loss=f"{loss:.4f}")
-        elif not self.quiet and (run.step % self.log_every == 0 or run.step == run.train_cfg.steps):
-            lr = run.scheduler.get_last_lr()[0]
-            self.console.print(f"step {run.step}/{run.train_cfg.steps}  loss {loss:.4f}  "
-                               f"lr {lr:.2e}", highlight=False)
-
-    def message(self, text: str) -> None:
-        """Print ``text`` on stderr above the bar (nothing with ``--json``)."""
-        if not self.quiet:
-            self.console.print(text, highlight=False)
-
-
-def _eval(run: _Run, reporter: _Reporter) -> None:
+def _eval(run: _Run, reporter: Reporter) -> None:
     loss, accuracy = evaluate(run.model, run.task, run.train_cfg.eval_batches, run.device)
     run.evals.append({"step": run.step, "loss": loss, "accuracy": accuracy})
     reporter.message(f"step {run.step}: eval loss {loss:.4f}, accuracy {accuracy:.1%}")
 
 
-def _loop(run: Any, reporter: _Reporter, save: str | None, save_every: int | None, *,
+def _loop(run: Any, reporter: Reporter, save: str | None, save_every: int | None, *,
           train_step: Callable[[Any], float] | None = None,
-          evaluate_run: Callable[[Any, _Reporter], None] | None = None,
+          evaluate_run: Callable[[Any, Reporter], None] | None = None,
           save_run: Callable[[Any, str | Path], None] | None = None) -> None:
     """Train to ``run.train_cfg.steps``: evaluate every ``eval_every`` steps and at the end,
     save every ``save_every``. The step, evaluation and save are this module's unless given
@@ -545,87 +496,6 @@ def _summarize(run: _Run, wall_seconds: float) -> dict[str, Any]:
     """The results of a finished run: the keys of ``--json`` (DESIGN §10 names the first five)."""
     parameters = sum(p.numel() for p in run.model.parameters())
     return summarize_run(run, wall_seconds, device=run.device.type, parameters=parameters)
-
-
-def steady_tokens_per_second(step_times: list[tuple[int, float]]) -> float:
-    """Tokens per second over the second half of a session's ``(tokens, seconds)`` steps: the
-    rate once compilation, autotuning and allocator warm-up are behind (all of them when there
-    are fewer than two)."""
-    later = step_times[len(step_times) // 2:]
-    seconds = sum(s for _, s in later)
-    return sum(t for t, _ in later) / seconds if seconds else 0.0
-
-
-def summarize_run(run: Any, wall_seconds: float, *, device: str,
-                  parameters: int) -> dict[str, Any]:
-    """The ``--json`` keys of a finished run, single- or multi-process: ``run`` has the
-    ``model``, ``step``, ``losses``, ``evals``, ``tokens``, ``train_seconds``, ``task``,
-    ``train_cfg`` and ``aux_loss`` of a training run; ``device`` and ``parameters`` are given
-    because a pipeline rank holds only part of the model."""
-    final = run.evals[-1]
-    return {
-        "backend": run.model.backend_name,
-        "steps": run.step,
-        "initial_loss": run.losses[0],
-        "final_loss": run.losses[-1],
-        "tokens_per_second": run.tokens / run.train_seconds if run.train_seconds else 0.0,
-        "tokens_per_second_steady": steady_tokens_per_second(run.step_times),
-        "task": run.task.name,
-        "seed": run.train_cfg.seed,
-        "accuracy": final["accuracy"],
-        "chance_accuracy": run.task.chance_accuracy,
-        "eval_loss": final["loss"],
-        "aux_loss": run.aux_loss,
-        "device": device,
-        "parameters": parameters,
-        "vocab_size": run.task.vocab_size,
-        "wall_time_s": wall_seconds,
-        "losses": run.losses,
-        "evals": run.evals,
-    }
-
-
-def _summary_table(result: dict[str, Any]) -> Table:
-    chance = result["chance_accuracy"]
-    accuracy = f"{result['accuracy']:.1%}" + (f" (chance {chance:.1%})" if chance else "")
-    rows = [
-        ("task", result["task"]), ("backend", result["backend"]),
-        ("device", result["device"]), ("parameters", f"{result['parameters']:,}"),
-        ("steps", str(result["steps"])), ("initial loss", f"{result['initial_loss']:.4f}"),
-        ("final loss", f"{result['final_loss']:.4f}"), ("eval loss", f"{result['eval_loss']:.4f}"),
-        ("accuracy", accuracy), ("tokens/s", f"{result['tokens_per_second']:,.0f}"),
-        ("tokens/s, 2nd half", f"{result['tokens_per_second_steady']:,.0f}"),
-        ("wall time", f"{result['wall_time_s']:.1f} s"),
-    ]
-    table = Table(title="attnplug train", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
-
-
-def save_plot(result: dict[str, Any], path: str | Path) -> None:
-    """Draw the training loss (and the eval accuracy, on a second axis) into a PNG at ``path``."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(range(1, len(result["losses"]) + 1), result["losses"], lw=1, label="train loss")
-    ax.plot([e["step"] for e in result["evals"]], [e["loss"] for e in result["evals"]], "o-",
-            label="eval loss")
-    ax.set(xlabel="step", ylabel="cross-entropy",
-           title=f"{result['task']} · {result['backend']} · seed {result['seed']}")
-    ax.legend(loc="upper left")
-    acc = ax.twinx()
-    acc.plot([e["step"] for e in result["evals"]], [e["accuracy"] for e in result["evals"]],
-             "s--", color="tab:green", label="eval accuracy")
-    if result["chance_accuracy"]:
-        acc.axhline(result["chance_accuracy"], color="tab:green", ls=":", lw=1, label="chance")
-    acc.set(ylabel="accuracy", ylim=(0, 1))
-    acc.legend(loc="upper right")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
 
 
 # -- the job ------------------------------------------------------------------------------------
@@ -696,7 +566,7 @@ def run_train(args: argparse.Namespace) -> int:
     with _deterministic(device):
         wall = time.perf_counter()
         run = _start(model_cfg, train_cfg, device, layout.microbatches)
-        with _Reporter(run, quiet=quiet) as reporter:
+        with Reporter(run, quiet=quiet) as reporter:
             if _arg(args, "resume"):
                 _load_checkpoint(run, args.resume, Console(stderr=True).print)
             _loop(run, reporter, _arg(args, "save"), _arg(args, "save_every"))
@@ -708,5 +578,5 @@ def run_train(args: argparse.Namespace) -> int:
     if quiet:
         print(json.dumps(result))
     else:
-        Console().print(_summary_table(result))
+        Console().print(summary_table(result))
     return 0

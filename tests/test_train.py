@@ -234,7 +234,7 @@ def test_without_json_progress_goes_to_stderr_and_a_table_to_stdout(tmp_path, ca
 
 
 def test_steady_rate_is_taken_over_the_second_half_of_the_steps():
-    from attnplug.train import steady_tokens_per_second
+    from attnplug.report import steady_tokens_per_second
 
     # a slow first step (compilation) does not count; an odd count keeps the longer half
     assert steady_tokens_per_second([(100, 10.0), (100, 1.0), (100, 1.0), (100, 2.0)]) == 200 / 3

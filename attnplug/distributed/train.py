@@ -48,6 +48,7 @@ from attnplug.distributed.engine import (
 )
 
 # the single-process trainer's pieces, shared so that both runs are one job
+from attnplug.report import Reporter, save_plot, summarize_run, summary_table
 from attnplug.train import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -57,13 +58,9 @@ from attnplug.train import (
     _deterministic,
     _loop,
     _read_checkpoint,
-    _Reporter,
     _rng_states,
-    _summary_table,
     make_optimizer,
     make_scheduler,
-    save_plot,
-    summarize_run,
 )
 
 __all__ = ["run_distributed_train", "single_process_parameter_order"]
@@ -137,7 +134,7 @@ def _train_step(run: _Run) -> float:
     return ce
 
 
-def _eval(run: _Run, reporter: _Reporter) -> None:
+def _eval(run: _Run, reporter: Reporter) -> None:
     loss, accuracy = evaluate(run.engine, run.task, run.train_cfg.eval_batches)
     run.evals.append({"step": run.step, "loss": loss, "accuracy": accuracy})
     reporter.message(f"step {run.step}: eval loss {loss:.4f}, accuracy {accuracy:.1%}")
@@ -258,7 +255,7 @@ def run_distributed_train(args: argparse.Namespace, model_cfg: TransformerConfig
         run = _start(model_cfg, train_cfg, parallel_cfg, layout, device,
                      resuming=bool(resume))
         quiet = bool(_arg(args, "json")) or not _is_rank0()
-        with _Reporter(run, quiet=quiet) as reporter:
+        with Reporter(run, quiet=quiet) as reporter:
             if resume:
                 _resume(run, resume, _rank0_note)
             _loop(run, reporter, _arg(args, "save"), _arg(args, "save_every"),
@@ -279,5 +276,5 @@ def run_distributed_train(args: argparse.Namespace, model_cfg: TransformerConfig
     if _arg(args, "json"):
         print(json.dumps(result))
     else:
-        Console().print(_summary_table(result))
+        Console().print(summary_table(result))
     return 0
