@@ -22,12 +22,13 @@ Every slot a backend fills is wrapped in a :class:`~attnplug.spec.ModuleSpec` wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from attnplug._errors import ConfigError
+from attnplug.backends.base import SlotNotServed
+from attnplug.backends.local import LocalSpecProvider
 from attnplug.layers.submodules import (
     IDENTITY,
     DSAIndexerSubmodules,
@@ -105,16 +106,14 @@ def _slot(backend: BackendSpecProvider, slot: str, *args: Any, **kwargs: Any) ->
     return ModuleSpec(value, metainfo={"slot": slot, "backend": backend.served_by(slot)})
 
 
-def _optional_kernel(backend: BackendSpecProvider, slot: str, local: Callable) -> ModuleSpec:
+def _optional_kernel(backend: BackendSpecProvider, slot: str) -> ModuleSpec | None:
     """An optional kernel slot (one added to the contract after third-party backends existed):
-    the backend's when it serves it, else ``local`` — recorded as served by ``local``, so
-    ``attnplug plan`` shows it."""
-    from attnplug.backends.base import SlotNotServed
-
+    the backend's when it serves it, else the ``local`` backend's — recorded as served by
+    ``local``, so ``attnplug plan`` shows it."""
     try:
         return _slot(backend, slot)
     except SlotNotServed:
-        return ModuleSpec(local, metainfo={"slot": slot, "backend": "local"})
+        return _slot(LocalSpecProvider(), slot)
 
 
 def _rms(config: TransformerConfig) -> bool:
@@ -183,8 +182,6 @@ def get_dsa_module_spec_for_backend(
     (``fuse_input_layernorm`` false): the indexer reads the normalised hidden states.
     Raises ``ConfigError`` when the DSA fields are unset.
     """
-    from attnplug.ops import dsa_indexer_loss as local_loss
-
     _require_dsa_fields(config)
     backend = _provider(config, backend)
     qk_norm = _qk_norm(config, backend)
@@ -203,7 +200,7 @@ def get_dsa_module_spec_for_backend(
         submodules=DSAttentionSubmodules(
             indexer=indexer,
             sparse_attention=_slot(backend, "sparse_attention"),
-            dsa_indexer_loss=_optional_kernel(backend, "dsa_indexer_loss", local_loss),
+            dsa_indexer_loss=_optional_kernel(backend, "dsa_indexer_loss"),
         ),
     )
     return ModuleSpec(

@@ -467,15 +467,11 @@ def _eval(run: _Run, reporter: Reporter) -> None:
 
 
 def _loop(run: Any, reporter: Reporter, save: str | None, save_every: int | None, *,
-          train_step: Callable[[Any], float] | None = None,
-          evaluate_run: Callable[[Any, Reporter], None] | None = None,
-          save_run: Callable[[Any, str | Path], None] | None = None) -> None:
+          train_step: Callable[[Any], float], evaluate_run: Callable[[Any, Reporter], None],
+          save_run: Callable[[Any, str | Path], None]) -> None:
     """Train to ``run.train_cfg.steps``: evaluate every ``eval_every`` steps and at the end,
-    save every ``save_every``. The step, evaluation and save are this module's unless given
-    (the multi-process trainer gives its own)."""
-    train_step = train_step or _train_step
-    evaluate_run = evaluate_run or _eval
-    save_run = save_run or _save_checkpoint
+    save every ``save_every``, with the step, evaluation and save of the trainer calling it
+    (single- or multi-process)."""
     cfg = run.train_cfg
     while run.step < cfg.steps:
         tokens, start = run.tokens, time.perf_counter()
@@ -569,7 +565,8 @@ def run_train(args: argparse.Namespace) -> int:
         with Reporter(run, quiet=quiet) as reporter:
             if _arg(args, "resume"):
                 _load_checkpoint(run, args.resume, Console(stderr=True).print)
-            _loop(run, reporter, _arg(args, "save"), _arg(args, "save_every"))
+            _loop(run, reporter, _arg(args, "save"), _arg(args, "save_every"),
+                  train_step=_train_step, evaluate_run=_eval, save_run=_save_checkpoint)
         if _arg(args, "save"):
             _save_checkpoint(run, args.save)
         result = _summarize(run, time.perf_counter() - wall)
