@@ -51,8 +51,8 @@ def indexer_keys_kernel(
     t = t0 + tl.arange(0, BLOCK_M).to(tl.int64)  # (BM,) queries
     s = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BN,)
     out = OUT + b * stride_ob + (t - Q0)[:, None] * stride_ot + s[None, :]
-    in_buffer = (t < Q0 + TQ)[:, None] & (s < S)[None, :]
-    seen = (t < T)[:, None] & (s < S)[None, :]
+    in_buffer = (t < Q0 + TQ)[:, None] & (s < S)[None, :]  # the buffer's rows are queries < T
+    seen = in_buffer
     if CAUSAL:
         seen = seen & (s[None, :] <= t[:, None] + (S - T))
         # the tile's first key is past what its last query sees: nothing to score
@@ -150,11 +150,10 @@ def dsa_indexer_topk_blocked(
         out[:, start:start + n, :take] = torch.where(best == _INT64_MIN.value, -1, pos)
     # Queries that see at most ``topk`` keys take them all, in position order, then −1: the
     # slots of the ones they cannot see must come last, which an unsorted top-k does not give.
-    seen = torch.arange(T, device=q.device) + (S - T + 1) if causal else torch.full(
-        (T,), S, device=q.device)
-    few = seen.clamp(max=S) < topk  # (T,)
+    n_vis = (torch.arange(T, device=q.device) + (S - T + 1)).clamp(max=S) if causal else (
+        torch.full((T,), S, device=q.device))  # (T,) keys each query sees
+    few = n_vis < topk
     if bool(few.any()):
         slots = torch.arange(topk, device=q.device)
-        n_few = seen.clamp(max=S)[few]
-        out[:, few] = torch.where(slots < n_few[:, None], slots, -1)  # (B, few, topk)
+        out[:, few] = torch.where(slots < n_vis[few, None], slots, -1)  # (B, few, topk)
     return out
