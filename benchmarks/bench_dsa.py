@@ -64,10 +64,12 @@ def kernels() -> dict[str, Callable] | str:
         from attnplug_triton.ops.dsa.sparse import sparse_attention
         from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
         from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+
+        from attnplug.ops.dsa import dsa_indexer_topk as local_topk  # what runs without triton
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
     return {"topk": dsa_indexer_topk, "topk-blocked": dsa_indexer_topk_blocked,
-            "sparse": sparse_attention, "kl": indexer_kl_loss}
+            "topk-local": local_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
@@ -89,14 +91,6 @@ def sparse_flops(B: int, T: int, H: int, D: int, topk: int) -> float:
     """Forward FLOPs of the sparse attention over the selected (visible) pairs."""
     pairs = sum(min(t + 1, topk) for t in range(T))
     return 4.0 * D * pairs * B * H
-
-
-def local_topk(q: Tensor, k: Tensor, weights: Tensor, *, topk: int) -> Tensor:
-    """The local backend's top-k (query blocks, einsum scores, torch.topk): what a DSA model
-    runs without the triton backend."""
-    from attnplug.ops.dsa import dsa_indexer_topk
-
-    return dsa_indexer_topk(q, k, weights, topk=topk)
 
 
 def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H: int, Hkv: int,
@@ -141,7 +135,7 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
         impls["dsa-blocked"] = dsa_blocked
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
         impls["dsa-topk-blocked"] = lambda: fns["topk-blocked"](iq, ik, iw, topk=topk)
-        impls["topk-local"] = lambda: local_topk(iq, ik, iw, topk=topk)
+        impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:
             leaves = [x.detach().requires_grad_() for x in (iq, ik, iw)]

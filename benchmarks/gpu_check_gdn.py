@@ -196,9 +196,8 @@ def probe_one(index: int, dim: int) -> int:
             stack.enter_context(force_config(name, forced_config))
         outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
-    errs = errors(outs, refs)
-    ok = all(e["rel"] <= TOLERANCE[torch.bfloat16] for e in errs.values())
-    print(json.dumps({"ok": ok, "errors": {n: e["rel"] for n, e in errs.items()}}), flush=True)
+    errs = errors(outs, refs)  # the parent judges them (row())
+    print(json.dumps({"errors": {n: e["rel"] for n, e in errs.items()}}), flush=True)
     return 0
 
 
