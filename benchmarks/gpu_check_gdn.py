@@ -17,8 +17,10 @@ too slow at these sizes). Parts:
    K=V=128 and K=V=64 — the check for Triton 3.4–3.7.0's Hopper miscompilation of 64-wide
    blocks (shared/gpu/README.md), at every block size the autotuner may pick;
 3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd;
-4. ``probe`` (not in the default parts): each ``chunk_bwd`` configuration forced for both of its
-   passes in a process of its own, with ``CUDA_LAUNCH_BLOCKING=1``. On the H200 with Triton 3.6
+4. ``probe`` (not in the default parts): each configuration of a kernel family
+   (``--probe-families``: chunk_bwd's three passes, chunk_h's three kernels, kkt_solve, or
+   ``autotune``: nothing forced) at each ``--probe-dims``, in a process of its own, with
+   ``CUDA_LAUNCH_BLOCKING=1``, eight processes at a time. On the H200 with Triton 3.6
    the backward faulted (illegal memory access, 2026-11-28; benchmarks/results) and a fault
    ends the CUDA context, so parts 1–2 stop at the first one; this part names every
    configuration that faults and checks the others.
@@ -122,13 +124,14 @@ def failed_row(part: str, label: str, dtype: torch.dtype, exc: Exception) -> dic
             "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
-def check_shapes(quick: bool) -> list[dict]:
-    """Part 1: the autotuned kernels at real shapes."""
+def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
+    """Part 1: the autotuned kernels at real shapes (those whose label contains one of
+    ``only``, when given)."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 
     rows = []
     for label, B, T, H, HV, K, V, dtype, cu_list, l2norm in SHAPES:
-        if quick and label not in QUICK:
+        if (quick and label not in QUICK) or (only and not any(o in label for o in only)):
             continue
         cu = None if cu_list is None else torch.tensor(cu_list, device="cuda")
         N = B if cu_list is None else len(cu_list) - 1
@@ -174,9 +177,29 @@ def check_configs() -> list[dict]:
     return rows
 
 
-def probe_one(index: int, dim: int) -> int:
-    """One probe (in its own process): the chunk_bwd passes forced to ``CONFIGS[index]``, the
-    other kernels at their first configurations, fwd+bwd at B=2 T=1000 H=4/8 K=V=``dim``
+# Each probe process forces one kernel family's launches to one configuration (the other kernels
+# at their first); "autotune" forces nothing, as a user's run.
+PROBE_FAMILIES = {
+    "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"),
+    "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_bwd_dh"),
+    "kkt_solve": ("kkt_solve",),
+    "autotune": (),
+}
+
+
+def probe_configs(family: str) -> list:
+    """The configurations a probe of ``family`` forces (``[None]``: autotuning)."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve
+
+    return {"chunk_bwd": chunk_bwd.CONFIGS, "chunk_h": chunk_h.CONFIGS,
+            "kkt_solve": kkt_solve.CONFIGS, "autotune": [None]}[family]
+
+
+def probe_one(family: str, index: int, dim: int) -> int:
+    """One probe (in its own process): ``family``'s kernels forced to its ``index``-th
+    configuration, every other kernel at its first (chunk_bwd: its first not pruned at this
+    dim; none forced for ``autotune``), fwd+bwd at
+    B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
     against float64. Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 
@@ -184,13 +207,18 @@ def probe_one(index: int, dim: int) -> int:
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.common import force_config
 
-    config = chunk_bwd.CONFIGS[index]
-    x = make_inputs(2, 1000, 4, 8, dim, dim, 2, torch.bfloat16)
+    H, HV = (2, 4) if dim <= 32 else (4, 8)
+    x = make_inputs(2, 1000, H, HV, dim, dim, 2, torch.bfloat16)
     refs = reference(x, None)
-    forced = {"chunk_bwd_dq": config, "chunk_bwd_dv": config, "chunk_bwd_dk": config,
-              # the other kernels at their first configuration: no autotuning per process
-              "kkt_solve": kkt_solve.CONFIGS[0], "chunk_fwd_h_o": chunk_h.CONFIGS[0],
-              "chunk_fwd_h_h": chunk_h.CONFIGS[0], "chunk_bwd_dh": chunk_h.CONFIGS[0]}
+    forced = {}
+    if family != "autotune":
+        # chunk_bwd at the first configuration its autotuner may pick at this dim
+        first = {"chunk_bwd": chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim)[0],
+                 "chunk_h": chunk_h.CONFIGS[0],
+                 "kkt_solve": kkt_solve.CONFIGS[0]}
+        for fam, names in PROBE_FAMILIES.items():
+            for name in names:
+                forced[name] = probe_configs(fam)[index] if fam == family else first[fam]
     with ExitStack() as stack:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))
@@ -201,36 +229,41 @@ def probe_one(index: int, dim: int) -> int:
     return 0
 
 
-def check_probe(dims: tuple[int, ...] = (128,)) -> list[dict]:
-    """Part 4: every chunk_bwd configuration in a process of its own (CUDA_LAUNCH_BLOCKING=1),
-    so that one that faults (an illegal memory access ends the CUDA context) is named and the
-    others still run."""
+def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8) -> list[dict]:
+    """Part 4: every configuration of each kernel family, each in a process of its own
+    (CUDA_LAUNCH_BLOCKING=1; ``jobs`` at a time on the one GPU), so that one that faults (an
+    illegal memory access ends the CUDA context) is named and the others still run."""
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd
-
-    rows = []
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    cases = []
     for dim in dims:
-        for index, config in enumerate(chunk_bwd.CONFIGS):
-            label = (f"D{dim} chunk_bwd {config.kwargs} warps={config.num_warps} "
-                     f"stages={config.num_stages}")
-            try:
-                done = subprocess.run([sys.executable, __file__, "--probe-one", str(index),
-                                       str(dim)], env=env, capture_output=True, text=True,
-                                      timeout=240)
-                last = (done.stdout.strip().splitlines() or [""])[-1]
-                result = json.loads(last) if last.startswith("{") else None
-            except subprocess.TimeoutExpired:
-                done, result = None, None
-            if result is not None:
-                errs = {n: {"rel": e, "max_abs": float("nan")} for n, e in result["errors"].items()}
-                rows.append(row("probe", label, torch.bfloat16, errs))
-            else:
-                tail = "timeout" if done is None else " | ".join(
-                    (done.stdout + done.stderr).strip().splitlines()[-3:])
-                rows.append(failed_row("probe", label, torch.bfloat16, RuntimeError(tail)))
-    return rows
+        for family in families:
+            for index, config in enumerate(probe_configs(family)):
+                what = "autotuned" if config is None else (
+                    f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}")
+                cases.append((family, index, dim, f"D{dim} {family} {what}"))
+
+    def one(case: tuple) -> dict:
+        family, index, dim, label = case
+        try:
+            done = subprocess.run([sys.executable, __file__, "--probe-one", family, str(index),
+                                   str(dim)], env=env, capture_output=True, text=True,
+                                  timeout=240)
+            last = (done.stdout.strip().splitlines() or [""])[-1]
+            result = json.loads(last) if last.startswith("{") else None
+        except subprocess.TimeoutExpired:
+            done, result = None, None
+        if result is not None:
+            errs = {n: {"rel": e, "max_abs": float("nan")} for n, e in result["errors"].items()}
+            return row("probe", label, torch.bfloat16, errs)
+        tail = "timeout" if done is None else " | ".join(
+            (done.stdout + done.stderr).strip().splitlines()[-3:])
+        return failed_row("probe", label, torch.bfloat16, RuntimeError(tail))
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, cases))
 
 
 def check_decode() -> list[dict]:
@@ -273,7 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                         default=["shapes", "configs", "decode"],
                         help="which checks to run (probe: each chunk_bwd configuration in a "
                         "process of its own)")
-    parser.add_argument("--probe-one", nargs=2, type=int, metavar=("INDEX", "DIM"),
+    parser.add_argument("--shapes", nargs="+", metavar="TEXT",
+                        help="shapes: only the cases whose label contains one of these")
+    parser.add_argument("--probe-dims", nargs="+", type=int, default=[128],
+                        help="probe: head dims K=V to probe at (default 128)")
+    parser.add_argument("--probe-families", nargs="+", choices=list(PROBE_FAMILIES),
+                        default=["chunk_bwd"], help="probe: kernel families to probe")
+    parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])
                         if os.environ.get("OUT") else None,
@@ -284,20 +323,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.manual_seed(0)
     if args.probe_one is not None:
-        return probe_one(*args.probe_one)
+        family, index, dim = args.probe_one
+        return probe_one(family, int(index), int(dim))
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}; relative L2 error per output", flush=True)
     rows = []
     if "shapes" in args.parts:
-        rows += check_shapes(args.quick)
+        rows += check_shapes(args.quick, args.shapes)
     if "configs" in args.parts and not args.quick:
         rows += check_configs()
     if "decode" in args.parts:
         rows += check_decode()
     if "probe" in args.parts:
-        rows += check_probe()
+        rows += check_probe(tuple(args.probe_dims), tuple(args.probe_families))
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for line in chosen_configs():

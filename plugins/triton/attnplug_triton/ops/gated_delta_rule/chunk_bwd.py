@@ -53,11 +53,29 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     store_rows,
 )
 
-__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS"]
+__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS", "prune"]
 
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
            for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
 INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
+
+
+# (key block, BV, warps) combinations that computed wrong gradients or faulted on an H200 with
+# Triton 3.6 in bf16 (``benchmarks/gpu_check_gdn.py --parts probe --probe-dims 16 32 64``,
+# 2026-11-28): at K = 32 the dq pass with BV = 32 and 4 warps wrote dq with relative error
+# 0.24 or faulted (illegal memory access); at K = 16 every 8-warp configuration wrote NaN in
+# dk and dg. All eight were right at K = V = 64 and 128.
+_MISCOMPILED = {(32, 32, 4)} | {(16, bv, 8) for bv in (32, 64)}
+
+
+def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configurations that are safe for this call's key dim (Triton's
+    ``early_config_prune``): none of ``_MISCOMPILED``."""
+    dk = kwargs.get("DK", named_args.get("DK"))
+    if dk is None:
+        return configs
+    return [c for c in configs
+            if (block(dk), c.kwargs["BV"], c.num_warps) not in _MISCOMPILED]
 
 
 @triton.jit
@@ -249,7 +267,7 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
                seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
                k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, PASS=which)
+               PRECISION=precision, PASS=which, prune=prune)
     if not finalize:
         dq = dq.view(tokens, H, group, K).sum(2)  # (tokens, H, K) gradient of q̂
         dk = dk.view(tokens, H, group, K).sum(2)

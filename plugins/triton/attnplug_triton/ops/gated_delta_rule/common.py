@@ -148,10 +148,12 @@ def force_config(name: str, config: triton.Config) -> Iterator[None]:
 
 def launch(name: str, kernel: Any, configs: list[triton.Config], interpreter: triton.Config,
            key: list[str], grid: Callable[[dict[str, Any]], tuple[int, ...]], *args: Any,
-           **meta: Any) -> None:
-    """Run ``kernel``: autotuned over ``configs`` on a GPU (keyed on ``key``), with the
-    ``interpreter`` config under ``TRITON_INTERPRET=1``, or with a config forced by
-    :func:`force_config`. ``grid(meta)`` gives the launch grid for a config's meta-parameters."""
+           prune: Callable[..., list[triton.Config]] | None = None, **meta: Any) -> None:
+    """Run ``kernel``: autotuned over ``configs`` on a GPU (keyed on ``key``; ``prune``, when
+    given, is Triton's ``early_config_prune``: it drops configurations per call before they
+    are timed), with the ``interpreter`` config under ``TRITON_INTERPRET=1``, or with a config
+    forced by :func:`force_config` (never pruned: the GPU checks force each one).
+    ``grid(meta)`` gives the launch grid for a config's meta-parameters."""
     config = _FORCED.get(name) or (interpreter if interpreting() else None)
     if config is not None:
         kernel[grid({**meta, **config.kwargs})](*args, **meta, **config.kwargs,
@@ -159,7 +161,8 @@ def launch(name: str, kernel: Any, configs: list[triton.Config], interpreter: tr
                                                 num_stages=config.num_stages)
         return
     if name not in _TUNERS:
-        _TUNERS[name] = triton.autotune(configs=configs, key=key)(kernel)
+        by = {"early_config_prune": prune} if prune is not None else None
+        _TUNERS[name] = triton.autotune(configs=configs, key=key, prune_configs_by=by)(kernel)
     _TUNERS[name][grid](*args, **meta)
 
 
