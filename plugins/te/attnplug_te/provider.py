@@ -139,15 +139,22 @@ class TESpecProvider(LocalSpecProvider):
         return []
 
     def configure(self, config: TransformerConfig) -> BackendSpecProvider:
-        """``self``, or a copy whose kernels come from ``local`` when the first kernel
-        fallback cannot build ``config`` (its ``supports(config)`` gives reasons)."""
-        first = self._kernel_providers()[0]
+        """``self``; a copy whose kernels come from ``local`` when the first kernel fallback
+        cannot build ``config`` (its ``supports(config)`` gives reasons); or a copy whose first
+        kernel fallback is that backend configured for ``config`` (its ``configure(config)``:
+        triton's gives ``local``'s gated delta rule at head dims it has not verified)."""
+        first, *rest = self._kernel_providers()
         reasons = [] if first.name == "local" else first.supports(config)
-        if not reasons:
+        if reasons:
+            logger.info("te: %r cannot build this config (%s); its kernel slots come from "
+                        "'local'", first.name, "; ".join(reasons))
+            return TESpecProvider(kernel_backend="local")
+        configured = first.configure(config)
+        if configured is first:
             return self
-        logger.info("te: %r cannot build this config (%s); its kernel slots come from 'local'",
-                    first.name, "; ".join(reasons))
-        return TESpecProvider(kernel_backend="local")
+        copy = TESpecProvider(kernel_backend=first.name)
+        copy._kernel_backends = [configured, *rest]
+        return copy
 
     # -- module slots ---------------------------------------------------------------------------
     def linear(self) -> type:

@@ -154,6 +154,9 @@ class GdnOnlyTriton(LocalSpecProvider):
     def supports(self, config) -> list[str]:
         return ["it refuses float16"] if config.params_dtype == "float16" else []
 
+    def configure(self, config):
+        return NoGdnTriton() if config.linear_key_head_dim > 16 else self
+
     def gated_delta_rule(self):
         return kernel("triton_gdr")
 
@@ -162,6 +165,13 @@ class GdnOnlyTriton(LocalSpecProvider):
 
     def sparse_attention(self):
         raise self._not_served("sparse_attention")
+
+
+class NoGdnTriton(GdnOnlyTriton):
+    """What ``GdnOnlyTriton.configure`` gives for head dims above 16: no kernels at all."""
+
+    def gated_delta_rule(self):
+        raise self._not_served("gated_delta_rule")
 
 
 class KernelLocal(LocalSpecProvider):
@@ -241,6 +251,16 @@ def test_configure_takes_local_kernels_when_triton_refuses_the_config(monkeypatc
     assert te.configure(hybrid_config()) is te
     refused = te.configure(hybrid_config(params_dtype="float16"))
     assert refused.served_by("gated_delta_rule") == "local"
+
+
+def test_configure_passes_the_config_to_the_kernel_backend(monkeypatch) -> None:
+    te = make_provider(monkeypatch, triton=True)
+    configured = te.configure(hybrid_config(linear_key_head_dim=32))
+    assert configured is not te and isinstance(configured, TESpecProvider)
+    assert [p.name for p in configured._kernel_providers()] == ["triton", "local"]
+    assert (configured.served_by("gated_delta_rule"),
+            configured.gated_delta_rule().__name__) == ("local", "local_gdr")
+    assert te.served_by("gated_delta_rule") == "triton"  # te itself is unchanged
 
 
 def test_float64_is_not_supported(monkeypatch) -> None:

@@ -43,7 +43,7 @@ def attnplug_backends() -> list[Backend]:
             provider="attnplug_triton.provider:TritonSpecProvider",
             priority=10,
             description="Triton kernels: causal flash attention, fused RMSNorm/LayerNorm (with "
-            "an optional SiLU gate); every other slot from local",
+            "an optional SiLU gate), the chunked gated delta rule; every other slot from local",
             check=check,
         )
     ]

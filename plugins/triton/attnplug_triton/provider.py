@@ -6,17 +6,19 @@ other slot is inherited from :class:`attnplug.backends.LocalSpecProvider`, and
 :meth:`TritonSpecProvider.served_by` says so. The layers (and Triton) are imported when a slot
 is asked for, not when this module is.
 
-The gated delta rule and DSA kernels (``gated_delta_rule``, ``dsa_indexer_topk``,
-``sparse_attention``, ``dsa_indexer_loss``) match the float64 references under the CPU
-interpreter; on an H200 the DSA ones are correct but slower than ``local`` and the gated delta
-rule's backward faults (plugins/triton/README.md). Until that changes they are served only when
-asked for —
-``TritonSpecProvider(experimental_kernels=True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1`` — and
-those slots otherwise come from ``local`` (``plan`` shows which).
+The gated delta rule (``gated_delta_rule``) is served too: on an H200 with Triton 3.6 its
+forward and backward match float64 at the project shape and at head dims 16, 32, 64 and 128
+(benchmarks/results/2026-11-28-h200-session3.md). Configs whose GDN head dims exceed the largest
+verified on a GPU (:data:`GPU_VERIFIED_GDN_DIM`) get ``local``'s there (:meth:`configure`; the
+plan says so). The DSA kernels (``dsa_indexer_topk``, ``sparse_attention``,
+``dsa_indexer_loss``) match float64 on the GPU but are slower than ``local`` so far; they and GDN
+at larger head dims are served only when asked for — ``TritonSpecProvider(experimental_kernels=
+True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -29,32 +31,60 @@ if TYPE_CHECKING:
 
 __all__ = ["TritonSpecProvider"]
 
+logger = logging.getLogger(__name__)
+
 # The slots this provider serves with kernels verified on a GPU; the rest come from ``local``.
-TRITON_SLOTS = frozenset({"core_attention", "layer_norm"})
-# Kernels verified on the CPU interpreter only: served when experimental kernels are enabled.
-EXPERIMENTAL_SLOTS = frozenset({"gated_delta_rule", "dsa_indexer_topk", "sparse_attention",
-                                "dsa_indexer_loss"})
+TRITON_SLOTS = frozenset({"core_attention", "layer_norm", "gated_delta_rule"})
+# Kernels right on the GPU but slower than local's: served when experimental kernels are enabled.
+EXPERIMENTAL_SLOTS = frozenset({"dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"})
 EXPERIMENTAL_ENV = "ATTNPLUG_TRITON_EXPERIMENTAL"
+# The largest GDN key/value head dim whose kernels were checked against float64 on a GPU (an
+# H200 with Triton 3.6: the autotuned kernels at 16, 32, 64 and 128, each configuration of each
+# kernel at 16-64, of chunk_bwd at 128); larger ones (up to 256, which the kernels take) only as
+# experimental kernels.
+GPU_VERIFIED_GDN_DIM = 128
 
 
 class TritonSpecProvider(LocalSpecProvider):
-    """Triton flash attention and fused norms (and, when enabled, the not yet GPU-verified gated
-    delta rule and DSA kernels); everything else from the local backend.
+    """Triton flash attention, fused norms and the gated delta rule (and, when enabled, the DSA
+    kernels); everything else from the local backend.
 
-    ``experimental_kernels``: ``None`` reads ``ATTNPLUG_TRITON_EXPERIMENTAL`` (``1`` enables).
+    Args:
+        experimental_kernels: serve the DSA kernels and GDN at any head dim; ``None`` reads
+            ``ATTNPLUG_TRITON_EXPERIMENTAL`` (``1`` enables).
+        gdn_kernel: serve ``gated_delta_rule`` (without experimental kernels, :meth:`configure`
+            turns it off for head dims above :data:`GPU_VERIFIED_GDN_DIM`).
     """
 
     name = "triton"
 
-    def __init__(self, experimental_kernels: bool | None = None) -> None:
+    def __init__(self, experimental_kernels: bool | None = None, *,
+                 gdn_kernel: bool = True) -> None:
         if experimental_kernels is None:
             experimental_kernels = os.environ.get(EXPERIMENTAL_ENV, "") == "1"
         self.experimental_kernels = bool(experimental_kernels)
+        self.gdn_kernel = bool(gdn_kernel)
+
+    def _serves(self, slot: str) -> bool:
+        if slot == "gated_delta_rule":
+            return self.gdn_kernel or self.experimental_kernels
+        return slot in TRITON_SLOTS or (self.experimental_kernels and slot in EXPERIMENTAL_SLOTS)
 
     def served_by(self, slot: str) -> str:
         """``"triton"`` for the slots its kernels serve, ``"local"`` otherwise."""
-        experimental = self.experimental_kernels and slot in EXPERIMENTAL_SLOTS
-        return self.name if slot in TRITON_SLOTS or experimental else LocalSpecProvider.name
+        return self.name if self._serves(slot) else LocalSpecProvider.name
+
+    def configure(self, config: TransformerConfig) -> TritonSpecProvider:
+        """``self``, or (without experimental kernels) a copy that takes ``local``'s gated delta
+        rule when ``config``'s GDN head dims exceed :data:`GPU_VERIFIED_GDN_DIM`."""
+        dim = max(config.linear_key_head_dim, config.linear_value_head_dim)
+        if self.experimental_kernels or not self.gdn_kernel or dim <= GPU_VERIFIED_GDN_DIM:
+            return self
+        logger.info("triton: GDN head dims %d/%d exceed %d, the largest verified on a GPU; "
+                    "gated_delta_rule comes from 'local' (ATTNPLUG_TRITON_EXPERIMENTAL=1 serves "
+                    "the triton kernel)", config.linear_key_head_dim,
+                    config.linear_value_head_dim, GPU_VERIFIED_GDN_DIM)
+        return TritonSpecProvider(experimental_kernels=False, gdn_kernel=False)
 
     def supports(self, config: TransformerConfig) -> list[str]:
         """Reasons the kernels cannot serve ``config``: float64 parameters, head dim > 256."""
@@ -91,7 +121,7 @@ class TritonSpecProvider(LocalSpecProvider):
         """:func:`attnplug_triton.ops.gated_delta_rule.gated_delta_rule`: the chunked kernels
         (forward and backward), or the token-by-token kernel for short sequences without
         autograd; K and V up to 256. Triton is imported on the first call."""
-        if not self.experimental_kernels:
+        if not self._serves("gated_delta_rule"):
             return super().gated_delta_rule()
         from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
 
@@ -101,7 +131,7 @@ class TritonSpecProvider(LocalSpecProvider):
         """:func:`attnplug_triton.ops.dsa.topk.dsa_indexer_topk`: the indexer's scores and an
         exact per-query top-k in Triton, never a ``[B, T, S]`` score tensor (indices in no
         particular order, −1 in unused slots). Triton is imported when the slot is asked for."""
-        if not self.experimental_kernels:
+        if not self._serves("dsa_indexer_topk"):
             return super().dsa_indexer_topk()
         from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
 
@@ -111,7 +141,7 @@ class TritonSpecProvider(LocalSpecProvider):
         """:func:`attnplug_triton.ops.dsa.sparse.sparse_attention`: attention over each query's
         selected keys, forward and backward, each key gathered once per key/value head group;
         head dims up to 256. Triton is imported when the slot is asked for."""
-        if not self.experimental_kernels:
+        if not self._serves("sparse_attention"):
             return super().sparse_attention()
         from attnplug_triton.ops.dsa.sparse import sparse_attention
 
@@ -121,7 +151,7 @@ class TritonSpecProvider(LocalSpecProvider):
         """:func:`attnplug_triton.ops.dsa.kl.indexer_kl_loss`: the indexer's KL loss against the
         head-summed main attention in one kernel, never a ``[B, H, T, S]`` tensor. Triton is
         imported when the slot is asked for."""
-        if not self.experimental_kernels:
+        if not self._serves("dsa_indexer_loss"):
             return super().dsa_indexer_loss()
         from attnplug_triton.ops.dsa.kl import indexer_kl_loss
 

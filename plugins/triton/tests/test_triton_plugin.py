@@ -101,13 +101,47 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
         provider.layer_norm(rms_norm=True, has_residual=True)
     local = LocalSpecProvider()
     assert provider.linear() is local.linear()
-    for slot in KERNEL_SLOTS:
-        # experimental: served by local unless experimental kernels are enabled
+    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+
+    assert provider.gated_delta_rule() is gated_delta_rule
+    assert provider.served_by("gated_delta_rule") == "triton"
+    for slot in set(KERNEL_SLOTS) - {"gated_delta_rule"}:
+        # DSA: served by local unless experimental kernels are enabled
         assert getattr(provider, slot)() is getattr(local, slot)()
         assert provider.served_by(slot) == "local"
         assert TritonSpecProvider(experimental_kernels=True).served_by(slot) == "triton"
     assert provider.served_by("core_attention") == provider.served_by("layer_norm") == "triton"
     assert provider.served_by("linear") == "local"
+
+
+def test_gdn_head_dims_not_verified_on_a_gpu_take_local_unless_experimental(monkeypatch) -> None:
+    from attnplug_triton.provider import GPU_VERIFIED_GDN_DIM, TritonSpecProvider
+
+    from attnplug.specs import (
+        describe_layer_spec,
+        get_transformer_layer_with_experimental_attention_variant_spec,
+    )
+
+    monkeypatch.delenv("ATTNPLUG_TRITON_EXPERIMENTAL", raising=False)
+    provider = TritonSpecProvider()
+    verified = _config(experimental_attention_variant="gdn", linear_attention_freq=[1],
+                       linear_key_head_dim=128,
+                       linear_value_head_dim=GPU_VERIFIED_GDN_DIM)
+    assert provider.configure(verified) is provider
+    for k, v in ((256, 128), (128, 256)):
+        wide = _config(experimental_attention_variant="gdn", linear_attention_freq=[1],
+                       linear_key_head_dim=k,
+                       linear_value_head_dim=v)
+        configured = provider.configure(wide)
+        assert configured.served_by("gated_delta_rule") == "local"
+        assert configured.served_by("core_attention") == "triton"
+        (spec,) = get_transformer_layer_with_experimental_attention_variant_spec(wide, configured)
+        assert describe_layer_spec(spec)["self_attention.gated_delta_rule"]["backend"] == "local"
+        experimental = TritonSpecProvider(experimental_kernels=True)
+        assert experimental.configure(wide) is experimental
+        assert experimental.served_by("gated_delta_rule") == "triton"
+    monkeypatch.setenv("ATTNPLUG_TRITON_EXPERIMENTAL", "1")
+    assert TritonSpecProvider().configure(wide).served_by("gated_delta_rule") == "triton"
 
 
 def test_supports_names_what_the_kernels_cannot_take() -> None:
