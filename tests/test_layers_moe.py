@@ -132,6 +132,37 @@ def test_sequential_experts_run_contiguous_slices() -> None:
         experts(x, torch.tensor([1, 1, 1, 1, 1]))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("counts", [[2, 0, 3, 0, 1], [0, 0, 7, 0, 0], [1, 1, 1, 1, 3]])
+def test_sequential_experts_gradients_match_each_expert_run_alone(bias: bool,
+                                                                  counts: list[int]) -> None:
+    """Every weight, bias and input gradient against the experts run one by one on their own
+    float64 copies; an expert without tokens gets a zero gradient."""
+    cfg = make_config(add_bias_linear=bias)
+    experts = SequentialExperts(5, config=cfg).float()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    x = torch.randn(sum(counts), 8, requires_grad=True)
+    dy = torch.randn(sum(counts), 8)
+    (experts(x, torch.tensor(counts)) * dy).sum().backward()
+    ref = SequentialExperts(5, config=cfg).double()
+    ref.load_state_dict(experts.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    start = 0
+    for e, n in enumerate(counts):
+        y = ref.expert_forward(e, x64[start:start + n])
+        (y * dy[start:start + n].double()).sum().backward()
+        start += n
+    for (name, p), p64 in zip(experts.named_parameters(), ref.parameters(), strict=True):
+        expected = p64.grad if p64.grad is not None else torch.zeros_like(p64)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
+        for e, n in enumerate(counts):
+            if n == 0:
+                assert not p.grad[e].any(), f"{name}: expert {e} has no tokens"
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_moe_bad_arguments_name_themselves() -> None:
     cfg = make_config()
     with pytest.raises(ValueError, match="submodules.experts"):

@@ -73,11 +73,27 @@ class SequentialExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its rows: x (n, hidden) -> (n, hidden)."""
-        b1 = self.fc1_bias[e] if self.fc1_bias is not None else None
-        b2 = self.fc2_bias[e] if self.fc2_bias is not None else None
-        h = F.linear(x, self.fc1_weight[e], b1)  # (n, ffn or 2·ffn)
+        return self.expert_mlp(x, *self._weights(e))
+
+    def _weights(self, e: int | None = None) -> tuple:
+        """Expert ``e``'s ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` (biases or None); with
+        ``e=None``, one tuple per expert, the stacked parameters ``unbind`` once — autograd then
+        stacks their gradients once instead of filling a zero tensor the size of every stacked
+        parameter for each expert it indexes."""
+        params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        if e is not None:
+            return tuple(None if p is None else p[e] for p in params)
+        per_param = [[None] * self.num_local_experts if p is None else p.unbind(0)
+                     for p in params]
+        return tuple(zip(*per_param, strict=True))
+
+    def expert_mlp(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                   w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+        """One expert's MLP on its rows with its weights: x (n, hidden) -> (n, hidden). The
+        matmuls a subclass changes (a recipe's quantised linears, say) go here."""
+        h = F.linear(x, w1, b1)  # (n, ffn or 2·ffn)
         h = glu(h, self.activation_func) if self.gated else self.activation_func(h)  # (n, ffn)
-        return F.linear(h, self.fc2_weight[e], b2)  # (n, hidden)
+        return F.linear(h, w2, b2)  # (n, hidden)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         counts = [int(c) for c in tokens_per_expert.tolist()]
@@ -86,12 +102,11 @@ class SequentialExperts(nn.Module):
                 f"{type(self).__name__}: tokens_per_expert={counts} must have "
                 f"{self.num_local_experts} entries summing to the {x.shape[0]} rows of x"
             )
-        outputs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(self.expert_forward(e, x[start:start + n]))
-            start += n
+        # split, not slices: one gradient concatenation instead of a zero-filled (N, hidden)
+        # tensor per expert
+        outputs = [self.expert_mlp(rows, *weights)
+                   for rows, weights in zip(x.split(counts), self._weights(), strict=True)
+                   if rows.shape[0]]
         return torch.cat(outputs) if outputs else x.new_zeros(x.shape)  # (N, hidden)
 
 

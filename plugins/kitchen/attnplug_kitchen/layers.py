@@ -108,13 +108,13 @@ class KitchenSequentialExperts(SequentialExperts):
         super().__init__(num_local_experts, config=config)
         self.kitchen_recipe = _resolve_recipe(self, config)
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on its rows: x (n, hidden) -> (n, hidden)."""
-        b1 = self.fc1_bias[e] if self.fc1_bias is not None else None
-        b2 = self.fc2_bias[e] if self.fc2_bias is not None else None
-        h = recipe_linear(x, self.fc1_weight[e], b1, self.kitchen_recipe)  # (n, ffn or 2·ffn)
+    def expert_mlp(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                   w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+        """One expert on its rows, both matmuls through the recipe: x (n, hidden) -> (n,
+        hidden)."""
+        h = recipe_linear(x, w1, b1, self.kitchen_recipe)  # (n, ffn or 2·ffn)
         h = glu(h, self.activation_func) if self.gated else self.activation_func(h)  # (n, ffn)
-        return recipe_linear(h, self.fc2_weight[e], b2, self.kitchen_recipe)  # (n, hidden)
+        return recipe_linear(h, w2, b2, self.kitchen_recipe)  # (n, hidden)
 
     def extra_repr(self) -> str:
         return f"num_local_experts={self.num_local_experts}, recipe={self.kitchen_recipe!r}"
