@@ -174,7 +174,9 @@ def _to_padded_sequences(x: Tensor, idx: Tensor) -> Tensor:
 
 def _from_padded_sequences(x: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
     """Zero-padded ``x[N, Tp, ...]`` back to packed ``[1, T, ...]``."""
-    return torch.cat([x[i, : end - start] for i, (start, end) in enumerate(bounds)])[None]
+    # unbind, not x[i]: one gradient stack instead of a zero-filled [N, Tp, ...] per sequence
+    rows = x.unbind(0)
+    return torch.cat([r[: end - start] for r, (start, end) in zip(rows, bounds, strict=True)])[None]
 
 
 def _to_chunks(x: Tensor, C: int) -> Tensor:
