@@ -12,7 +12,9 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
   (``sdpa``: the backend torch picks; ``sdpa-flash``: its flash backend), fla's too (it refuses
   its backward on Hopper with Triton 3.4–3.7.0; the table then records its error);
 - ``gdn_scaling``: T from 1K to 64K with the tokens per step fixed (``--tokens``, B = tokens / T),
-  forward and forward+backward, anchor SDPA, fla's forward alongside.
+  forward and forward+backward, anchor SDPA, fla's forward alongside;
+- ``stages`` (not by default): each kernel launch of one triton forward+backward with its GPU
+  time (torch.profiler), to show which stage dominates.
 
 Each table lists, per case, the memory floor: the bytes that must move (q, k, v, g, β read and o
 written; the backward also reads dO and writes dq, dk, dv, dg, dβ) over the copy bandwidth
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -198,6 +201,47 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
                    f"({design / 1e9:.2f} GB)")
 
 
+def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 5) -> None:
+    """Print each kernel launch of one triton forward+backward, in launch order, with its
+    median GPU time over ``reps`` profiled iterations (after a warm-up that autotunes): which
+    stage the next optimisation should go to. Repeated kernels (the backward's second state
+    pass, chunk_bwd's three passes) are numbered in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = triton_gdn()
+    if isinstance(fn, str):
+        print(f"stages: {fn}")
+        return
+    inputs = gdn_inputs(B, T, H, D, dtype, True)
+    do = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
+    step = timed(fn, inputs, do)
+    for _ in range(3):
+        step()
+        for x in inputs:
+            x.grad = None
+    torch.cuda.synchronize()
+    runs: list[list[tuple[str, float]]] = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        for x in inputs:
+            x.grad = None
+        kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                         key=lambda e: e.time_range.start)
+        runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
+    total_us = [sum(us for _, us in run) for run in runs]
+    print(f"\ntriton GDN forward+backward, B={B} T={T} H={H} K=V={D} {dtype}: kernels in launch "
+          f"order, median of {reps} profiled runs (GPU time {sorted(total_us)[reps // 2] / 1e3:.3f}"
+          " ms in all)")
+    seen: dict[str, int] = defaultdict(int)
+    for i, (name, _) in enumerate(runs[0]):
+        seen[name] += 1
+        times = sorted(run[i][1] for run in runs if len(run) > i)
+        label = name if seen[name] == 1 else f"{name} #{seen[name]}"
+        print(f"  {i:2d}  {times[len(times) // 2] / 1e3:8.3f} ms  {label[:100]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--batch", type=int, default=8)
@@ -209,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per step in the scaling table (default 64K)")
     parser.add_argument("--scaling-seqlens", type=int, nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling"],
-                        default=["fwd", "fwd+bwd", "scaling"])
+    parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling", "stages"],
+                        default=["fwd", "fwd+bwd", "scaling"],
+                        help="stages: each kernel's time in one forward+backward (profiler)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gated_delta_rule: no CUDA device; nothing to measure", file=sys.stderr)
@@ -246,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                          backward, impls, bandwidth)
                 torch.cuda.empty_cache()
         benches.append(bench)
+    if "stages" in args.parts:
+        stage_times(B, T, H, D, dtype)
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for bench in benches:

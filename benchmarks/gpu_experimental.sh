@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks that decide the triton backend's experimental kernels, two calls of under ten
+# The GPU checks of the triton backend's gated delta rule and DSA kernels, two calls of under ten
 # minutes (run from the repo root on the GPU machine; results under $OUT; send .whl/ along for
 # the fla anchor):
 #   bash benchmarks/gpu_experimental.sh gdn   the gated delta rule backward: each chunk_bwd
-#       configuration in a process of its own, then the real shapes (fwd+bwd vs float64) and
-#       the forward / forward+backward benchmark;
+#       configuration in a process of its own, then the real shapes (fwd+bwd vs float64), the
+#       forward / forward+backward benchmark and each kernel's share of it;
 #   bash benchmarks/gpu_experimental.sh dsa   both top-k methods at real shapes vs float64,
 #       then the benchmark at 4K and 32K (streaming vs blocked vs the local top-k, the DSA
 #       totals against SDPA).
@@ -34,7 +34,7 @@ case ${1:-} in
   gdn)
     step gdn_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --out "$OUT/gdn_probe"
     step gdn_shapes 150 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
-    step gdn_bench 120 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd
+    step gdn_bench 120 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
