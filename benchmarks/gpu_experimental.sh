@@ -23,13 +23,8 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-step() {  # name, seconds, command...
-  local name=$1 limit=$2
-  shift 2
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  echo "== $name: exit $?"
-  grep -E "ok |FAIL|passed|goal|T=32K|T=4096|error" "$OUT/$name.txt" | cut -c1-220 | tail -n 24
-}
+source benchmarks/gpu_step.sh
+export STEP_GREP="ok |FAIL|passed|goal|T=32K|T=4096|error"
 case ${1:-} in
   gdn)
     step gdn_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --out "$OUT/gdn_probe"

@@ -13,13 +13,7 @@ export PYTHONPATH=/tmp/te-site${PYTHONPATH:+:$PYTHONPATH}  # TE, where install-t
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton -e plugins/te \
   > "$OUT/install.log" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-step() {  # name, seconds, command...
-  local name=$1 limit=$2
-  shift 2
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  echo "== $name: exit $?"
-  tail -n "${TAIL:-40}" "$OUT/$name.txt" | cut -c1-200
-}
+source benchmarks/gpu_step.sh
 step profile_step 300 python3 benchmarks/profile_step.py --top 20 --json "$OUT/profile_step.json"
-TAIL=20 step bench_conv 90 python3 benchmarks/bench_conv.py --out "$OUT/conv"
-TAIL=30 step gdn_stages 120 python3 benchmarks/bench_gated_delta_rule.py --parts stages
+STEP_TAIL=20 step bench_conv 90 python3 benchmarks/bench_conv.py --out "$OUT/conv"
+STEP_TAIL=30 step gdn_stages 120 python3 benchmarks/bench_gated_delta_rule.py --parts stages
