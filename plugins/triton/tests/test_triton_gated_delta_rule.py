@@ -197,3 +197,22 @@ def test_real_shape_in_bfloat16_on_the_gpu() -> None:
     for name, ref in refs.items():
         rel = ((outs[name].double() - ref).norm() / ref.norm()).item()
         assert rel <= 1e-2, f"{name}: relative error {rel:.2e} > 1e-2"
+
+
+@pytest.mark.parametrize("dk", [1, 16, 24, 32, 48, 64, 128, 256])
+def test_the_autotuner_never_sees_a_configuration_miscompiled_at_that_key_dim(dk: int) -> None:
+    """``chunk_bwd.prune`` (the autotuner's ``early_config_prune``) drops exactly the
+    configurations the H200 probes found wrong at the key block of ``dk``, and keeps some."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd
+    from attnplug_triton.ops.gated_delta_rule.common import block
+
+    kept = chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dk)
+    assert kept, "at least one configuration must stay"
+    assert chunk_bwd.prune(chunk_bwd.CONFIGS, {"DK": dk}) == kept  # DK positional or keyword
+    dropped = [c for c in chunk_bwd.CONFIGS if c not in kept]
+    if block(dk) == 16:
+        assert {c.num_warps for c in kept} == {4} and len(dropped) == 4
+    elif block(dk) == 32:
+        assert [(c.kwargs["BV"], c.num_warps) for c in dropped] == [(32, 4), (32, 4)]
+    else:
+        assert dropped == []
