@@ -43,15 +43,17 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 # -- implementations --------------------------------------------------------------------------
-def triton_gdn() -> GDN | str:
-    """attnplug's chunked Triton kernels, or why they cannot run here."""
+def triton_gdn(split_output: bool = False) -> GDN | str:
+    """attnplug's chunked Triton kernels (the forward's output inside the state kernel, or with
+    ``split_output`` from stored states in a parallel kernel), or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
 
     def run(q, k, v, g, beta):
-        return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+        return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
+                                      split_output=split_output)
 
     return run
 
@@ -201,14 +203,15 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
                    f"({design / 1e9:.2f} GB)")
 
 
-def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 5) -> None:
+def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 5,
+                split_output: bool = False) -> None:
     """Print each kernel launch of one triton forward+backward, in launch order, with its
     median GPU time over ``reps`` profiled iterations (after a warm-up that autotunes): which
     stage the next optimisation should go to. Repeated kernels (the backward's second state
     pass, chunk_bwd's three passes) are numbered in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn = triton_gdn()
+    fn = triton_gdn(split_output)
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -231,9 +234,10 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    print(f"\ntriton GDN forward+backward, B={B} T={T} H={H} K=V={D} {dtype}: kernels in launch "
-          f"order, median of {reps} profiled runs (GPU time {sorted(total_us)[reps // 2] / 1e3:.3f}"
-          " ms in all)")
+    which = " (split output)" if split_output else ""
+    print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
+          f"in launch order, median of {reps} profiled runs (GPU time "
+          f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
     seen: dict[str, int] = defaultdict(int)
     for i, (name, _) in enumerate(runs[0]):
         seen[name] += 1
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = DTYPES[args.dtype]
     B, T, H, D = args.batch, args.seqlen, args.heads, args.head_dim
-    impls = {"triton": triton_gdn(), "fla": fla_gdn()}
+    impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
+             "fla": fla_gdn()}
     common = {"out": args.out, "warmup": args.warmup, "rep": args.rep}
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth on {torch.cuda.get_device_name()}: {bandwidth / 1e12:.2f} TB/s "
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         benches.append(bench)
     if "stages" in args.parts:
         stage_times(B, T, H, D, dtype)
+        stage_times(B, T, H, D, dtype, split_output=True)
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for bench in benches:

@@ -18,9 +18,10 @@ too slow at these sizes). Parts:
    blocks (shared/gpu/README.md), at every block size the autotuner may pick;
 3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd;
 4. ``probe`` (not in the default parts): each configuration of a kernel family
-   (``--probe-families``: chunk_bwd's three passes, chunk_h's three kernels, kkt_solve, or
-   ``autotune``: nothing forced) at each ``--probe-dims``, in a process of its own, with
-   ``CUDA_LAUNCH_BLOCKING=1``, eight processes at a time. On the H200 with Triton 3.6
+   (``--probe-families``: chunk_bwd's three passes, chunk_h's three kernels, kkt_solve,
+   chunk_o (the split forward's output kernel), or ``autotune``: nothing forced) at each
+   ``--probe-dims``, in a process of its own, with ``CUDA_LAUNCH_BLOCKING=1``, eight processes
+   at a time. On the H200 with Triton 3.6
    the backward faulted (illegal memory access, 2026-11-28; benchmarks/results) and a fault
    ends the CUDA context, so parts 1–2 stop at the first one; this part names every
    configuration that faults and checks the others.
@@ -32,6 +33,7 @@ not finite. Exit status 1 when any row fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -139,10 +141,18 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
         name = f"{label} B{B} T{T} H{H}/{HV} K{K} V{V}"
         try:
             refs = reference(x, cu, l2norm)
-            outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), cu, l2norm)
-            rows.append(row("shapes", name, dtype, errors(outs, refs)))
-        except Exception as exc:  # a compile failure or an OOM is a failed row
+        except Exception as exc:  # an OOM is a failed row
             rows.append(failed_row("shapes", name, dtype, exc))
+            continue
+        # the default forward, and the split one (output from stored states) on the project shape
+        variants = [("", False)] + ([(" split output", True)] if label in QUICK else [])
+        for suffix, split in variants:
+            try:
+                fn = functools.partial(chunk_gated_delta_rule, split_output=split)
+                outs = run(fn, x, lambda t: t.clone(), cu, l2norm)
+                rows.append(row("shapes", name + suffix, dtype, errors(outs, refs)))
+            except Exception as exc:  # a compile failure or an OOM is a failed row
+                rows.append(failed_row("shapes", name + suffix, dtype, exc))
         del x
         torch.cuda.empty_cache()
     return rows
@@ -150,14 +160,14 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
 
 def check_configs() -> list[dict]:
     """Part 2: every configuration of every kernel, forced while the others autotune."""
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, chunk_o, kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.common import force_config
 
     kernels = {"kkt_solve": kkt_solve.CONFIGS, "chunk_fwd_h_o": chunk_h.CONFIGS,
                "chunk_fwd_h_h": chunk_h.CONFIGS, "chunk_bwd_dh": chunk_h.CONFIGS,
                "chunk_bwd_dq": chunk_bwd.CONFIGS, "chunk_bwd_dv": chunk_bwd.CONFIGS,
-               "chunk_bwd_dk": chunk_bwd.CONFIGS}
+               "chunk_bwd_dk": chunk_bwd.CONFIGS, "chunk_fwd_o": chunk_o.CONFIGS}
     rows = []
     dtype = torch.bfloat16
     for dim in (128, 64):
@@ -168,9 +178,12 @@ def check_configs() -> list[dict]:
             for config in configs:
                 label = (f"D{dim} {kernel} {config.kwargs} warps={config.num_warps} "
                          f"stages={config.num_stages}")
+                # chunk_fwd_o runs in the split forward only
+                fn = functools.partial(chunk_gated_delta_rule,
+                                       split_output=kernel == "chunk_fwd_o")
                 with force_config(kernel, config):
                     try:
-                        outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), None)
+                        outs = run(fn, x, lambda t: t.clone(), None)
                         rows.append(row("configs", label, dtype, errors(outs, refs)))
                     except Exception as exc:  # out of resources, compile failure
                         rows.append(failed_row("configs", label, dtype, exc))
@@ -183,16 +196,18 @@ PROBE_FAMILIES = {
     "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"),
     "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_bwd_dh"),
     "kkt_solve": ("kkt_solve",),
+    "chunk_o": ("chunk_fwd_o",),  # probed with the split forward, which runs it
     "autotune": (),
 }
 
 
 def probe_configs(family: str) -> list:
     """The configurations a probe of ``family`` forces (``[None]``: autotuning)."""
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, chunk_o, kkt_solve
 
     return {"chunk_bwd": chunk_bwd.CONFIGS, "chunk_h": chunk_h.CONFIGS,
-            "kkt_solve": kkt_solve.CONFIGS, "autotune": [None]}[family]
+            "kkt_solve": kkt_solve.CONFIGS, "chunk_o": chunk_o.CONFIGS,
+            "autotune": [None]}[family]
 
 
 def probe_one(family: str, index: int, dim: int) -> int:
@@ -203,7 +218,7 @@ def probe_one(family: str, index: int, dim: int) -> int:
     against float64. Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, kkt_solve
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, chunk_o, kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.common import force_config
 
@@ -215,14 +230,15 @@ def probe_one(family: str, index: int, dim: int) -> int:
         # chunk_bwd at the first configuration its autotuner may pick at this dim
         first = {"chunk_bwd": chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim)[0],
                  "chunk_h": chunk_h.CONFIGS[0],
-                 "kkt_solve": kkt_solve.CONFIGS[0]}
+                 "kkt_solve": kkt_solve.CONFIGS[0], "chunk_o": chunk_o.CONFIGS[0]}
         for fam, names in PROBE_FAMILIES.items():
             for name in names:
                 forced[name] = probe_configs(fam)[index] if fam == family else first[fam]
     with ExitStack() as stack:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))
-        outs = run(chunk_gated_delta_rule, x, lambda t: t.clone(), None)
+        fn = functools.partial(chunk_gated_delta_rule, split_output=family == "chunk_o")
+        outs = run(fn, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
     errs = errors(outs, refs)  # the parent judges them (row())
     print(json.dumps({"errors": {n: e["rel"] for n, e in errs.items()}}), flush=True)

@@ -6,6 +6,7 @@ On the CPU the kernels run in Triton's interpreter, which is slow: tiny head dim
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -111,6 +112,32 @@ def test_chunk_matches_the_float64_reference(case) -> None:
     x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
     _check(triton_gdr, x, label, torch.float32, with_h0, cu_seqlens=cu_seqlens,
            use_qk_l2norm=l2norm)
+
+
+SPLIT_CASES = [c for c in CASES if c[0] in ("T=37 strided", "T=64+5 H=HV", "cu_seqlens",
+                                             "HV=3H K=48 V=40")]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_output_matches_the_float64_reference_and_the_fused_output(case) -> None:
+    """The split forward (states stored, output from them in a parallel kernel): outputs and
+    every gradient against float64, and the output against the fused forward's."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    label, B, T, H, HV, K, V, with_h0, l2norm, cu = case
+    torch.manual_seed(hash(label) % 2**31 + 1)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
+    N = B if cu is None else len(cu) - 1
+    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
+    kwargs = {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
+    split_gdr = functools.partial(triton_gdr, split_output=True)
+    _check(split_gdr, x, f"split {label}", torch.float32, with_h0, **kwargs)
+    args = [x[n] for n in NAMES[:5]]
+    h0 = x["h0"] if with_h0 else None
+    with torch.no_grad():
+        split = triton_gdr(*args, initial_state=h0, split_output=True, **kwargs)[0]
+        fused = triton_gdr(*args, initial_state=h0, split_output=False, **kwargs)[0]
+    torch.testing.assert_close(split, fused, rtol=1e-5, atol=1e-5)
 
 
 def test_float16_inputs_and_a_custom_scale() -> None:

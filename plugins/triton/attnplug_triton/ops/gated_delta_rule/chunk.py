@@ -2,7 +2,7 @@
 
 ``chunk_gated_delta_rule`` computes the same function as
 :func:`attnplug.ops.chunk_gated_delta_rule` (DESIGN §8, flash-linear-attention's conventions) with
-chunks of 64 tokens and the WY representation inside a chunk. Five kernels, each reading its
+chunks of 64 tokens and the WY representation inside a chunk. Five stages, each reading its
 inputs once and writing only what a later stage cannot rebuild in registers:
 
 1. ``kkt_solve_kernel`` (:mod:`.kkt_solve`), forward: k, g, β (and q) → ``A`` (64 values per
@@ -13,8 +13,11 @@ inputs once and writing only what a later stage cannot rebuild in registers:
    start of every chunk.
 4. ``chunk_bwd_dh_kernel`` (:mod:`.chunk_h`), backward: q, k, g, β, A, dO → the gradient of the
    state after every chunk, and of the initial state.
-5. ``chunk_bwd_kernel`` (:mod:`.chunk_bwd`), backward, twice: q, k, v, g, β, A, dO and the
-   states → dq; then with the states' gradients → dk, dv, dg, dβ.
+5. ``chunk_bwd_kernel`` (:mod:`.chunk_bwd`), backward, three times: q, k, v, g, β, A, dO and
+   the states → dq; with the states' gradients → ``Aᵀ dV_new`` and dv; then dk, dg, dβ.
+
+With ``split_output`` the forward's stage 2 only stores the chunk states (as stage 3 does) and
+``chunk_fwd_o_kernel`` (:mod:`.chunk_o`) writes the output from them, all chunks in parallel.
 
 Fused away compared with flash-linear-attention 0.6's eight-plus kernels: the q/k L2 norm (the
 norms come from stage 1; q and k enter every dot as loaded and the norms scale rows and columns
@@ -48,6 +51,7 @@ from torch import Tensor
 
 from attnplug_triton.ops.gated_delta_rule.chunk_bwd import chunk_bwd
 from attnplug_triton.ops.gated_delta_rule.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from attnplug_triton.ops.gated_delta_rule.chunk_o import chunk_fwd_o
 from attnplug_triton.ops.gated_delta_rule.common import (
     Sequences,
     check_args,
@@ -56,7 +60,13 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 )
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
-__all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction"]
+__all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT"]
+
+# The forward's default: False writes the output inside the sequential state kernel (stage 2);
+# True lets that kernel only store the chunk states and computes the output from them in a
+# parallel kernel (:mod:`.chunk_o`). Same values; which is faster is the GPU benchmark's
+# question (benchmarks/bench_gated_delta_rule.py, rows triton and triton-split).
+SPLIT_OUTPUT = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -66,12 +76,17 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
-                output_final_state: bool) -> tuple[Tensor, Tensor | None]:
+                output_final_state: bool, split_output: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
-        o, _, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, use_qk_l2norm,
-                                  prec, output=True, store_states=False,
-                                  final_state=output_final_state)
+        o, states, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale,
+                                       use_qk_l2norm, prec, output=not split_output,
+                                       store_states=split_output,
+                                       final_state=output_final_state)
+        if split_output:
+            o = chunk_fwd_o(q, k, v, g, beta, a, rq, rk, states, seqs, scale, use_qk_l2norm,
+                            prec)
+            del states  # the backward recomputes them: activation memory stays inputs + A
         ctx.save_for_backward(q, k, v, g, beta, a, rq, rk, h0)
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
         ctx.set_materialize_grads(False)
@@ -92,7 +107,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None
 
 
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
@@ -102,7 +117,8 @@ def _common_dtype(*tensors: Tensor) -> torch.dtype:
 
 def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Sequences, *,
               scale: float | None, initial_state: Tensor | None, output_final_state: bool,
-              use_qk_l2norm: bool) -> tuple[Tensor, Tensor | None]:
+              use_qk_l2norm: bool,
+              split_output: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -119,8 +135,9 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     qt, kt, vt = (token_major(x.to(dtype)) for x in (q, k, v))  # (B·T, heads, dim)
     gt, bt = (token_major(x.float()).contiguous() for x in (g, beta))  # (B·T, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
+    split = SPLIT_OUTPUT if split_output is None else bool(split_output)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
-                                                 use_qk_l2norm, output_final_state)
+                                                 use_qk_l2norm, output_final_state, split)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -128,6 +145,7 @@ def chunk_gated_delta_rule(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
     initial_state: Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
+    split_output: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -140,6 +158,8 @@ def chunk_gated_delta_rule(
         output_final_state: also return each sequence's state after its last token.
         cu_seqlens: ``[N + 1]`` integer offsets of packed sequences; requires B == 1.
         use_qk_l2norm: L2-normalise q and k per head (``x / sqrt(Σx² + 1e-6)``) first.
+        split_output: compute the output in a parallel kernel from stored chunk states
+            instead of in the sequential one; ``None`` takes :data:`SPLIT_OUTPUT`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -151,4 +171,5 @@ def chunk_gated_delta_rule(
     seqs = check_args("chunk_gated_delta_rule", q, k, v, g, beta, initial_state, cu_seqlens,
                       scale)
     return run_chunk(q, k, v, g, beta, seqs, scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+                     output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+                     split_output=split_output)

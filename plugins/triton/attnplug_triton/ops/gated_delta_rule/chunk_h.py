@@ -1,5 +1,5 @@
 """Stages 2 and 3: the two kernels that walk a sequence's chunks in order, one program per
-(value block, sequence, value head), the state block ``h[K, BV]`` in float32 registers.
+(sequence, value head, value block), the state block ``h[K, BV]`` in float32 registers.
 
 ``chunk_fwd_h_kernel`` (forward, and again in the backward to recover the states): per chunk
 ``V_new = A(β⊙V − c⊙(K h))`` with ``c = β e^γ / ‖k‖`` — that is ``U − W h`` without ever forming
@@ -56,15 +56,15 @@ def chunk_fwd_h_kernel(
     USE_L2NORM: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT: tl.constexpr,
     STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (value block, sequence·value head): the output and/or per-chunk states.
+    """One (sequence·value head, value block): the output and/or per-chunk states.
 
     q and k enter the dots as loaded; their norms and the gates scale the rows and columns of
     the (smaller) products: ``V_new = A(β⊙V − c⊙(K h))`` with ``c = β e^γ / ‖k‖`` (that is
     ``U − W h`` without forming ``W``), ``O = r_q⊙(Q h) + P V_new``,
     ``h ← e^{γ_C} h + Kᵀ(r_k e^{γ_C−γ} ⊙ V_new)``.
     """
-    pid_v = tl.program_id(0)
-    pid_nh = tl.program_id(1)
+    pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
+    pid_v = tl.program_id(1)
     n = pid_nh // HV
     hv = pid_nh % HV
     hk = hv // GROUP
@@ -122,9 +122,9 @@ def chunk_bwd_dh_kernel(
     USE_L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One (value block, sequence·value head): ``dh`` after each chunk, and ``dh0``."""
-    pid_v = tl.program_id(0)
-    pid_nh = tl.program_id(1)
+    """One (sequence·value head, value block): ``dh`` after each chunk, and ``dh0``."""
+    pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
+    pid_v = tl.program_id(1)
     n = pid_nh // HV
     hv = pid_nh % HV
     hk = hv // GROUP
@@ -191,7 +191,7 @@ def chunk_fwd_h(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Ten
     final = k.new_empty((seqs.num_seqs, HV, K, V), dtype=torch.float32) if final_state else None
     launch(f"chunk_fwd_h{'_o' if output else ''}{'_h' if store_states else ''}",
            chunk_fwd_h_kernel, CONFIGS, INTERPRETER_CONFIG, _KEY,
-           lambda meta: (triton.cdiv(V, meta["BV"]), seqs.num_seqs * HV),
+           lambda meta: (seqs.num_seqs * HV, triton.cdiv(V, meta["BV"])),
            q, k, v, g, beta, a, rq, rk, h0, o, states, final, seqs.cu, seqs.chunk_off,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            scale, HV, HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm,
@@ -211,7 +211,7 @@ def chunk_bwd_dh(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, a: Tensor, rq: T
     dstates = k.new_empty((seqs.num_chunks, HV, K, V))
     dh0 = k.new_empty((seqs.num_seqs, HV, K, V), dtype=torch.float32) if initial_grad else None
     launch("chunk_bwd_dh", chunk_bwd_dh_kernel, CONFIGS, INTERPRETER_CONFIG, _KEY,
-           lambda meta: (triton.cdiv(V, meta["BV"]), seqs.num_seqs * HV),
+           lambda meta: (seqs.num_seqs * HV, triton.cdiv(V, meta["BV"])),
            q, k, g, beta, a, rq, rk, do, dht, dstates, dh0, seqs.cu, seqs.chunk_off,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, HV, HV // H,
            DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm, HAS_DHT=dht is not None,

@@ -42,9 +42,9 @@ def fused_recurrent_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
-    """One (value block, sequence·value head): every token's output, then the final state."""
-    pid_v = tl.program_id(0)
-    pid_nh = tl.program_id(1)
+    """One (sequence·value head, value block): every token's output, then the final state."""
+    pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
+    pid_v = tl.program_id(1)
     n = pid_nh // HV
     hv = pid_nh % HV
     hk = hv // GROUP
@@ -93,7 +93,7 @@ def run_fused_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     gt, bt = (token_major(x.float()).contiguous() for x in (g, beta))  # (B·T, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
     launch("fused_recurrent", fused_recurrent_kernel, CONFIGS, INTERPRETER_CONFIG,
-           ["DK", "DV", "USE_L2NORM"], lambda meta: (triton.cdiv(V, meta["BV"]), N * HV),
+           ["DK", "DV", "USE_L2NORM"], lambda meta: (N * HV, triton.cdiv(V, meta["BV"])),
            qt, kt, vt, gt, bt, h0, o, final, seqs.cu, qt.stride(0), qt.stride(1),
            kt.stride(0), kt.stride(1), vt.stride(0), vt.stride(1), scale, HV, HV // H,
            DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm, HAS_H0=h0 is not None,
