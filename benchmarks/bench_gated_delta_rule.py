@@ -16,6 +16,11 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
 - ``stages`` (not by default): each kernel launch of one triton forward+backward with its GPU
   time (torch.profiler), to show which stage dominates.
 
+attnplug's rows: ``triton`` (the defaults), ``triton-split`` (the forward's output from stored
+chunk states in a parallel kernel), ``triton-keep`` and ``triton-split+keep`` (the backward
+reuses the forward's states; forward+backward only) — the choices of ``SPLIT_OUTPUT`` and
+``KEEP_STATES`` in ``attnplug_triton.ops.gated_delta_rule.chunk``, measured side by side.
+
 Each table lists, per case, the memory floor: the bytes that must move (q, k, v, g, β read and o
 written; the backward also reads dO and writes dq, dk, dv, dg, dβ) over the copy bandwidth
 measured in the same run, and the bytes the kernels are designed to move (:func:`design_bytes`).
@@ -43,9 +48,10 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 # -- implementations --------------------------------------------------------------------------
-def triton_gdn(split_output: bool = False) -> GDN | str:
+def triton_gdn(split_output: bool = False, keep_states: bool = False) -> GDN | str:
     """attnplug's chunked Triton kernels (the forward's output inside the state kernel, or with
-    ``split_output`` from stored states in a parallel kernel), or why they cannot run here."""
+    ``split_output`` from stored states in a parallel kernel; with ``keep_states`` the backward
+    reuses the forward's states), or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -53,7 +59,7 @@ def triton_gdn(split_output: bool = False) -> GDN | str:
 
     def run(q, k, v, g, beta):
         return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
-                                      split_output=split_output)
+                                      split_output=split_output, keep_states=keep_states)
 
     return run
 
@@ -179,6 +185,8 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
     for name, fn in impls.items():
         if backward and name == "fla" and bench.name == "gdn_scaling":
             continue  # fla's backward refuses on Hopper; the fwd+bwd table records that once
+        if not backward and name.endswith("keep"):
+            continue  # keeping the states changes only the backward
         timings[name] = timed(fn, inputs, do)
     if not isinstance(impls["triton"], str) and not isinstance(impls["fla"], str):
         try:
@@ -266,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = DTYPES[args.dtype]
     B, T, H, D = args.batch, args.seqlen, args.heads, args.head_dim
+    # the forward/backward variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES) side by side
     impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
+             "triton-keep": triton_gdn(keep_states=True),
+             "triton-split+keep": triton_gdn(split_output=True, keep_states=True),
              "fla": fla_gdn()}
     common = {"out": args.out, "warmup": args.warmup, "rep": args.rep}
     bandwidth = copy_bandwidth()

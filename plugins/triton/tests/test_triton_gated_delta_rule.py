@@ -114,14 +114,17 @@ def test_chunk_matches_the_float64_reference(case) -> None:
            use_qk_l2norm=l2norm)
 
 
-SPLIT_CASES = [c for c in CASES if c[0] in ("T=37 strided", "T=64+5 H=HV", "cu_seqlens",
-                                             "HV=3H K=48 V=40")]
+SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
 
 
+@pytest.mark.parametrize(("split", "keep"), [(True, False), (True, True), (False, True)],
+                         ids=["split", "split+keep", "keep"])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-def test_split_output_matches_the_float64_reference_and_the_fused_output(case) -> None:
-    """The split forward (states stored, output from them in a parallel kernel): outputs and
-    every gradient against float64, and the output against the fused forward's."""
+def test_split_output_and_kept_states_match_float64_and_the_fused_output(case, split: bool,
+                                                                         keep: bool) -> None:
+    """The split forward (states stored, output from them in a parallel kernel) and the states
+    kept for the backward instead of recomputed: outputs and every gradient against float64,
+    and the output against the default forward's."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     label, B, T, H, HV, K, V, with_h0, l2norm, cu = case
@@ -130,14 +133,15 @@ def test_split_output_matches_the_float64_reference_and_the_fused_output(case) -
     N = B if cu is None else len(cu) - 1
     x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
     kwargs = {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
-    split_gdr = functools.partial(triton_gdr, split_output=True)
-    _check(split_gdr, x, f"split {label}", torch.float32, with_h0, **kwargs)
+    variant = functools.partial(triton_gdr, split_output=split, keep_states=keep)
+    _check(variant, x, f"split={split} keep={keep} {label}", torch.float32, with_h0, **kwargs)
     args = [x[n] for n in NAMES[:5]]
     h0 = x["h0"] if with_h0 else None
     with torch.no_grad():
-        split = triton_gdr(*args, initial_state=h0, split_output=True, **kwargs)[0]
-        fused = triton_gdr(*args, initial_state=h0, split_output=False, **kwargs)[0]
-    torch.testing.assert_close(split, fused, rtol=1e-5, atol=1e-5)
+        out = variant(*args, initial_state=h0, **kwargs)[0]
+        default = triton_gdr(*args, initial_state=h0, split_output=False, keep_states=False,
+                             **kwargs)[0]
+    torch.testing.assert_close(out, default, rtol=1e-5, atol=1e-5)
 
 
 def test_float16_inputs_and_a_custom_scale() -> None:
@@ -243,3 +247,24 @@ def test_the_autotuner_never_sees_a_configuration_miscompiled_at_that_key_dim(dk
         assert [(c.kwargs["BV"], c.num_warps) for c in dropped] == [(32, 4), (32, 4)]
     else:
         assert dropped == []
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_kept_states_spare_the_backward_its_state_pass(monkeypatch, keep: bool) -> None:
+    """With ``keep_states`` the state kernel runs once (forward), without it twice; with no
+    gradient wanted nothing is kept."""
+    from attnplug_triton.ops.gated_delta_rule import chunk
+
+    calls = []
+    real = chunk.chunk_fwd_h
+    monkeypatch.setattr(chunk, "chunk_fwd_h",
+                        lambda *a, **kw: calls.append(kw["store_states"]) or real(*a, **kw))
+    torch.manual_seed(0)
+    x = _inputs(1, 70, 1, 2, 16, 16, 1, True, torch.float32)
+    _run(functools.partial(chunk.chunk_gated_delta_rule, keep_states=keep), x,
+         lambda t: t.clone(), True, use_qk_l2norm=True)
+    assert calls == ([True] if keep else [False, True])
+    calls.clear()
+    with torch.no_grad():
+        chunk.chunk_gated_delta_rule(*(x[n] for n in NAMES[:5]), keep_states=keep)
+    assert calls == [False]

@@ -26,7 +26,8 @@ kernel), ``w`` and ``u`` (``U − W h`` is computed as ``A(β⊙V − β⊙e^γ�
 ``v_new`` (never stored), the per-chunk states in the forward (only the backward writes them) and
 the separate output kernel (the state kernel writes o). Saved for the backward: the inputs,
 ``A`` and the norms; the per-chunk states are recomputed in the backward rather than kept from
-the forward, which keeps activation memory at the inputs plus ``A``.
+the forward, which keeps activation memory at the inputs plus ``A`` (``keep_states`` keeps them
+instead).
 
 State ``h`` is float32 in registers; the per-chunk states stored for the backward and the dot
 operands are in the inputs' dtype (float32 inputs: float32 with TF32×3 dots), except the
@@ -60,13 +61,18 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 )
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
-__all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT"]
+__all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
+           "KEEP_STATES"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
 # parallel kernel (:mod:`.chunk_o`). Same values; which is faster is the GPU benchmark's
 # question (benchmarks/bench_gated_delta_rule.py, rows triton and triton-split).
 SPLIT_OUTPUT = False
+# The backward's default: False recomputes the chunk states (one more pass of the state kernel;
+# activation memory stays the inputs plus A); True keeps the forward's, in the inputs' dtype —
+# ``tokens / 64 · HV · K · V`` elements per call, more than q, k and v together at K = V = 128.
+KEEP_STATES = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -76,38 +82,41 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
-                output_final_state: bool, split_output: bool) -> tuple[Tensor, Tensor | None]:
+                output_final_state: bool, split_output: bool,
+                keep_states: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
+        keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
         o, states, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale,
                                        use_qk_l2norm, prec, output=not split_output,
-                                       store_states=split_output,
+                                       store_states=split_output or keep_states,
                                        final_state=output_final_state)
         if split_output:
             o = chunk_fwd_o(q, k, v, g, beta, a, rq, rk, states, seqs, scale, use_qk_l2norm,
                             prec)
-            del states  # the backward recomputes them: activation memory stays inputs + A
-        ctx.save_for_backward(q, k, v, g, beta, a, rq, rk, h0)
+        ctx.save_for_backward(q, k, v, g, beta, a, rq, rk, h0,
+                              states if keep_states else None)
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx: Any, do: Tensor | None, dht: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, g, beta, a, rq, rk, h0 = ctx.saved_tensors
+        q, k, v, g, beta, a, rq, rk, h0, states = ctx.saved_tensors
         seqs, scale, l2 = ctx.seqs, ctx.scale, ctx.use_qk_l2norm
         prec = precision(k.dtype)
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
-                                   output=False, store_states=True, final_state=False)
+        if states is None:  # not kept by the forward: recompute them
+            _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
+                                       output=False, store_states=True, final_state=False)
         initial_grad = h0 is not None and ctx.needs_input_grad[5]
         dstates, dh0 = chunk_bwd_dh(q, k, g, beta, a, rq, rk, do, dht, seqs, scale, l2, prec,
                                     initial_grad=initial_grad)
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None
 
 
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
@@ -117,8 +126,8 @@ def _common_dtype(*tensors: Tensor) -> torch.dtype:
 
 def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Sequences, *,
               scale: float | None, initial_state: Tensor | None, output_final_state: bool,
-              use_qk_l2norm: bool,
-              split_output: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              use_qk_l2norm: bool, split_output: bool | None = None,
+              keep_states: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -136,8 +145,9 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     gt, bt = (token_major(x.float()).contiguous() for x in (g, beta))  # (B·T, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
     split = SPLIT_OUTPUT if split_output is None else bool(split_output)
+    keep = KEEP_STATES if keep_states is None else bool(keep_states)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
-                                                 use_qk_l2norm, output_final_state, split)
+                                                 use_qk_l2norm, output_final_state, split, keep)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -145,7 +155,7 @@ def chunk_gated_delta_rule(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
     initial_state: Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
-    split_output: bool | None = None,
+    split_output: bool | None = None, keep_states: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -160,6 +170,8 @@ def chunk_gated_delta_rule(
         use_qk_l2norm: L2-normalise q and k per head (``x / sqrt(Σx² + 1e-6)``) first.
         split_output: compute the output in a parallel kernel from stored chunk states
             instead of in the sequential one; ``None`` takes :data:`SPLIT_OUTPUT`.
+        keep_states: keep the forward's chunk states for the backward instead of recomputing
+            them (memory for time); ``None`` takes :data:`KEEP_STATES`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -172,4 +184,4 @@ def chunk_gated_delta_rule(
                       scale)
     return run_chunk(q, k, v, g, beta, seqs, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
-                     split_output=split_output)
+                     split_output=split_output, keep_states=keep_states)
