@@ -27,9 +27,10 @@ source benchmarks/gpu_step.sh
 export STEP_GREP="ok |FAIL|passed|goal|T=32K|T=4096|error"
 case ${1:-} in
   gdn)
-    step gdn_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --out "$OUT/gdn_probe"
+    step gdn_probe 170 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dims 32 64 128 \
+      --probe-families chunk_bwd chunk_o --out "$OUT/gdn_probe"
     step gdn_shapes 150 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
-    step gdn_bench 120 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages
+    step gdn_bench 220 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
