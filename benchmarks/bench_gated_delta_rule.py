@@ -17,9 +17,11 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
   time (torch.profiler), to show which stage dominates.
 
 attnplug's rows: ``triton`` (the defaults), ``triton-split`` (the forward's output from stored
-chunk states in a parallel kernel), ``triton-keep`` and ``triton-split+keep`` (the backward
-reuses the forward's states; forward+backward only) — the choices of ``SPLIT_OUTPUT`` and
-``KEEP_STATES`` in ``attnplug_triton.ops.gated_delta_rule.chunk``, measured side by side.
+chunk states in a parallel kernel), ``triton-keep`` (the backward reuses the forward's states),
+``triton-dvdh`` (the dh kernel writes dv: one backward pass fewer) and ``triton-all`` (all
+three) — the choices of ``SPLIT_OUTPUT``, ``KEEP_STATES`` and ``DV_FROM_DH`` in
+``attnplug_triton.ops.gated_delta_rule.chunk``, measured side by side (keep and dvdh only with
+the backward).
 
 Each table lists, per case, the memory floor: the bytes that must move (q, k, v, g, β read and o
 written; the backward also reads dO and writes dq, dk, dv, dg, dβ) over the copy bandwidth
@@ -48,10 +50,12 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 # -- implementations --------------------------------------------------------------------------
-def triton_gdn(split_output: bool = False, keep_states: bool = False) -> GDN | str:
+def triton_gdn(split_output: bool = False, keep_states: bool = False,
+               dv_from_dh: bool = False) -> GDN | str:
     """attnplug's chunked Triton kernels (the forward's output inside the state kernel, or with
     ``split_output`` from stored states in a parallel kernel; with ``keep_states`` the backward
-    reuses the forward's states), or why they cannot run here."""
+    reuses the forward's states; with ``dv_from_dh`` the dh kernel writes dv), or why they
+    cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -59,7 +63,8 @@ def triton_gdn(split_output: bool = False, keep_states: bool = False) -> GDN | s
 
     def run(q, k, v, g, beta):
         return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
-                                      split_output=split_output, keep_states=keep_states)
+                                      split_output=split_output, keep_states=keep_states,
+                                      dv_from_dh=dv_from_dh)
 
     return run
 
@@ -185,8 +190,8 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
     for name, fn in impls.items():
         if backward and name == "fla" and bench.name == "gdn_scaling":
             continue  # fla's backward refuses on Hopper; the fwd+bwd table records that once
-        if not backward and name.endswith("keep"):
-            continue  # keeping the states changes only the backward
+        if not backward and name in ("triton-keep", "triton-dvdh"):
+            continue  # these change only the backward
         timings[name] = timed(fn, inputs, do)
     if not isinstance(impls["triton"], str) and not isinstance(impls["fla"], str):
         try:
@@ -212,14 +217,15 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
 
 
 def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 5,
-                split_output: bool = False) -> None:
+                variant: str = "default") -> None:
     """Print each kernel launch of one triton forward+backward, in launch order, with its
     median GPU time over ``reps`` profiled iterations (after a warm-up that autotunes): which
     stage the next optimisation should go to. Repeated kernels (the backward's second state
     pass, chunk_bwd's three passes) are numbered in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn = triton_gdn(split_output)
+    on = variant == "all"
+    fn = triton_gdn(split_output=on, keep_states=on, dv_from_dh=on)
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -242,7 +248,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = " (split output)" if split_output else ""
+    which = " (split output, kept states, dv from dh)" if on else ""
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
           f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
@@ -274,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = DTYPES[args.dtype]
     B, T, H, D = args.batch, args.seqlen, args.heads, args.head_dim
-    # the forward/backward variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES) side by side
+    # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH) side by side
     impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
              "triton-keep": triton_gdn(keep_states=True),
-             "triton-split+keep": triton_gdn(split_output=True, keep_states=True),
+             "triton-dvdh": triton_gdn(dv_from_dh=True),
+             "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True),
              "fla": fla_gdn()}
     common = {"out": args.out, "warmup": args.warmup, "rep": args.rep}
     bandwidth = copy_bandwidth()
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         benches.append(bench)
     if "stages" in args.parts:
         stage_times(B, T, H, D, dtype)
-        stage_times(B, T, H, D, dtype, split_output=True)
+        stage_times(B, T, H, D, dtype, variant="all")
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for bench in benches:

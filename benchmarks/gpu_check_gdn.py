@@ -144,11 +144,13 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
         except Exception as exc:  # an OOM is a failed row
             rows.append(failed_row("shapes", name, dtype, exc))
             continue
-        # the default forward, and the split one (output from stored states) on the project shape
-        variants = [("", False)] + ([(" split output", True)] if label in QUICK else [])
-        for suffix, split in variants:
+        # the defaults; on the project shape also the variants (split, kept states, dv from dh)
+        variants = [("", False)] + ([(" split+keep+dv_from_dh", True)] if label in QUICK
+                                    else [])
+        for suffix, on in variants:
             try:
-                fn = functools.partial(chunk_gated_delta_rule, split_output=split)
+                fn = functools.partial(chunk_gated_delta_rule, split_output=on, keep_states=on,
+                                       dv_from_dh=on)
                 outs = run(fn, x, lambda t: t.clone(), cu, l2norm)
                 rows.append(row("shapes", name + suffix, dtype, errors(outs, refs)))
             except Exception as exc:  # a compile failure or an OOM is a failed row
@@ -194,9 +196,10 @@ def check_configs() -> list[dict]:
 # at their first); "autotune" forces nothing, as a user's run.
 PROBE_FAMILIES = {
     "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"),
-    "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_bwd_dh"),
+    "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_bwd_dh",
+                "chunk_bwd_dh_y"),
     "kkt_solve": ("kkt_solve",),
-    "chunk_o": ("chunk_fwd_o",),  # probed with the split forward, which runs it
+    "chunk_o": ("chunk_fwd_o",),  # runs with --probe-variants only (the split forward)
     "autotune": (),
 }
 
@@ -210,12 +213,14 @@ def probe_configs(family: str) -> list:
             "autotune": [None]}[family]
 
 
-def probe_one(family: str, index: int, dim: int) -> int:
+def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
     """One probe (in its own process): ``family``'s kernels forced to its ``index``-th
     configuration, every other kernel at its first (chunk_bwd: its first not pruned at this
     dim; none forced for ``autotune``), fwd+bwd at
     B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
-    against float64. Prints one JSON line; a fault ends the process (the parent reports it)."""
+    against float64; with ``variants``, the split forward, kept states and dv from the dh kernel
+    (chunk.py's SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH). Prints one JSON line; a fault ends the
+    process (the parent reports it)."""
     from contextlib import ExitStack
 
     from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, chunk_o, kkt_solve
@@ -237,7 +242,8 @@ def probe_one(family: str, index: int, dim: int) -> int:
     with ExitStack() as stack:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))
-        fn = functools.partial(chunk_gated_delta_rule, split_output=family == "chunk_o")
+        fn = functools.partial(chunk_gated_delta_rule, split_output=variants,
+                               keep_states=variants, dv_from_dh=variants)
         outs = run(fn, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
     errs = errors(outs, refs)  # the parent judges them (row())
@@ -245,7 +251,8 @@ def probe_one(family: str, index: int, dim: int) -> int:
     return 0
 
 
-def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8) -> list[dict]:
+def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
+                variants: bool = False) -> list[dict]:
     """Part 4: every configuration of each kernel family, each in a process of its own
     (CUDA_LAUNCH_BLOCKING=1; ``jobs`` at a time on the one GPU), so that one that faults (an
     illegal memory access ends the CUDA context) is named and the others still run."""
@@ -259,14 +266,15 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8)
             for index, config in enumerate(probe_configs(family)):
                 what = "autotuned" if config is None else (
                     f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}")
-                cases.append((family, index, dim, f"D{dim} {family} {what}"))
+                label = f"D{dim} {family}{' (variants)' if variants else ''} {what}"
+                cases.append((family, index, dim, label))
 
     def one(case: tuple) -> dict:
         family, index, dim, label = case
         try:
-            done = subprocess.run([sys.executable, __file__, "--probe-one", family, str(index),
-                                   str(dim)], env=env, capture_output=True, text=True,
-                                  timeout=240)
+            command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim)]
+            done = subprocess.run(command + (["--probe-variants"] if variants else []), env=env,
+                                  capture_output=True, text=True, timeout=240)
             last = (done.stdout.strip().splitlines() or [""])[-1]
             result = json.loads(last) if last.startswith("{") else None
         except subprocess.TimeoutExpired:
@@ -328,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="probe: head dims K=V to probe at (default 128)")
     parser.add_argument("--probe-families", nargs="+", choices=list(PROBE_FAMILIES),
                         default=["chunk_bwd"], help="probe: kernel families to probe")
+    parser.add_argument("--probe-variants", action="store_true",
+                        help="probe: with the split forward, kept states and dv from the dh "
+                        "kernel (they run chunk_fwd_o, chunk_fwd_h_h and chunk_bwd_dh_y)")
     parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.probe_one is not None:
         family, index, dim = args.probe_one
-        return probe_one(family, int(index), int(dim))
+        return probe_one(family, int(index), int(dim), args.probe_variants)
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -353,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" in args.parts:
         rows += check_decode()
     if "probe" in args.parts:
-        rows += check_probe(tuple(args.probe_dims), tuple(args.probe_families))
+        rows += check_probe(tuple(args.probe_dims), tuple(args.probe_families),
+                            variants=args.probe_variants)
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for line in chosen_configs():

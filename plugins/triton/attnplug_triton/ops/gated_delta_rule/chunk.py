@@ -62,7 +62,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
-           "KEEP_STATES"]
+           "KEEP_STATES", "DV_FROM_DH"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -73,6 +73,10 @@ SPLIT_OUTPUT = False
 # activation memory stays the inputs plus A); True keeps the forward's, in the inputs' dtype —
 # ``tokens / 64 · HV · K · V`` elements per call, more than q, k and v together at K = V = 128.
 KEEP_STATES = False
+# The backward's dv: False computes ``Aᵀ dV_new`` and dv in a pass of chunk_bwd_kernel of their
+# own; True has the dh kernel (which computes ``Aᵀ dV_new`` on its way anyway) store them, and
+# that pass is skipped.
+DV_FROM_DH = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -82,8 +86,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
-                output_final_state: bool, split_output: bool,
-                keep_states: bool) -> tuple[Tensor, Tensor | None]:
+                output_final_state: bool, split_output: bool, keep_states: bool,
+                dv_from_dh: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
@@ -97,6 +101,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, beta, a, rq, rk, h0,
                               states if keep_states else None)
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
+        ctx.dv_from_dh = dv_from_dh
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -111,12 +116,13 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
                                        output=False, store_states=True, final_state=False)
         initial_grad = h0 is not None and ctx.needs_input_grad[5]
-        dstates, dh0 = chunk_bwd_dh(q, k, g, beta, a, rq, rk, do, dht, seqs, scale, l2, prec,
-                                    initial_grad=initial_grad)
+        dstates, dh0, y, dv = chunk_bwd_dh(q, k, g, beta, a, rq, rk, do, dht, seqs, scale, l2,
+                                           prec, initial_grad=initial_grad,
+                                           store_y=ctx.dv_from_dh, dv_dtype=v.dtype)
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
-                                          seqs, scale, l2, prec)
+                                          seqs, scale, l2, prec, y=y, dv=dv)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None
 
 
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
@@ -127,7 +133,8 @@ def _common_dtype(*tensors: Tensor) -> torch.dtype:
 def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Sequences, *,
               scale: float | None, initial_state: Tensor | None, output_final_state: bool,
               use_qk_l2norm: bool, split_output: bool | None = None,
-              keep_states: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              keep_states: bool | None = None,
+              dv_from_dh: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -146,8 +153,10 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     h0 = None if initial_state is None else initial_state.contiguous()
     split = SPLIT_OUTPUT if split_output is None else bool(split_output)
     keep = KEEP_STATES if keep_states is None else bool(keep_states)
+    dv_dh = DV_FROM_DH if dv_from_dh is None else bool(dv_from_dh)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
-                                                 use_qk_l2norm, output_final_state, split, keep)
+                                                 use_qk_l2norm, output_final_state, split, keep,
+                                                 dv_dh)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -156,6 +165,7 @@ def chunk_gated_delta_rule(
     initial_state: Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
     split_output: bool | None = None, keep_states: bool | None = None,
+    dv_from_dh: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -172,6 +182,8 @@ def chunk_gated_delta_rule(
             instead of in the sequential one; ``None`` takes :data:`SPLIT_OUTPUT`.
         keep_states: keep the forward's chunk states for the backward instead of recomputing
             them (memory for time); ``None`` takes :data:`KEEP_STATES`.
+        dv_from_dh: the backward's dh kernel stores ``Aᵀ dV_new`` and dv, sparing a pass;
+            ``None`` takes :data:`DV_FROM_DH`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -184,4 +196,5 @@ def chunk_gated_delta_rule(
                       scale)
     return run_chunk(q, k, v, g, beta, seqs, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
-                     split_output=split_output, keep_states=keep_states)
+                     split_output=split_output, keep_states=keep_states,
+                     dv_from_dh=dv_from_dh)

@@ -246,9 +246,11 @@ def _l2norm_backward(x: Tensor, dy: Tensor) -> Tensor:
 def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tensor,
               rq: Tensor | None, rk: Tensor | None, do: Tensor,
               states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
-              use_qk_l2norm: bool, precision: str) -> tuple[Tensor, ...]:
+              use_qk_l2norm: bool, precision: str, y: Tensor | None = None,
+              dv: Tensor | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
-    inputs' dtype, dg and dbeta ``[tokens, HV]`` float32."""
+    inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
+    and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -256,11 +258,15 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     partial = k.dtype if finalize else torch.float32
     dq = k.new_empty((tokens, HV, K), dtype=partial)
     dk = k.new_empty((tokens, HV, K), dtype=partial)
-    dv = v.new_empty((tokens, HV, V))
     dg = g.new_empty((tokens, HV))
     dbeta = g.new_empty((tokens, HV))
-    y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
-    for name, which in (("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)):
+    passes = [("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)]
+    if y is None:
+        dv = v.new_empty((tokens, HV, V))
+        y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
+    else:
+        passes.pop(1)
+    for name, which in passes:
         launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
                ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
                q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,

@@ -115,14 +115,15 @@ def chunk_fwd_h_kernel(
 
 @triton.jit
 def chunk_bwd_dh_kernel(
-    q_ptr, k_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr, cu,
-    chunk_off,
+    q_ptr, k_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr,
+    y_ptr, dv_ptr, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    PRECISION: tl.constexpr,
+    STORE_Y: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (sequence·value head, value block): ``dh`` after each chunk, and ``dh0``."""
+    """One (sequence·value head, value block): ``dh`` after each chunk, and ``dh0``; with
+    ``STORE_Y`` also ``Y = Aᵀ dV_new`` (float32) and ``dv = β ⊙ Y``, which it computes anyway."""
     pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
     pid_v = tl.program_id(1)
     n = pid_nh // HV
@@ -166,6 +167,9 @@ def chunk_bwd_dh_kernel(
         dv_new = tl.dot(pt, do, input_precision=PRECISION)
         dv_new += kdh * (rk * tl.exp(gam_c - gam))[:, None]  # (C, BV)
         y = tl.dot(tl.trans(a), dv_new.to(dt), input_precision=PRECISION)  # (C, BV) Aᵀ dV_new
+        if STORE_Y:
+            store_rows(y_ptr + hv * DV, y, rows, r_ok, HV * DV, offs_v, v_ok)
+            store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v, v_ok)
         do_in = (do.to(tl.float32) * (rq * eg)[:, None]).to(dt)
         y_w = (y * (rk * beta * eg)[:, None]).to(dt)
         dh = dh * tl.exp(gam_c) + tl.dot(tl.trans(q), do_in, input_precision=PRECISION)
@@ -203,18 +207,25 @@ def chunk_fwd_h(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Ten
 def chunk_bwd_dh(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, a: Tensor, rq: Tensor | None,
                  rk: Tensor | None, do: Tensor,
                  dht: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
-                 precision: str, *, initial_grad: bool) -> tuple[Tensor, Tensor | None]:
+                 precision: str, *, initial_grad: bool, store_y: bool = False,
+                 dv_dtype: torch.dtype | None = None,
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """``(dstates[NC, HV, K, V]`` (gradient of the state after each chunk, k's dtype),
-    ``dh0[N, HV, K, V]`` float32 or None``)``; ``do[tokens, HV, V]`` contiguous."""
+    ``dh0[N, HV, K, V]`` float32 or None, ``y`` and ``dv````)``; ``do[tokens, HV, V]``
+    contiguous. With ``store_y``, ``y = Aᵀ dV_new`` (float32) and ``dv = β ⊙ y`` (in
+    ``dv_dtype``), both ``[tokens, HV, V]``; else both None."""
     tokens, H, K = k.shape
     HV, V = do.shape[1:]
     dstates = k.new_empty((seqs.num_chunks, HV, K, V))
     dh0 = k.new_empty((seqs.num_seqs, HV, K, V), dtype=torch.float32) if initial_grad else None
-    launch("chunk_bwd_dh", chunk_bwd_dh_kernel, CONFIGS, INTERPRETER_CONFIG, _KEY,
+    y = do.new_empty((tokens, HV, V), dtype=torch.float32) if store_y else None
+    dv = do.new_empty((tokens, HV, V), dtype=dv_dtype or do.dtype) if store_y else None
+    launch(f"chunk_bwd_dh{'_y' if store_y else ''}", chunk_bwd_dh_kernel, CONFIGS,
+           INTERPRETER_CONFIG, _KEY,
            lambda meta: (seqs.num_seqs * HV, triton.cdiv(V, meta["BV"])),
-           q, k, g, beta, a, rq, rk, do, dht, dstates, dh0, seqs.cu, seqs.chunk_off,
+           q, k, g, beta, a, rq, rk, do, dht, dstates, dh0, y, dv, seqs.cu, seqs.chunk_off,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, HV, HV // H,
            DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm, HAS_DHT=dht is not None,
-           STORE_DH0=initial_grad, PRECISION=precision)
-    return dstates, dh0
+           STORE_DH0=initial_grad, STORE_Y=store_y, PRECISION=precision)
+    return dstates, dh0, y, dv
 
