@@ -18,8 +18,9 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
 
 attnplug's rows: ``triton`` (the defaults), ``triton-split`` (the forward's output from stored
 chunk states in a parallel kernel), ``triton-keep`` (the backward reuses the forward's states),
-``triton-dvdh`` (the dh kernel writes dv: one backward pass fewer) and ``triton-all`` (all
-three) — the choices of ``SPLIT_OUTPUT``, ``KEEP_STATES`` and ``DV_FROM_DH`` in
+``triton-dvdh`` (the dh kernel writes dv: one backward pass fewer), ``triton-localdv`` (the dh
+kernel's within-chunk term from a parallel kernel) and ``triton-all`` (all four) — the choices
+of ``SPLIT_OUTPUT``, ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in
 ``attnplug_triton.ops.gated_delta_rule.chunk``, measured side by side (keep and dvdh only with
 the backward).
 
@@ -51,11 +52,12 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 
 # -- implementations --------------------------------------------------------------------------
 def triton_gdn(split_output: bool = False, keep_states: bool = False,
-               dv_from_dh: bool = False) -> GDN | str:
+               dv_from_dh: bool = False, local_dv: bool = False) -> GDN | str:
     """attnplug's chunked Triton kernels (the forward's output inside the state kernel, or with
     ``split_output`` from stored states in a parallel kernel; with ``keep_states`` the backward
-    reuses the forward's states; with ``dv_from_dh`` the dh kernel writes dv), or why they
-    cannot run here."""
+    reuses the forward's states; with ``dv_from_dh`` the dh kernel writes dv; with ``local_dv``
+    the dh kernel's within-chunk term comes from a parallel kernel), or why they cannot run
+    here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -64,7 +66,7 @@ def triton_gdn(split_output: bool = False, keep_states: bool = False,
     def run(q, k, v, g, beta):
         return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
                                       split_output=split_output, keep_states=keep_states,
-                                      dv_from_dh=dv_from_dh)
+                                      dv_from_dh=dv_from_dh, local_dv=local_dv)
 
     return run
 
@@ -190,7 +192,7 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
     for name, fn in impls.items():
         if backward and name == "fla" and bench.name == "gdn_scaling":
             continue  # fla's backward refuses on Hopper; the fwd+bwd table records that once
-        if not backward and name in ("triton-keep", "triton-dvdh"):
+        if not backward and name in ("triton-keep", "triton-dvdh", "triton-localdv"):
             continue  # these change only the backward
         timings[name] = timed(fn, inputs, do)
     if not isinstance(impls["triton"], str) and not isinstance(impls["fla"], str):
@@ -225,7 +227,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     from torch.profiler import ProfilerActivity, profile
 
     on = variant == "all"
-    fn = triton_gdn(split_output=on, keep_states=on, dv_from_dh=on)
+    fn = triton_gdn(split_output=on, keep_states=on, dv_from_dh=on, local_dv=on)
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -248,7 +250,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = " (split output, kept states, dv from dh)" if on else ""
+    which = " (every variant on)" if on else ""
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
           f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
@@ -280,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = DTYPES[args.dtype]
     B, T, H, D = args.batch, args.seqlen, args.heads, args.head_dim
-    # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH) side by side
+    # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV) side by side
     impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
              "triton-keep": triton_gdn(keep_states=True),
              "triton-dvdh": triton_gdn(dv_from_dh=True),
-             "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True),
+             "triton-localdv": triton_gdn(local_dv=True),
+             "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
+                                      local_dv=True),
              "fla": fla_gdn()}
     common = {"out": args.out, "warmup": args.warmup, "rep": args.rep}
     bandwidth = copy_bandwidth()

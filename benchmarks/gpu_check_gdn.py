@@ -19,7 +19,7 @@ too slow at these sizes). Parts:
 3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd;
 4. ``probe`` (not in the default parts): each configuration of a kernel family
    (``--probe-families``: chunk_bwd's three passes, chunk_h's three kernels, kkt_solve,
-   chunk_o (the split forward's output kernel), or ``autotune``: nothing forced) at each
+   chunk_o and chunk_dv (with ``--probe-variants``), or ``autotune``: nothing forced) at each
    ``--probe-dims``, in a process of its own, with ``CUDA_LAUNCH_BLOCKING=1``, eight processes
    at a time. On the H200 with Triton 3.6
    the backward faulted (illegal memory access, 2026-11-28; benchmarks/results) and a fault
@@ -145,12 +145,11 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
             rows.append(failed_row("shapes", name, dtype, exc))
             continue
         # the defaults; on the project shape also the variants (split, kept states, dv from dh)
-        variants = [("", False)] + ([(" split+keep+dv_from_dh", True)] if label in QUICK
-                                    else [])
+        variants = [("", False)] + ([(" all variants", True)] if label in QUICK else [])
         for suffix, on in variants:
             try:
                 fn = functools.partial(chunk_gated_delta_rule, split_output=on, keep_states=on,
-                                       dv_from_dh=on)
+                                       dv_from_dh=on, local_dv=on)
                 outs = run(fn, x, lambda t: t.clone(), cu, l2norm)
                 rows.append(row("shapes", name + suffix, dtype, errors(outs, refs)))
             except Exception as exc:  # a compile failure or an OOM is a failed row
@@ -197,20 +196,27 @@ def check_configs() -> list[dict]:
 PROBE_FAMILIES = {
     "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"),
     "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_bwd_dh",
-                "chunk_bwd_dh_y"),
+                "chunk_bwd_dh_y", "chunk_bwd_dh_y_l"),
     "kkt_solve": ("kkt_solve",),
     "chunk_o": ("chunk_fwd_o",),  # runs with --probe-variants only (the split forward)
+    "chunk_dv": ("chunk_bwd_dv_local",),  # likewise (local_dv)
     "autotune": (),
 }
 
 
 def probe_configs(family: str) -> list:
     """The configurations a probe of ``family`` forces (``[None]``: autotuning)."""
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, chunk_o, kkt_solve
+    from attnplug_triton.ops.gated_delta_rule import (
+        chunk_bwd,
+        chunk_dv,
+        chunk_h,
+        chunk_o,
+        kkt_solve,
+    )
 
     return {"chunk_bwd": chunk_bwd.CONFIGS, "chunk_h": chunk_h.CONFIGS,
             "kkt_solve": kkt_solve.CONFIGS, "chunk_o": chunk_o.CONFIGS,
-            "autotune": [None]}[family]
+            "chunk_dv": chunk_dv.CONFIGS, "autotune": [None]}[family]
 
 
 def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
@@ -218,12 +224,18 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
     configuration, every other kernel at its first (chunk_bwd: its first not pruned at this
     dim; none forced for ``autotune``), fwd+bwd at
     B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
-    against float64; with ``variants``, the split forward, kept states and dv from the dh kernel
-    (chunk.py's SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH). Prints one JSON line; a fault ends the
-    process (the parent reports it)."""
+    against float64; with ``variants``, the split forward, kept states, dv from the dh kernel
+    and the local dv kernel (chunk.py's SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV).
+    Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 
-    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h, chunk_o, kkt_solve
+    from attnplug_triton.ops.gated_delta_rule import (
+        chunk_bwd,
+        chunk_dv,
+        chunk_h,
+        chunk_o,
+        kkt_solve,
+    )
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.common import force_config
 
@@ -235,7 +247,8 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
         # chunk_bwd at the first configuration its autotuner may pick at this dim
         first = {"chunk_bwd": chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim)[0],
                  "chunk_h": chunk_h.CONFIGS[0],
-                 "kkt_solve": kkt_solve.CONFIGS[0], "chunk_o": chunk_o.CONFIGS[0]}
+                 "kkt_solve": kkt_solve.CONFIGS[0], "chunk_o": chunk_o.CONFIGS[0],
+                 "chunk_dv": chunk_dv.CONFIGS[0]}
         for fam, names in PROBE_FAMILIES.items():
             for name in names:
                 forced[name] = probe_configs(fam)[index] if fam == family else first[fam]
@@ -243,7 +256,7 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))
         fn = functools.partial(chunk_gated_delta_rule, split_output=variants,
-                               keep_states=variants, dv_from_dh=variants)
+                               keep_states=variants, dv_from_dh=variants, local_dv=variants)
         outs = run(fn, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
     errs = errors(outs, refs)  # the parent judges them (row())
@@ -337,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-families", nargs="+", choices=list(PROBE_FAMILIES),
                         default=["chunk_bwd"], help="probe: kernel families to probe")
     parser.add_argument("--probe-variants", action="store_true",
-                        help="probe: with the split forward, kept states and dv from the dh "
-                        "kernel (they run chunk_fwd_o, chunk_fwd_h_h and chunk_bwd_dh_y)")
+                        help="probe: with the kernel variants on (split forward, kept states, "
+                        "dv from dh, local dv: chunk_fwd_o, chunk_fwd_h_h, chunk_bwd_dv_local, "
+                        "chunk_bwd_dh_y_l run)")
     parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])

@@ -3,8 +3,9 @@
 # minutes (run from the repo root on the GPU machine; results under $OUT; send .whl/ along for
 # the fla anchor):
 #   bash benchmarks/gpu_experimental.sh gdn   the gated delta rule: each chunk_bwd configuration
-#       in a process of its own at K=V 32/64/128, the same for chunk_o and chunk_h with the
-#       kernel variants on (split forward, kept states, dv from dh), then the project shape
+#       in a process of its own at K=V 32/64/128, the same for chunk_o, chunk_dv and chunk_h
+#       with the kernel variants on (split forward, kept states, dv from dh, local dv), then
+#       the project shape
 #       (fwd+bwd vs float64, defaults and variants);
 #   bash benchmarks/gpu_experimental.sh gdn-bench   the forward / forward+backward benchmark
 #       (every variant side by side, fla and SDPA anchors) and each kernel's share of it;
@@ -30,11 +31,12 @@ source benchmarks/gpu_step.sh
 export STEP_GREP="ok |FAIL|passed|goal|T=32K|T=4096|error"
 case ${1:-} in
   gdn)
-    step gdn_probe 150 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dims 32 64 128 \
+    step gdn_probe 130 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dims 32 64 128 \
       --probe-families chunk_bwd --out "$OUT/gdn_probe"
-    step gdn_probe_variants 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
-      --probe-dims 32 128 --probe-families chunk_o chunk_h --out "$OUT/gdn_probe_variants"
-    step gdn_shapes 200 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
+    step gdn_probe_variants 220 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
+      --probe-dims 32 128 --probe-families chunk_o chunk_dv chunk_h \
+      --out "$OUT/gdn_probe_variants"
+    step gdn_shapes 180 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_shapes"
     ;;
   gdn-bench)
     step gdn_bench 400 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages

@@ -117,15 +117,17 @@ def test_chunk_matches_the_float64_reference(case) -> None:
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
 
 
-@pytest.mark.parametrize(("split", "keep", "dv_dh"),
-                         [(True, False, False), (False, True, True), (True, True, True)],
-                         ids=["split", "keep+dv_from_dh", "all"])
+@pytest.mark.parametrize(("split", "keep", "dv_dh", "local"),
+                         [(True, False, False, True), (False, True, True, False),
+                          (True, True, True, True)],
+                         ids=["split+local_dv", "keep+dv_from_dh", "all"])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
 def test_kernel_variants_match_float64_and_the_default_output(case, split: bool, keep: bool,
-                                                              dv_dh: bool) -> None:
+                                                              dv_dh: bool, local: bool) -> None:
     """The split forward (states stored, output from them in a parallel kernel), the states
-    kept for the backward instead of recomputed, and dv from the dh kernel: outputs and every
-    gradient against float64, and the output against the default forward's."""
+    kept for the backward instead of recomputed, dv from the dh kernel, and the dh kernel's
+    within-chunk term from a parallel kernel: outputs and every gradient against float64, and
+    the output against the default forward's."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     label, B, T, H, HV, K, V, with_h0, l2norm, cu = case
@@ -135,9 +137,9 @@ def test_kernel_variants_match_float64_and_the_default_output(case, split: bool,
     x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
     kwargs = {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
     variant = functools.partial(triton_gdr, split_output=split, keep_states=keep,
-                                dv_from_dh=dv_dh)
-    _check(variant, x, f"split={split} keep={keep} dv_from_dh={dv_dh} {label}", torch.float32,
-           with_h0, **kwargs)
+                                dv_from_dh=dv_dh, local_dv=local)
+    _check(variant, x, f"split={split} keep={keep} dv_from_dh={dv_dh} local_dv={local} "
+           f"{label}", torch.float32, with_h0, **kwargs)
     args = [x[n] for n in NAMES[:5]]
     h0 = x["h0"] if with_h0 else None
     with torch.no_grad():
@@ -275,20 +277,21 @@ def test_kept_states_spare_the_backward_its_state_pass(monkeypatch, keep: bool) 
 
 @pytest.mark.parametrize("dv_dh", [False, True])
 def test_dv_from_the_dh_kernel_spares_the_dv_pass(monkeypatch, dv_dh: bool) -> None:
-    from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd, chunk_h
+    from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd, chunk_dv, chunk_h
 
     launched = []
-    for module in (chunk_bwd, chunk_h):
+    for module in (chunk_bwd, chunk_h, chunk_dv):
         real = module.launch
         monkeypatch.setattr(module, "launch",
                             lambda name, *a, real=real, **kw: launched.append(name)
                             or real(name, *a, **kw))
     torch.manual_seed(0)
     x = _inputs(1, 70, 1, 2, 16, 16, 1, True, torch.float32)
-    _run(functools.partial(chunk.chunk_gated_delta_rule, dv_from_dh=dv_dh), x,
+    _run(functools.partial(chunk.chunk_gated_delta_rule, dv_from_dh=dv_dh, local_dv=dv_dh), x,
          lambda t: t.clone(), True, use_qk_l2norm=True)
     backward = [n for n in launched if n.startswith("chunk_bwd")]
-    if dv_dh:
-        assert backward == ["chunk_bwd_dh_y", "chunk_bwd_dq", "chunk_bwd_dk"]
+    if dv_dh:  # with local_dv too: its kernel first, then the dh kernel that reads it
+        assert backward == ["chunk_bwd_dv_local", "chunk_bwd_dh_y_l", "chunk_bwd_dq",
+                            "chunk_bwd_dk"]
     else:
         assert backward == ["chunk_bwd_dh", "chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"]

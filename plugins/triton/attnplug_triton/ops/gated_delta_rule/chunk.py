@@ -17,7 +17,9 @@ inputs once and writing only what a later stage cannot rebuild in registers:
    the states → dq; with the states' gradients → ``Aᵀ dV_new`` and dv; then dk, dg, dβ.
 
 With ``split_output`` the forward's stage 2 only stores the chunk states (as stage 3 does) and
-``chunk_fwd_o_kernel`` (:mod:`.chunk_o`) writes the output from them, all chunks in parallel.
+``chunk_fwd_o_kernel`` (:mod:`.chunk_o`) writes the output from them, all chunks in parallel;
+``keep_states`` skips stage 3; ``dv_from_dh`` has stage 4 write dv (one pass of stage 5 fewer);
+``local_dv`` moves stage 4's within-chunk term to a parallel kernel (:mod:`.chunk_dv`).
 
 Fused away compared with flash-linear-attention 0.6's eight-plus kernels: the q/k L2 norm (the
 norms come from stage 1; q and k enter every dot as loaded and the norms scale rows and columns
@@ -51,6 +53,7 @@ import torch
 from torch import Tensor
 
 from attnplug_triton.ops.gated_delta_rule.chunk_bwd import chunk_bwd
+from attnplug_triton.ops.gated_delta_rule.chunk_dv import chunk_bwd_dv_local
 from attnplug_triton.ops.gated_delta_rule.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from attnplug_triton.ops.gated_delta_rule.chunk_o import chunk_fwd_o
 from attnplug_triton.ops.gated_delta_rule.common import (
@@ -62,7 +65,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
-           "KEEP_STATES", "DV_FROM_DH"]
+           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -77,6 +80,9 @@ KEEP_STATES = False
 # own; True has the dh kernel (which computes ``Aᵀ dV_new`` on its way anyway) store them, and
 # that pass is skipped.
 DV_FROM_DH = False
+# The dh kernel's within-chunk term ``Pᵀ dO``: False computes it on the sequential path; True
+# reads it from a parallel kernel (:mod:`.chunk_dv`), float32 ``[tokens, HV, V]`` in between.
+LOCAL_DV = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -87,7 +93,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
                 output_final_state: bool, split_output: bool, keep_states: bool,
-                dv_from_dh: bool) -> tuple[Tensor, Tensor | None]:
+                dv_from_dh: bool, local_dv: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
@@ -101,7 +107,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, beta, a, rq, rk, h0,
                               states if keep_states else None)
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
-        ctx.dv_from_dh = dv_from_dh
+        ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -116,13 +122,17 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
                                        output=False, store_states=True, final_state=False)
         initial_grad = h0 is not None and ctx.needs_input_grad[5]
+        dv_local = (chunk_bwd_dv_local(q, k, g, beta, rq, rk, do, seqs, scale, l2, prec)
+                    if ctx.local_dv else None)
         dstates, dh0, y, dv = chunk_bwd_dh(q, k, g, beta, a, rq, rk, do, dht, seqs, scale, l2,
                                            prec, initial_grad=initial_grad,
-                                           store_y=ctx.dv_from_dh, dv_dtype=v.dtype)
+                                           store_y=ctx.dv_from_dh, dv_dtype=v.dtype,
+                                           dv_local=dv_local)
+        del dv_local
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec, y=y, dv=dv)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None
 
 
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
@@ -133,8 +143,8 @@ def _common_dtype(*tensors: Tensor) -> torch.dtype:
 def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Sequences, *,
               scale: float | None, initial_state: Tensor | None, output_final_state: bool,
               use_qk_l2norm: bool, split_output: bool | None = None,
-              keep_states: bool | None = None,
-              dv_from_dh: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              keep_states: bool | None = None, dv_from_dh: bool | None = None,
+              local_dv: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -154,9 +164,10 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     split = SPLIT_OUTPUT if split_output is None else bool(split_output)
     keep = KEEP_STATES if keep_states is None else bool(keep_states)
     dv_dh = DV_FROM_DH if dv_from_dh is None else bool(dv_from_dh)
+    local = LOCAL_DV if local_dv is None else bool(local_dv)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
-                                                 dv_dh)
+                                                 dv_dh, local)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -165,7 +176,7 @@ def chunk_gated_delta_rule(
     initial_state: Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
     split_output: bool | None = None, keep_states: bool | None = None,
-    dv_from_dh: bool | None = None,
+    dv_from_dh: bool | None = None, local_dv: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -184,6 +195,8 @@ def chunk_gated_delta_rule(
             them (memory for time); ``None`` takes :data:`KEEP_STATES`.
         dv_from_dh: the backward's dh kernel stores ``Aᵀ dV_new`` and dv, sparing a pass;
             ``None`` takes :data:`DV_FROM_DH`.
+        local_dv: the dh kernel reads the within-chunk ``Pᵀ dO`` from a parallel kernel;
+            ``None`` takes :data:`LOCAL_DV`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -197,4 +210,4 @@ def chunk_gated_delta_rule(
     return run_chunk(q, k, v, g, beta, seqs, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
                      split_output=split_output, keep_states=keep_states,
-                     dv_from_dh=dv_from_dh)
+                     dv_from_dh=dv_from_dh, local_dv=local_dv)

@@ -116,14 +116,16 @@ def chunk_fwd_h_kernel(
 @triton.jit
 def chunk_bwd_dh_kernel(
     q_ptr, k_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr,
-    y_ptr, dv_ptr, cu, chunk_off,
+    y_ptr, dv_ptr, dvl_ptr, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    STORE_Y: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_Y: tl.constexpr, DV_LOCAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (sequence·value head, value block): ``dh`` after each chunk, and ``dh0``; with
-    ``STORE_Y`` also ``Y = Aᵀ dV_new`` (float32) and ``dv = β ⊙ Y``, which it computes anyway."""
+    ``STORE_Y`` also ``Y = Aᵀ dV_new`` (float32) and ``dv = β ⊙ Y``, which it computes anyway;
+    with ``DV_LOCAL`` the within-chunk part ``Pᵀ dO`` of ``dV_new`` is read (float32, from
+    :mod:`.chunk_dv`) instead of computed on the sequential path."""
     pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
     pid_v = tl.program_id(1)
     n = pid_nh // HV
@@ -161,10 +163,13 @@ def chunk_bwd_dh_kernel(
         a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, c_ok)  # (C, C)
         do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
         eg = tl.exp(gam)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (C, C) KQᵀ
-        pt = (st * rk[:, None] * rq[None, :] * decay_upper(gam, 64)).to(dt)  # Pᵀ
+        if DV_LOCAL:
+            dv_new = load_rows(dvl_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Pᵀ dO
+        else:
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (C, C) KQᵀ
+            pt = (st * rk[:, None] * rq[None, :] * decay_upper(gam, 64)).to(dt)  # Pᵀ
+            dv_new = tl.dot(pt, do, input_precision=PRECISION)
         kdh = tl.dot(k, dhd, input_precision=PRECISION)  # (C, BV)
-        dv_new = tl.dot(pt, do, input_precision=PRECISION)
         dv_new += kdh * (rk * tl.exp(gam_c - gam))[:, None]  # (C, BV)
         y = tl.dot(tl.trans(a), dv_new.to(dt), input_precision=PRECISION)  # (C, BV) Aᵀ dV_new
         if STORE_Y:
@@ -208,24 +213,27 @@ def chunk_bwd_dh(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, a: Tensor, rq: T
                  rk: Tensor | None, do: Tensor,
                  dht: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
                  precision: str, *, initial_grad: bool, store_y: bool = False,
-                 dv_dtype: torch.dtype | None = None,
+                 dv_dtype: torch.dtype | None = None, dv_local: Tensor | None = None,
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """``(dstates[NC, HV, K, V]`` (gradient of the state after each chunk, k's dtype),
     ``dh0[N, HV, K, V]`` float32 or None, ``y`` and ``dv````)``; ``do[tokens, HV, V]``
     contiguous. With ``store_y``, ``y = Aᵀ dV_new`` (float32) and ``dv = β ⊙ y`` (in
-    ``dv_dtype``), both ``[tokens, HV, V]``; else both None."""
+    ``dv_dtype``), both ``[tokens, HV, V]``; else both None. ``dv_local``: ``Pᵀ dO`` from
+    :func:`~attnplug_triton.ops.gated_delta_rule.chunk_dv.chunk_bwd_dv_local`, or None to
+    compute it here."""
     tokens, H, K = k.shape
     HV, V = do.shape[1:]
     dstates = k.new_empty((seqs.num_chunks, HV, K, V))
     dh0 = k.new_empty((seqs.num_seqs, HV, K, V), dtype=torch.float32) if initial_grad else None
     y = do.new_empty((tokens, HV, V), dtype=torch.float32) if store_y else None
     dv = do.new_empty((tokens, HV, V), dtype=dv_dtype or do.dtype) if store_y else None
-    launch(f"chunk_bwd_dh{'_y' if store_y else ''}", chunk_bwd_dh_kernel, CONFIGS,
-           INTERPRETER_CONFIG, _KEY,
+    name = f"chunk_bwd_dh{'_y' if store_y else ''}{'_l' if dv_local is not None else ''}"
+    launch(name, chunk_bwd_dh_kernel, CONFIGS, INTERPRETER_CONFIG, _KEY,
            lambda meta: (seqs.num_seqs * HV, triton.cdiv(V, meta["BV"])),
-           q, k, g, beta, a, rq, rk, do, dht, dstates, dh0, y, dv, seqs.cu, seqs.chunk_off,
-           q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, HV, HV // H,
-           DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm, HAS_DHT=dht is not None,
-           STORE_DH0=initial_grad, STORE_Y=store_y, PRECISION=precision)
+           q, k, g, beta, a, rq, rk, do, dht, dstates, dh0, y, dv, dv_local, seqs.cu,
+           seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, HV,
+           HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm, HAS_DHT=dht is not None,
+           STORE_DH0=initial_grad, STORE_Y=store_y, DV_LOCAL=dv_local is not None,
+           PRECISION=precision)
     return dstates, dh0, y, dv
 
