@@ -47,6 +47,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     chunk_gates,
     decay_lower,
     decay_upper,
+    intra_chunk_pt,
     launch,
     load_norms,
     load_rows,
@@ -114,8 +115,7 @@ def chunk_bwd_kernel(
     c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
     if not DQ_PASS:
-        pt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # Pᵀ from loaded tiles
-        pt = (pt * rk[:, None] * rqs[None, :] * decay_upper(gam, 64)).to(dt)
+        pt = intra_chunk_pt(k, q, rk, rqs, gam, PRECISION).to(dt)  # (C, C) Pᵀ
 
     dqk = tl.zeros([64, BK], tl.float32)  # dq pass: Σ dO hᵀ; dk pass: the gradient of k̂
     dpt = tl.zeros([64, 64], tl.float32)  # dPᵀ

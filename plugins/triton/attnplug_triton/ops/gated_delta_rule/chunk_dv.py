@@ -23,7 +23,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     block,
     chunk_bounds,
     chunk_gates,
-    decay_upper,
+    intra_chunk_pt,
     launch,
     load_norms,
     load_rows,
@@ -64,8 +64,7 @@ def chunk_bwd_dv_local_kernel(
     rq = load_norms(rq_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM) * scale
     gam, _, _ = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
     do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
-    st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (C, C) KQᵀ
-    pt = (st * rk[:, None] * rq[None, :] * decay_upper(gam, 64)).to(dt)  # Pᵀ
+    pt = intra_chunk_pt(k, q, rk, rq, gam, PRECISION).to(dt)  # (C, C) Pᵀ
     dvl = tl.dot(pt, do, input_precision=PRECISION)  # (C, BV)
     store_rows(dvl_ptr + hv * DV, dvl, rows, r_ok, HV * DV, offs_v, v_ok)
 

@@ -30,8 +30,9 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     Sequences,
     block,
     chunk_gates,
-    decay_lower,
-    decay_upper,
+    chunk_v_new,
+    intra_chunk_p,
+    intra_chunk_pt,
     launch,
     load_norms,
     load_rows,
@@ -96,14 +97,11 @@ def chunk_fwd_h_kernel(
         gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
         a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, c_ok)  # (C, C)
         v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok)  # (C, BV)
-        kh = tl.dot(k, hd, input_precision=PRECISION)  # (C, BV)
-        x = v.to(tl.float32) * beta[:, None] - kh * (rk * beta * tl.exp(gam))[:, None]
-        v_new = tl.dot(a, x.to(dt), input_precision=PRECISION)  # (C, BV) U − W h
+        v_new = chunk_v_new(k, hd, v, a, beta, rk, gam, PRECISION)  # (C, BV) U − W h
         if OUTPUT:
             q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
             rq = load_norms(rq_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM) * scale
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (C, C)
-            p = s * rq[:, None] * rk[None, :] * decay_lower(gam, 64, False)
+            p = intra_chunk_p(q, k, rq, rk, gam, PRECISION)  # (C, C)
             o = tl.dot(q, hd, input_precision=PRECISION) * (rq * tl.exp(gam))[:, None]
             o += tl.dot(p.to(dt), v_new.to(dt), input_precision=PRECISION)  # (C, BV)
             store_rows(o_ptr + hv * DV, o, rows, r_ok, HV * DV, offs_v, v_ok)
@@ -166,8 +164,7 @@ def chunk_bwd_dh_kernel(
         if DV_LOCAL:
             dv_new = load_rows(dvl_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Pᵀ dO
         else:
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (C, C) KQᵀ
-            pt = (st * rk[:, None] * rq[None, :] * decay_upper(gam, 64)).to(dt)  # Pᵀ
+            pt = intra_chunk_pt(k, q, rk, rq, gam, PRECISION).to(dt)  # (C, C) Pᵀ
             dv_new = tl.dot(pt, do, input_precision=PRECISION)
         kdh = tl.dot(k, dhd, input_precision=PRECISION)  # (C, BV)
         dv_new += kdh * (rk * tl.exp(gam_c - gam))[:, None]  # (C, BV)

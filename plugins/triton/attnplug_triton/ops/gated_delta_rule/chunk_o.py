@@ -25,7 +25,8 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     block,
     chunk_bounds,
     chunk_gates,
-    decay_lower,
+    chunk_v_new,
+    intra_chunk_p,
     launch,
     load_norms,
     load_rows,
@@ -72,11 +73,8 @@ def chunk_fwd_o_kernel(
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
     v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok)  # (C, BV)
     eg = tl.exp(gam)
-    kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
-    x = v.to(tl.float32) * beta[:, None] - kh * (rk * beta * eg)[:, None]
-    v_new = tl.dot(a, x.to(dt), input_precision=PRECISION)  # (C, BV) U − W h
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (C, C)
-    p = s * rq[:, None] * rk[None, :] * decay_lower(gam, 64, False)
+    v_new = chunk_v_new(k, h, v, a, beta, rk, gam, PRECISION)  # (C, BV) U − W h
+    p = intra_chunk_p(q, k, rq, rk, gam, PRECISION)  # (C, C)
     o = tl.dot(q, h, input_precision=PRECISION) * (rq * eg)[:, None]
     o += tl.dot(p.to(dt), v_new.to(dt), input_precision=PRECISION)  # (C, BV)
     store_rows(o_ptr + hv * DV, o, rows, r_ok, HV * DV, offs_v, v_ok)

@@ -24,7 +24,8 @@ from attnplug_triton.ops.utils import check_runnable, interpreting, next_power_o
 
 __all__ = ["CHUNK", "MAX_DIM", "Sequences", "check_args", "sequences", "launch", "force_config",
            "chosen_configs", "precision", "block", "token_major", "load_rows", "store_rows",
-           "load_norms", "chunk_gates", "chunk_bounds", "decay_lower", "decay_upper"]
+           "load_norms", "chunk_gates", "chunk_bounds", "decay_lower", "decay_upper",
+           "intra_chunk_p", "intra_chunk_pt", "chunk_v_new"]
 
 CHUNK = 64  # tokens per chunk (the WY block); fixed, every kernel assumes it
 MAX_DIM = 256  # largest key and value head dims (K, V)
@@ -234,3 +235,28 @@ def decay_upper(gam, BT: tl.constexpr):
     i = tl.arange(0, BT)
     keep = i[:, None] <= i[None, :]
     return tl.where(keep, tl.exp(tl.where(keep, gam[None, :] - gam[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def intra_chunk_p(q, k, rq, rk, gam, PRECISION: tl.constexpr):
+    """``P = (q kᵀ) ⊙ r_q r_kᵀ ⊙ Γ`` (on and below the diagonal), float32, from loaded tiles
+    (``r_q``, ``r_k``: the row scales — norms, and for q the scale)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (C, C)
+    return s * rq[:, None] * rk[None, :] * decay_lower(gam, 64, False)
+
+
+@triton.jit
+def intra_chunk_pt(k, q, rk, rq, gam, PRECISION: tl.constexpr):
+    """``Pᵀ`` built as ``(k qᵀ) ⊙ r_k r_qᵀ ⊙ Γᵀ`` from loaded tiles — never a transposed dot
+    result (the Hopper miscompilation) — float32."""
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (C, C) KQᵀ
+    return st * rk[:, None] * rq[None, :] * decay_upper(gam, 64)
+
+
+@triton.jit
+def chunk_v_new(k, h, v, a, beta, rk, gam, PRECISION: tl.constexpr):
+    """The forward from a chunk's start state ``h``: ``V_new = A X`` (``U − W h``, float32)
+    with ``X = β⊙V − (β e^γ / ‖k‖)⊙(K h)`` entering the product in k's dtype."""
+    kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
+    x = v.to(tl.float32) * beta[:, None] - kh * (rk * beta * tl.exp(gam))[:, None]
+    return tl.dot(a, x.to(k.dtype), input_precision=PRECISION)  # (C, BV)
