@@ -7,8 +7,6 @@ On the CPU the kernels run in Triton's interpreter, which is slow: tiny head dim
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -20,25 +18,6 @@ from attnplug.ops import (
     gated_delta_rule_step,
     naive_recurrent_gated_delta_rule,
 )
-
-
-def _import_kernels_for_the_interpreter() -> None:
-    """Define the kernels with ``TRITON_INTERPRET=1`` (see conftest.py) when there is no GPU."""
-    if HAS_CUDA or importlib.util.find_spec("triton") is None:
-        return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import attnplug_triton.ops.gated_delta_rule.chunk  # noqa: F401
-        import attnplug_triton.ops.gated_delta_rule.fused_recurrent  # noqa: F401
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-_import_kernels_for_the_interpreter()
 
 
 def _inputs(B: int, T: int, H: int, HV: int, K: int, V: int, N: int, l2norm: bool,
