@@ -443,10 +443,17 @@ def _load_checkpoint(run: _Run, path: str | Path, note: Callable[[str], None]) -
     _check_resumable(state, run, path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _restore_progress(run, state, note)
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _restore_progress(run: Any, state: dict[str, Any], note: Callable[[str], None]) -> None:
+    """From a checkpoint's ``state`` (model and optimizer already loaded): the scheduler, torch's
+    CPU generator, the step, losses and evaluations; a note when the run's learning rate now
+    decays over another number of steps. Shared by both trainers' resume."""
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
     run.step = state["step"]
     run.losses = list(state["losses"])
     run.evals = list(state["evals"])

@@ -58,6 +58,7 @@ from attnplug.train import (
     _deterministic,
     _loop,
     _read_checkpoint,
+    _restore_progress,
     _rng_states,
     make_optimizer,
     make_scheduler,
@@ -199,16 +200,7 @@ def _resume(run: _Run, path: str | Path, note: Callable[[str], None]) -> None:
         names = single_process_parameter_order(run.model_cfg, run.train_cfg,
                                                run.task.vocab_size)
         load_single_file(state, model_state, optimizer_state, names, run.optimizer)
-    run.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    run.step = state["step"]
-    run.losses = list(state["losses"])
-    run.evals = list(state["evals"])
-    saved = TrainConfig(**state["train_config"])
-    if saved.decay_steps != run.train_cfg.decay_steps:
-        note(f"note: the learning rate now decays over {run.train_cfg.decay_steps} steps "
-             f"(the checkpoint's run: {saved.decay_steps}); set [train] lr_decay_steps to keep "
-             "one schedule across resumed runs")
+    _restore_progress(run, state, note)
 
 
 # -- the job ------------------------------------------------------------------------------------
