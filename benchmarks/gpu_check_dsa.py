@@ -22,7 +22,6 @@ Relative errors are ‖out − ref‖ / ‖ref‖.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import finish_checks  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -238,16 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += checks[part](args.quick)
         except Exception as exc:  # report and go on: the other parts still say something
             rows.append(report(part, "crashed", False, f"{type(exc).__name__}: {exc}"[:400]))
-    failed = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in "
-          f"{time.time() - _STARTED:.0f} s"
-          + "".join(f"\nFAILED: {r['part']} {r['case']}" for r in failed))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check_dsa.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-             "triton": __import__("triton").__version__, "rows": rows}, indent=2))
-    return 1 if failed else 0
+    return finish_checks("gpu_check_dsa", rows, _STARTED, args.out)
 
 
 if __name__ == "__main__":

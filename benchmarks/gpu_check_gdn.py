@@ -44,6 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import finish_checks  # noqa: E402
+
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 INPUTS = ("q", "k", "v", "g", "beta", "h0")
@@ -384,17 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for line in chosen_configs():
         print(f"autotuned {line}")
-    failed = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in "
-          f"{time.time() - _STARTED:.0f} s"
-          + "".join(f"\nFAILED: {r['part']} {r['dtype']} {r['case']}" for r in failed))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check_gdn.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-             "triton": triton.__version__, "autotuned": chosen_configs(), "rows": rows},
-            indent=2))
-    return 1 if failed else 0
+    return finish_checks("gpu_check_gdn", rows, _STARTED, args.out, autotuned=chosen_configs())
 
 
 if __name__ == "__main__":

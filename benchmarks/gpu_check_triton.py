@@ -22,7 +22,6 @@ error plus that tolerance's tenth. Exit status 1 when any row fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import finish_checks  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -236,15 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += check_attention_configs()
     if "norms" in args.parts:
         rows += check_norms(args.quick)
-    failed = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in {time.time() - started:.0f}"
-          " s" + "".join(f"\nFAILED: {r['part']} {r['dtype']} {r['case']}" for r in failed))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check_triton.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-             "triton": __import__("triton").__version__, "rows": rows}, indent=2))
-    return 1 if failed else 0
+    return finish_checks("gpu_check_triton", rows, started, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Bench", "Result", "add_common_args", "device_name"]
+__all__ = ["Bench", "Result", "add_common_args", "device_name", "finish_checks"]
 
 Impl = Callable[[], object]
 
@@ -46,6 +46,28 @@ def device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def finish_checks(name: str, rows: list[dict[str, Any]], started: float, out: Path | None,
+                  **extra: Any) -> int:
+    """Close a GPU check script (``gpu_check_*.py``): print how many of ``rows`` passed and name
+    each failed one (its part, dtype when it has one, and case); with ``out``, write
+    ``<out>/<name>.json`` (card, versions, ``extra``, rows). Returns the exit status: 1 when a
+    row failed, else 0."""
+    import torch
+    import triton
+
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in "
+          f"{time.time() - started:.0f} s"
+          + "".join("\nFAILED: " + " ".join(str(r[k]) for k in ("part", "dtype", "case") if k in r)
+                    for r in failed))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "triton": triton.__version__, **extra, "rows": rows}, indent=2))
+    return 1 if failed else 0
 
 
 @dataclass
