@@ -56,14 +56,6 @@ def _config(**overrides: object) -> TransformerConfig:
     return TransformerConfig(**(TINY_MODEL | overrides))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- the [parallel] table and the layout --------------------------------------------------------
 
 

@@ -63,15 +63,6 @@ def _train_json(capsys, *argv) -> dict:
     return json.loads(out)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: steady timings on a small, possibly shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- the [train] table ----------------------------------------------------------------------
 
 
