@@ -11,7 +11,7 @@ import math
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import attrs
 
@@ -477,6 +477,34 @@ class TransformerConfig:
             if isinstance(value, tuple):
                 out[key] = list(value)
         return out
+
+
+class TomlTable:
+    """What the attrs classes of one optional TOML table (``[train]``, ``[parallel]``) share;
+    ``TABLE`` names the table."""
+
+    TABLE: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str | None = None) -> Self:
+        """Build from a mapping; an unknown key raises ``ConfigError`` with a did-you-mean
+        (``source`` starts the message; default ``[TABLE]``)."""
+        check_table(cls, values, source or f"[{cls.TABLE}]", f"[{cls.TABLE}]")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Self:
+        """The ``[TABLE]`` table of a TOML file (all defaults when the file has none).
+
+        Raises:
+            ConfigError: a missing or malformed file, an unknown key or a bad value.
+        """
+        table = read_toml(path).get(cls.TABLE, {})
+        return cls.from_dict(table, source=f"{path} [{cls.TABLE}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values, suitable for TOML, JSON or a checkpoint."""
+        return attrs.asdict(self)
 
 
 def check_table(cls: type, values: Any, source: str, what: str) -> None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from attnplug._errors import ConfigError
-from attnplug.config import TransformerConfig, _choice, _float, _int, check_table, read_toml
+from attnplug.config import TomlTable, TransformerConfig, _choice, _float, _int
 from attnplug.data import IGNORE_INDEX, TASKS, check_lm, check_mqar, make_task
 from attnplug.report import (
     Reporter,
@@ -75,7 +75,7 @@ PLOT_INSTALL = 'pip install "attnplug[plot]"'
 
 
 @attrs.frozen(kw_only=True)
-class TrainConfig:
+class TrainConfig(TomlTable):
     """The ``[train]`` table: what to train on and how.
 
     The defaults are a CPU run of about a minute that a small GDN/softmax hybrid learns: MQAR
@@ -89,6 +89,8 @@ class TrainConfig:
     ``vocab_size`` is the task's vocabulary and sizes the model's embedding. ``num_kv_pairs``
     is for ``task = "mqar"``, ``lm_corpus_tokens`` and ``lm_corpus_seed`` for ``task = "lm"``.
     """
+
+    TABLE: ClassVar[str] = "train"
 
     task: str = "mqar"
     steps: int = 500
@@ -141,25 +143,6 @@ class TrainConfig:
         """The step at which the cosine reaches its floor: ``lr_decay_steps`` or ``steps``."""
         return self.lr_decay_steps or self.steps
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "[train]") -> TrainConfig:
-        """Build from a mapping; an unknown key raises ``ConfigError`` with a did-you-mean."""
-        check_table(cls, values, source, "[train]")
-        return cls(**values)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> TrainConfig:
-        """The ``[train]`` table of a TOML file (all defaults when the file has none).
-
-        Raises:
-            ConfigError: a missing or malformed file, an unknown key or a bad value.
-        """
-        table = read_toml(path).get("train", {})
-        return cls.from_dict(table, source=f"{path} [train]")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain values, suitable for TOML, JSON or a checkpoint."""
-        return attrs.asdict(self)
 
 
 # -- command line -----------------------------------------------------------------------------

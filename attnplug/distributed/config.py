@@ -21,13 +21,12 @@ them ``microbatches`` is part of the objective.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
 from attnplug._errors import ConfigError
-from attnplug.config import _bool, _choice, _int, check_table, read_toml
+from attnplug.config import TomlTable, _bool, _choice, _int
 
 __all__ = ["SCHEDULES", "Layout", "ParallelConfig", "resolve_layout", "world_size_from_env"]
 
@@ -36,7 +35,7 @@ INTERLEAVED = "interleaved_1f1b"
 
 
 @attrs.frozen(kw_only=True)
-class ParallelConfig:
+class ParallelConfig(TomlTable):
     """The ``[parallel]`` table: how a multi-process run splits the work.
 
     ``fsdp``: shard parameters, gradients and optimizer states over the data-parallel ranks
@@ -51,6 +50,8 @@ class ParallelConfig:
     Raises ``ConfigError`` naming ``[parallel] <field>`` for a bad value.
     """
 
+    TABLE: ClassVar[str] = "parallel"
+
     fsdp: bool = False
     schedule: str | None = None
     microbatches: int | None = None
@@ -62,26 +63,6 @@ class ParallelConfig:
             _choice(f("schedule"), self.schedule, SCHEDULES)
         _int(f("microbatches"), self.microbatches, optional=True)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *,
-                  source: str = "[parallel]") -> ParallelConfig:
-        """Build from a mapping; an unknown key raises ``ConfigError`` with a did-you-mean."""
-        check_table(cls, values, source, "[parallel]")
-        return cls(**values)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> ParallelConfig:
-        """The ``[parallel]`` table of a TOML file (all defaults when the file has none).
-
-        Raises:
-            ConfigError: a missing or malformed file, an unknown key or a bad value.
-        """
-        table = read_toml(path).get("parallel", {})
-        return cls.from_dict(table, source=f"{path} [parallel]")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain values."""
-        return attrs.asdict(self)
 
 
 @attrs.frozen(kw_only=True)
