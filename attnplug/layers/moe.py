@@ -73,19 +73,17 @@ class SequentialExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its rows: x (n, hidden) -> (n, hidden)."""
-        return self.expert_mlp(x, *self._weights(e))
+        return self.expert_mlp(x, *self._weights()[e])
 
-    def _weights(self, e: int | None = None) -> tuple:
-        """Expert ``e``'s ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` (biases or None); with
-        ``e=None``, one tuple per expert, the stacked parameters ``unbind`` once — autograd then
-        stacks their gradients once instead of filling a zero tensor the size of every stacked
-        parameter for each expert it indexes."""
+    def _weights(self) -> list[tuple]:
+        """Per expert ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` (biases or None), the
+        stacked parameters ``unbind`` once: autograd then stacks their gradients once instead
+        of filling a zero tensor the size of every stacked parameter for each expert it
+        indexes."""
         params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
-        if e is not None:
-            return tuple(None if p is None else p[e] for p in params)
         per_param = [[None] * self.num_local_experts if p is None else p.unbind(0)
                      for p in params]
-        return tuple(zip(*per_param, strict=True))
+        return list(zip(*per_param, strict=True))
 
     def expert_mlp(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                    w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
