@@ -138,6 +138,10 @@ class Bench:
                 except Exception as exc:  # one failing implementation must not end the run
                     row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             rows.append(row)
+            # progress as it goes, so that a run stopped at its time limit still reports
+            print(f"  {case} | {name}: "
+                  + (f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status),
+                  file=sys.stderr, flush=True)
         anchor_ms = rows[0].median_ms
         for row in rows:
             if row.median_ms is not None and anchor_ms:

@@ -82,14 +82,14 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
 @triton.jit
 def chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, chunk_seq, cu, chunk_off,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dst_ptr, chunk_seq, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
     PASS: tl.constexpr,
 ):
-    """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
-    and dβ from that Y (``PASS`` 2)."""
+    """One (chunk, value head): dq, the intra-chunk ``dPᵀ`` terms of dk and dg (``PASS`` 0);
+    ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg and dβ from those (``PASS`` 2)."""
     DQ_PASS: tl.constexpr = PASS == 0
     DV_PASS: tl.constexpr = PASS == 1
     c = tl.program_id(0)
@@ -118,10 +118,9 @@ def chunk_bwd_kernel(
         pt = intra_chunk_pt(k, q, rk, rqs, gam, PRECISION).to(dt)  # (C, C) Pᵀ
 
     dqk = tl.zeros([64, BK], tl.float32)  # dq pass: Σ dO hᵀ; dk pass: the gradient of k̂
-    dpt = tl.zeros([64, 64], tl.float32)  # dPᵀ
+    dpt = tl.zeros([64, 64], tl.float32)  # dPᵀ (dq pass)
     da = tl.zeros([64, 64], tl.float32)  # dA
     dbeta = tl.zeros([64], tl.float32)
-    t_q = tl.zeros([64], tl.float32)  # Σ_k q ⊙ (dO hᵀ), per row
     t_end = tl.zeros([64], tl.float32)  # Σ_k K̂⊙e^{γ_C−γ} ⊙ its gradient, per row
     t_w = tl.zeros([64], tl.float32)  # Σ_k K̂ ⊙ the gradient of β⊙e^γ⊙K̂, per row
     dgc_h = tl.zeros([BV], tl.float32)  # Σ h⊙dh per value column (γ_C through e^{γ_C} h)
@@ -161,16 +160,16 @@ def chunk_bwd_kernel(
         kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
         x = v * beta[:, None] - kh * c_w[:, None]
         v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
-        dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
         if DQ_PASS:
+            dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
             dqk = tl.dot(do, tl.trans(h), dqk, input_precision=PRECISION)
         else:
             # ordered so that each (C, BV) tile dies soon after it is made
             dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
             kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
             dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
-            # row sums with q or K̂ of the (C, K) gradients, taken as (C, V) products:
-            # K̂ ⊙ V_new dhᵀ is V_new ⊙ (K̂ dh), q ⊙ dO hᵀ is dO ⊙ (q h), K̂ ⊙ Y hᵀ is Y ⊙ (K̂ h)
+            # row sums with K̂ of the (C, K) gradients, taken as (C, V) products:
+            # K̂ ⊙ V_new dhᵀ is V_new ⊙ (K̂ dh), K̂ ⊙ Y hᵀ is Y ⊙ (K̂ h)
             t_end += tl.sum(v_new.to(tl.float32) * kdh, 1) * c_end
             # dA = dU (β⊙V)ᵀ + dW (β⊙e^γ⊙K̂)ᵀ = dV_new Xᵀ: X is a dot result, kept float32
             da = tl.dot(dv_new, tl.trans(x), da, input_precision=PRECISION)
@@ -184,7 +183,6 @@ def chunk_bwd_kernel(
             # K̂ in W, −Aᵀ dV_new hᵀ
             dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
                          input_precision=PRECISION)
-            t_q += tl.sum(do.to(tl.float32) * tl.dot(q, h, input_precision=PRECISION), 1)
 
     # q, k and the gates again (from cache) rather than kept in registers through the loop
     gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
@@ -193,7 +191,17 @@ def chunk_bwd_kernel(
     k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
     # the intra-chunk product P V_new, P = (q_used K̂ᵀ) ⊙ Γ; dP = (dPᵀ)ᵀ stays float32
     gl = decay_lower(gam, 64, False)  # Γ on and below the diagonal
+    gate = rows.to(tl.int64) * HV + hv
+    dst_offs = (c.to(tl.int64) * HV + hv) * 4096 + offs_c[:, None] * 64 + offs_c[None, :]
     if DQ_PASS:
+        # the dq pass has dPᵀ and Σ dO hᵀ, so it also makes the terms of dk and dg that need
+        # them (the dk pass then holds neither): γ's through q ⊙ dO hᵀ and through P, left in
+        # dg for the dk pass to finish, and dPᵀ ⊙ Γᵀ (scaled, in the inputs' dtype) for K̂'s
+        t_q = tl.sum(q.to(tl.float32) * dqk, 1)  # Σ_k q ⊙ dO hᵀ, per row
+        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
+        yp = tl.trans(dpt) * p
+        tl.store(dg_ptr + gate, t_q * rqs * eg + tl.sum(yp, 1) - tl.sum(yp, 0), mask=r_ok)
+        tl.store(dst_ptr + dst_offs, (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt))
         # O ∋ (q_used ⊙ e^γ) h and P V_new; then the L2 norm's backward
         dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
                                          input_precision=PRECISION)
@@ -204,13 +212,9 @@ def chunk_bwd_kernel(
                 dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
         store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
     else:
-        dgam = t_q * rqs * eg - t_end + t_w * beta * eg
+        dgam = tl.load(dg_ptr + gate, mask=r_ok, other=0.0) - t_end + t_w * beta * eg
         dbeta += t_w * eg
-        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
-        yp = tl.trans(dpt) * p
-        dgam += tl.sum(yp, 1) - tl.sum(yp, 0)
-        dst = (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt)
-        dqk += tl.dot(dst, q, input_precision=PRECISION)
+        dqk += tl.dot(tl.load(dst_ptr + dst_offs), q, input_precision=PRECISION)
         # the WY inverse: dM = −Aᵀ dA Aᵀ, kept on the strictly lower triangle by Γ_strict
         dm = tl.dot(da.to(dt), tl.trans(a), input_precision=PRECISION).to(dt)
         dm = -tl.dot(tl.trans(a), dm, input_precision=PRECISION)  # (C, C)
@@ -225,7 +229,6 @@ def chunk_bwd_kernel(
         # g: γ_i = Σ_{t≤i} g_t inside the chunk, γ_C = Σ_t g_t
         dgc = tl.sum(t_end, 0) + tl.sum(dgc_h, 0) * tl.exp(gam_c)
         dg = tl.sum(dgam, 0) - tl.cumsum(dgam, 0) + dgam + dgc
-        gate = rows.to(tl.int64) * HV + hv
         tl.store(dg_ptr + gate, dg, mask=r_ok)
         tl.store(dbeta_ptr + gate, dbeta, mask=r_ok)
         if FINALIZE:
@@ -266,10 +269,12 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
         y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
     else:
         passes.pop(1)
+    # (dPᵀ ⊙ Γᵀ) scaled, per chunk and value head, from the dq pass to the dk pass
+    dst = k.new_empty((seqs.num_chunks, HV, 64, 64))
     for name, which in passes:
         launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
                ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
-               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
+               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y, dst,
                seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
                k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
