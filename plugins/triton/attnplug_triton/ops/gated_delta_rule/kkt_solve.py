@@ -3,13 +3,14 @@
 ``A = (I + StrictTril(diag(β) K̂ K̂ᵀ ⊙ Γ))⁻¹`` (64 × 64, unit lower triangular) with
 ``Γ_ij = exp(γ_i − γ_j)`` and ``K̂`` the (optionally L2-normalised) keys of the chunk. One program
 per (chunk, value head) computes the ten lower 16 × 16 blocks of ``M = StrictTril(...)`` from
-four 16-row key tiles, inverts the four diagonal blocks by forward substitution (15 row steps on
-16 × 16 tiles, each step one small float32 dot), fills the six blocks below them with
-``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee"), and writes ``A`` once
-(``[tokens, HV, 64]``, in the inputs' dtype, like fla). With ``use_qk_l2norm`` the key head's
-first program also writes the inverse norms of q and k (float32 ``[tokens, H]``), so that every
-later kernel feeds q and k to its dots as loaded. The cumulative gate and ``K̂K̂ᵀ`` never touch
-memory. Nothing here transposes a dot result: the only transposed operand is a loaded key tile.
+four 16-row key tiles, inverts the four diagonal blocks as the finite series
+``(I − M)(I + M²)(I + M⁴)(I + M⁸)`` (six float32 dots on 16 × 16 tiles), fills the six blocks
+below them with ``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee"), and writes ``A``
+once (``[tokens, HV, 64]``, in the inputs' dtype, like fla). With ``use_qk_l2norm`` the key
+head's first program also writes the inverse norms of q and k (float32 ``[tokens, H]``), so
+that every later kernel feeds q and k to its dots as loaded. The cumulative gate and ``K̂K̂ᵀ``
+never touch memory. Nothing here transposes a dot result: the only transposed operand is a
+loaded key tile.
 """
 
 from __future__ import annotations
@@ -76,15 +77,19 @@ def _kkt_block(ka, kb, beta_a, gam_a, gam_b, DIAG: tl.constexpr, PRECISION: tl.c
 
 @triton.jit
 def _unit_lower_inverse(m):
-    """``(I + m)⁻¹`` of a strictly lower 16 × 16 tile, by forward substitution: step ``r`` sets
-    row ``r`` to ``e_r − Σ_{j<r} m_rj x_j``, read off row ``r`` of the product ``m x`` (rows
-    ``< r`` of ``x`` are final and ``m_rj = 0`` for ``j >= r``)."""
+    """``(I + m)⁻¹`` of a strictly lower 16 × 16 tile. ``m`` is nilpotent (``m¹⁶ = 0``), so the
+    inverse is the finite series ``Σ_{n<16} (−m)ⁿ = (I − m)(I + m²)(I + m⁴)(I + m⁸)``: six
+    float32 dots, at most four of them in a chain, instead of the fifteen dependent steps of
+    forward substitution."""
     i = tl.arange(0, 16)
     eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
-    x = eye
-    for r in tl.static_range(1, 16):
-        x = tl.where(i[:, None] == r, eye - tl.dot(m, x, input_precision="ieee"), x)
-    return x
+    m2 = tl.dot(m, m, input_precision="ieee")
+    m4 = tl.dot(m2, m2, input_precision="ieee")
+    m8 = tl.dot(m4, m4, input_precision="ieee")
+    x = eye - m
+    x = tl.dot(x, m2, x, input_precision="ieee")  # x (I + m²)
+    x = tl.dot(x, m4, x, input_precision="ieee")
+    return tl.dot(x, m8, x, input_precision="ieee")
 
 
 @triton.jit
