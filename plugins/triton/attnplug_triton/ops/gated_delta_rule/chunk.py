@@ -14,13 +14,11 @@ inputs once and writing only what a later stage cannot rebuild in registers:
 4. ``chunk_bwd_dh_kernel`` (:mod:`.chunk_h`), backward: q, k, g, β, A, dO → the gradient of the
    state after every chunk, and of the initial state.
 5. ``chunk_bwd_kernel`` (:mod:`.chunk_bwd`), backward, three times: q, k, v, g, β, A, dO and
-   the states → dq (and the dPᵀ terms of dk, dg); with the states' gradients → ``Aᵀ dV_new``,
-   dv, dA's terms of dk, dg and dβ; then dk and dg.
+   the states → dq; with the states' gradients → ``Aᵀ dV_new`` and dv; then dk, dg, dβ.
 
 With ``split_output`` the forward's stage 2 only stores the chunk states (as stage 3 does) and
 ``chunk_fwd_o_kernel`` (:mod:`.chunk_o`) writes the output from them, all chunks in parallel;
-``keep_states`` skips stage 3; ``dv_from_dh`` has stage 4 write ``Aᵀ dV_new`` and dv (stage 5's
-second pass reads them);
+``keep_states`` skips stage 3; ``dv_from_dh`` has stage 4 write dv (one pass of stage 5 fewer);
 ``local_dv`` moves stage 4's within-chunk term to a parallel kernel (:mod:`.chunk_dv`).
 
 Fused away compared with flash-linear-attention 0.6's eight-plus kernels: the q/k L2 norm (the
@@ -80,7 +78,7 @@ SPLIT_OUTPUT = False
 KEEP_STATES = False
 # The backward's dv: False computes ``Aᵀ dV_new`` and dv in a pass of chunk_bwd_kernel of their
 # own; True has the dh kernel (which computes ``Aᵀ dV_new`` on its way anyway) store them, and
-# that pass reads them instead (it still makes dA's terms).
+# that pass is skipped.
 DV_FROM_DH = False
 # The dh kernel's within-chunk term ``Pᵀ dO``: False computes it on the sequential path; True
 # reads it from a parallel kernel (:mod:`.chunk_dv`), float32 ``[tokens, HV, V]`` in between.

@@ -4,28 +4,22 @@ One program per (chunk, value head) has the chunk's starting state ``h`` and the
 of the state after it (from :mod:`.chunk_h`) and rebuilds in registers what the forward had:
 ``X = β⊙V − (β⊙e^γ⊙K̂) h`` and ``V_new = A X`` (= ``U − W h``), ``dV_new = Pᵀ dO +
 (K̂⊙e^{γ_C−γ}) dh`` with ``Pᵀ`` built as ``K Qᵀ`` scaled. The same kernel runs three times
-(``PASS``), so that each pass holds at most one ``(64, K)`` float32 accumulator and few ``(64, 64)``
-ones (register pressure, checked by compiling for sm_90 with ``ptxas -v``: at 8 warps the dq
-pass spills nothing, the dv and dk passes under 200 bytes a thread, where the two-pass dk of
-before spilled 1–2 KB):
+(``PASS``), so that each pass holds at most one ``(64, K)`` float32 accumulator (register
+pressure, checked by compiling for sm_90):
 
 * the dq pass (0) accumulates ``dO hᵀ`` and ``dPᵀ = V_new dOᵀ`` over the value blocks and writes
-  ``dq = e^γ ⊙ dO hᵀ + (dP ⊙ Γ) K̂`` (then the L2 norm's backward); it also writes the terms
-  of the later passes that need ``dPᵀ`` or ``dO hᵀ``: ``dPᵀ ⊙ Γᵀ`` (scaled, a ``(64, 64)`` tile
-  in the inputs' dtype) for K̂'s gradient, and the ``γ`` gradient through ``q ⊙ dO hᵀ`` and
-  ``P`` (into dg, for the later passes to add to);
+  ``dq = e^γ ⊙ dO hᵀ + (dP ⊙ Γ) K̂`` (then the L2 norm's backward);
 * the dv pass (1) writes ``Y = Aᵀ dV_new`` (float32 scratch) and ``dv = β ⊙ Y`` per value block
-  (or reads ``Y`` where the dh kernel made it), accumulates ``dA = dV_new Xᵀ`` and ``dβ``'s
-  row sums, then closes with the WY inverse: ``dM = −Aᵀ dA Aᵀ`` (strictly lower), dβ and the
-  ``γ`` terms of ``dM ⊙ M``, and ``(S + Sᵀ)`` with ``S = dM ⊙ β ⊙ Γ`` (a float32 ``(64, 64)``
-  tile) for K̂'s gradient;
+  — a product the single dk pass used to make itself, split out after that pass faulted on an
+  H200 (see the kernel);
 * the dk pass (2) accumulates the gradient of ``K̂`` through the state update
-  (``e^{γ_C−γ} ⊙ V_new dhᵀ``) and through ``W`` (``−β e^γ ⊙ Y hᵀ``), adds the two tiles of
-  the earlier passes (``(dPᵀ ⊙ Γᵀ) q`` and ``(S + Sᵀ) K̂``) and finishes dg: a reverse
-  cumulative sum inside the chunk, plus the chunk total ``γ_C``'s gradient on every row. Every
-  ``γ`` term is collected per row: the row sums of the ``(64, K)`` gradients with q or K̂ are
-  taken as ``(64, V)`` products (``dO ⊙ (q h)`` as ``q ⊙ dO hᵀ`` in the dq pass,
-  ``V_new ⊙ (K dh)``, ``Y ⊙ (K h)``).
+  (``e^{γ_C−γ} ⊙ V_new dhᵀ``) and through ``W`` (``−β e^γ ⊙ Y hᵀ``), ``dA = dV_new Xᵀ`` and
+  ``dPᵀ``; then closes with the WY inverse, ``dM = −Aᵀ dA Aᵀ`` (strictly lower),
+  ``dK̂ += (S + Sᵀ) K̂`` with ``S = dM ⊙ β ⊙ Γ``, and ``dK̂ += (dPᵀ ⊙ Γᵀ) q``. Every ``γ`` term is
+  collected per row (the row sums of the ``(64, K)`` gradients with q or K̂ are taken as
+  ``(64, V)`` products: ``dO ⊙ (q h)``, ``V_new ⊙ (K dh)``, ``Y ⊙ (K h)``) and turned into ``dg``
+  by a reverse cumulative sum inside the chunk, plus the chunk total ``γ_C``'s gradient on every
+  row; ``dβ`` likewise.
 
 With one value head per key head (``FINALIZE``) the L2 norm's backward runs here and dq, dk are
 written once in the inputs' dtype; with grouped heads the passes write float32 gradients of the
@@ -88,15 +82,14 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
 @triton.jit
 def chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dst_ptr, ws_ptr, chunk_seq, cu,
-    chunk_off,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, chunk_seq, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
-    PASS: tl.constexpr, LOAD_Y: tl.constexpr,
+    PASS: tl.constexpr,
 ):
-    """One (chunk, value head): dq, the intra-chunk ``dPᵀ`` terms of dk and dg (``PASS`` 0);
-    ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg and dβ from those (``PASS`` 2)."""
+    """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
+    and dβ from that Y (``PASS`` 2)."""
     DQ_PASS: tl.constexpr = PASS == 0
     DV_PASS: tl.constexpr = PASS == 1
     c = tl.program_id(0)
@@ -121,61 +114,28 @@ def chunk_bwd_kernel(
     c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
     c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
-    state = (c.to(tl.int64) * HV + hv) * DK * DV
-    gate = rows.to(tl.int64) * HV + hv
-    # (C, C) scratch of this chunk and value head, from the first two passes to the dk pass
-    cc_offs = (c.to(tl.int64) * HV + hv) * 4096 + offs_c[:, None] * 64 + offs_c[None, :]
-    if DQ_PASS:
-        dqk = tl.zeros([64, BK], tl.float32)  # Σ dO hᵀ
-        dpt = tl.zeros([64, 64], tl.float32)  # dPᵀ
-        for v0 in range(0, DV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            v_ok = offs_v < DV
-            state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
-            state_ok = k_ok[:, None] & v_ok[None, :]
-            v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok)
-            do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
-            h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
-            # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
-            kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
-            x = v.to(tl.float32) * beta[:, None] - kh * c_w[:, None]
-            v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
-            dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
-            dqk = tl.dot(do, tl.trans(h), dqk, input_precision=PRECISION)
-        gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
-        eg = tl.exp(gam)
-        q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
-        k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
-        gl = decay_lower(gam, 64, False)  # Γ on and below the diagonal
-        # the terms of dk and dg that need dPᵀ or Σ dO hᵀ are made here, so that the dk pass
-        # holds neither: γ's through q ⊙ dO hᵀ and through P = (q_used K̂ᵀ) ⊙ Γ (left in dg
-        # for the later passes to add to), and dPᵀ ⊙ Γᵀ scaled, in the inputs' dtype, for K̂'s
-        t_q = tl.sum(q.to(tl.float32) * dqk, 1)  # Σ_k q ⊙ dO hᵀ, per row
-        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
-        yp = tl.trans(dpt) * p
-        tl.store(dg_ptr + gate, t_q * rqs * eg + tl.sum(yp, 1) - tl.sum(yp, 0), mask=r_ok)
-        tl.store(dst_ptr + cc_offs, (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt))
-        # O ∋ (q_used ⊙ e^γ) h and P V_new; dP = (dPᵀ)ᵀ stays float32; then the L2 norm's
-        # backward
-        dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
-                                         input_precision=PRECISION)
-        dqh = dqs * scale  # gradient of q̂
-        if FINALIZE:
-            if USE_L2NORM:
-                q_hat = q.to(tl.float32) * rq[:, None]
-                dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
-        store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
-    elif DV_PASS:
+    if not DQ_PASS:
         pt = intra_chunk_pt(k, q, rk, rqs, gam, PRECISION).to(dt)  # (C, C) Pᵀ
-        if not LOAD_Y:
-            # Y = Aᵀ dV_new here rather than in the dk pass: on an H200 with Triton 3.6 that
-            # product in the single dk pass of session 2 faulted (illegal memory access)
-            at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64)
-                         + offs_c[:, None], mask=r_ok[None, :] & (offs_c < 64)[:, None],
-                         other=0.0)  # (C, C) Aᵀ
-        da = tl.zeros([64, 64], tl.float32)  # dA
-        dbeta = tl.zeros([64], tl.float32)
-        t_w = tl.zeros([64], tl.float32)  # Σ_k K̂ ⊙ the gradient of β⊙e^γ⊙K̂, per row
+
+    dqk = tl.zeros([64, BK], tl.float32)  # dq pass: Σ dO hᵀ; dk pass: the gradient of k̂
+    dpt = tl.zeros([64, 64], tl.float32)  # dPᵀ
+    da = tl.zeros([64, 64], tl.float32)  # dA
+    dbeta = tl.zeros([64], tl.float32)
+    t_q = tl.zeros([64], tl.float32)  # Σ_k q ⊙ (dO hᵀ), per row
+    t_end = tl.zeros([64], tl.float32)  # Σ_k K̂⊙e^{γ_C−γ} ⊙ its gradient, per row
+    t_w = tl.zeros([64], tl.float32)  # Σ_k K̂ ⊙ the gradient of β⊙e^γ⊙K̂, per row
+    dgc_h = tl.zeros([BV], tl.float32)  # Σ h⊙dh per value column (γ_C through e^{γ_C} h)
+    state = (c.to(tl.int64) * HV + hv) * DK * DV
+    if DV_PASS:
+        # Y = Aᵀ dV_new in a kernel of its own. On an H200 with Triton 3.6 the single dk pass
+        # faulted (illegal memory access); compute-sanitizer's first report was the wgmma of
+        # Aᵀ dV_new there (SASS offset matched by compiling for sm_90; possibly the sanitizer's
+        # known wgmma false positive). chunk_bwd_dh, which computes the same product in a
+        # kernel as small as this one, ran clean. A candidate workaround, not yet run on a
+        # GPU: benchmarks/gpu_check_gdn.py --parts probe.
+        at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64)
+                     + offs_c[:, None], mask=r_ok[None, :] & (offs_c < 64)[:, None],
+                     other=0.0)  # (C, C) Aᵀ
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             v_ok = offs_v < DV
@@ -185,26 +145,72 @@ def chunk_bwd_kernel(
             dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
             kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
             dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
-            if LOAD_Y:  # written by chunk_bwd_dh
-                y = load_rows(y_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)
-            else:
-                y = tl.dot(at, dv_new.to(dt), input_precision=PRECISION)  # (C, BV) Aᵀ dV_new
-                store_rows(y_ptr + hv * DV, y, rows, r_ok, HV * DV, offs_v, v_ok)
-                store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v,
-                           v_ok)
-            v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok)
-            h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
-            kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
-            x = v.to(tl.float32) * beta[:, None] - kh * c_w[:, None]
+            y = tl.dot(at, dv_new.to(dt), input_precision=PRECISION)  # (C, BV) Aᵀ dV_new
+            store_rows(y_ptr + hv * DV, y, rows, r_ok, HV * DV, offs_v, v_ok)
+            store_rows(dv_ptr + hv * DV, y * beta[:, None], rows, r_ok, HV * DV, offs_v, v_ok)
+        return
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        v_ok = offs_v < DV
+        state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
+        state_ok = k_ok[:, None] & v_ok[None, :]
+        v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok).to(tl.float32)
+        do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
+        h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
+        # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
+        kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
+        x = v * beta[:, None] - kh * c_w[:, None]
+        v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
+        dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
+        if DQ_PASS:
+            dqk = tl.dot(do, tl.trans(h), dqk, input_precision=PRECISION)
+        else:
+            # ordered so that each (C, BV) tile dies soon after it is made
+            dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
+            kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
+            dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
+            # row sums with q or K̂ of the (C, K) gradients, taken as (C, V) products:
+            # K̂ ⊙ V_new dhᵀ is V_new ⊙ (K̂ dh), q ⊙ dO hᵀ is dO ⊙ (q h), K̂ ⊙ Y hᵀ is Y ⊙ (K̂ h)
+            t_end += tl.sum(v_new.to(tl.float32) * kdh, 1) * c_end
             # dA = dU (β⊙V)ᵀ + dW (β⊙e^γ⊙K̂)ᵀ = dV_new Xᵀ: X is a dot result, kept float32
             da = tl.dot(dv_new, tl.trans(x), da, input_precision=PRECISION)
-            dbeta += tl.sum(v.to(tl.float32) * y, 1)
-            t_w -= tl.sum(y * kh, 1) * rk  # K̂ ⊙ Y hᵀ is Y ⊙ (K̂ h)
-        gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
-        eg = tl.exp(gam)
-        k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
-        dgam = t_w * beta * eg
+            # K̂ in the state update, V_new dhᵀ
+            dqk = tl.dot((v_new.to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh), dqk,
+                         input_precision=PRECISION)
+            dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
+            y = load_rows(y_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Aᵀ dV_new
+            dbeta += tl.sum(v * y, 1)
+            t_w -= tl.sum(y * kh, 1) * rk
+            # K̂ in W, −Aᵀ dV_new hᵀ
+            dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
+                         input_precision=PRECISION)
+            t_q += tl.sum(do.to(tl.float32) * tl.dot(q, h, input_precision=PRECISION), 1)
+
+    # q, k and the gates again (from cache) rather than kept in registers through the loop
+    gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
+    eg = tl.exp(gam)
+    q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
+    k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
+    # the intra-chunk product P V_new, P = (q_used K̂ᵀ) ⊙ Γ; dP = (dPᵀ)ᵀ stays float32
+    gl = decay_lower(gam, 64, False)  # Γ on and below the diagonal
+    if DQ_PASS:
+        # O ∋ (q_used ⊙ e^γ) h and P V_new; then the L2 norm's backward
+        dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
+                                         input_precision=PRECISION)
+        dqh = dqs * scale  # gradient of q̂
+        if FINALIZE:
+            if USE_L2NORM:
+                q_hat = q.to(tl.float32) * rq[:, None]
+                dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
+        store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
+    else:
+        dgam = t_q * rqs * eg - t_end + t_w * beta * eg
         dbeta += t_w * eg
+        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
+        yp = tl.trans(dpt) * p
+        dgam += tl.sum(yp, 1) - tl.sum(yp, 0)
+        dst = (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt)
+        dqk += tl.dot(dst, q, input_precision=PRECISION)
         # the WY inverse: dM = −Aᵀ dA Aᵀ, kept on the strictly lower triangle by Γ_strict
         dm = tl.dot(da.to(dt), tl.trans(a), input_precision=PRECISION).to(dt)
         dm = -tl.dot(tl.trans(a), dm, input_precision=PRECISION)  # (C, C)
@@ -213,46 +219,15 @@ def chunk_bwd_kernel(
         dbeta += tl.sum(dm * mkk, 1)
         xm = dm * mkk * beta[:, None]  # dM ⊙ M
         dgam += tl.sum(xm, 1) - tl.sum(xm, 0)
-        xs = dm * gs * beta[:, None]  # S of the docstring, float32
-        tl.store(ws_ptr + cc_offs, (xs + tl.trans(xs)) * rk[None, :])  # for K̂'s gradient
-        tl.store(dg_ptr + gate, tl.load(dg_ptr + gate, mask=r_ok, other=0.0) + dgam, mask=r_ok)
-        tl.store(dbeta_ptr + gate, dbeta, mask=r_ok)
-    else:
-        dqk = tl.zeros([64, BK], tl.float32)  # the gradient of k̂
-        t_end = tl.zeros([64], tl.float32)  # Σ_k K̂⊙e^{γ_C−γ} ⊙ its gradient, per row
-        dgc_h = tl.zeros([BV], tl.float32)  # Σ h⊙dh per value column (γ_C through e^{γ_C} h)
-        for v0 in range(0, DV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            v_ok = offs_v < DV
-            state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
-            state_ok = k_ok[:, None] & v_ok[None, :]
-            v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok)
-            h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
-            kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
-            x = v.to(tl.float32) * beta[:, None] - kh * c_w[:, None]
-            v_new = tl.dot(a, x.to(dt), input_precision=PRECISION)  # (C, BV)
-            dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
-            kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
-            # K̂ ⊙ V_new dhᵀ, row-summed, is V_new ⊙ (K̂ dh)
-            t_end += tl.sum(v_new.to(dt).to(tl.float32) * kdh, 1) * c_end
-            # K̂ in the state update, V_new dhᵀ
-            dqk = tl.dot((v_new.to(dt).to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh),
-                         dqk, input_precision=PRECISION)
-            dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
-            # K̂ in W, −Aᵀ dV_new hᵀ
-            y = load_rows(y_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Aᵀ dV_new
-            dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
-                         input_precision=PRECISION)
-        gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
-        q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
-        k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)
-        dqk += tl.dot(tl.load(dst_ptr + cc_offs), q, input_precision=PRECISION)
-        dqk += tl.dot(tl.load(ws_ptr + cc_offs), k.to(tl.float32), input_precision=PRECISION)
-        dgam = tl.load(dg_ptr + gate, mask=r_ok, other=0.0) - t_end
+        xs = dm * gs * beta[:, None]  # S of the docstring, float32: transposed into a dot
+        dqk += tl.dot((xs + tl.trans(xs)) * rk[None, :], k.to(tl.float32),
+                      input_precision=PRECISION)
         # g: γ_i = Σ_{t≤i} g_t inside the chunk, γ_C = Σ_t g_t
         dgc = tl.sum(t_end, 0) + tl.sum(dgc_h, 0) * tl.exp(gam_c)
         dg = tl.sum(dgam, 0) - tl.cumsum(dgam, 0) + dgam + dgc
+        gate = rows.to(tl.int64) * HV + hv
         tl.store(dg_ptr + gate, dg, mask=r_ok)
+        tl.store(dbeta_ptr + gate, dbeta, mask=r_ok)
         if FINALIZE:
             if USE_L2NORM:
                 k_hat = k.to(tl.float32) * rk[:, None]
@@ -275,8 +250,7 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
               dv: Tensor | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
     inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
-    and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass reads ``y``
-    instead of making it and writes no dv."""
+    and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -286,24 +260,20 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     dk = k.new_empty((tokens, HV, K), dtype=partial)
     dg = g.new_empty((tokens, HV))
     dbeta = g.new_empty((tokens, HV))
-    load_y = y is not None
-    passes = [("chunk_bwd_dq", 0), ("chunk_bwd_dv_y" if load_y else "chunk_bwd_dv", 1),
-              ("chunk_bwd_dk", 2)]
-    if not load_y:
+    passes = [("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)]
+    if y is None:
         dv = v.new_empty((tokens, HV, V))
         y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
-    # per chunk and value head, to the dk pass: (dPᵀ ⊙ Γᵀ) scaled from the dq pass, in the
-    # inputs' dtype, and (S + Sᵀ) ⊙ K̂'s norms from the dv pass, float32
-    dst = k.new_empty((seqs.num_chunks, HV, 64, 64))
-    ws = g.new_empty((seqs.num_chunks, HV, 64, 64))
+    else:
+        passes.pop(1)
     for name, which in passes:
         launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
                ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
-               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y, dst,
-               ws, seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
+               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
+               seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
                k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, PASS=which, LOAD_Y=load_y, prune=prune)
+               PRECISION=precision, PASS=which, prune=prune)
     if not finalize:
         dq = dq.view(tokens, H, group, K).sum(2)  # (tokens, H, K) gradient of q̂
         dk = dk.view(tokens, H, group, K).sum(2)
