@@ -128,7 +128,8 @@ def profile_backend(name: str, config: Any, args: argparse.Namespace,
     with device:
         model = GPTModel(config, args.vocab, backend=provider)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused on CUDA, as bench_backends.py times it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), device=device)
 
     def step() -> None:
