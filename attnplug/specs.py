@@ -152,6 +152,7 @@ def get_gated_delta_net_module_spec(
             out_norm=_slot(backend, "layer_norm", rms_norm=_rms(config), for_qk=False),
             out_proj=_slot(backend, "row_parallel_linear"),
             gated_delta_rule=_slot(backend, "gated_delta_rule"),
+            causal_conv1d=_optional_kernel(backend, "causal_conv1d"),
         ),
         metainfo={"fuse_input_layernorm": fused is not None},
     )

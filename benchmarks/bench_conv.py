@@ -9,7 +9,9 @@ in plain PyTorch that move the same bytes a few times over:
 - ``conv1d``: the layer's code (anchor): pad, transpose, ``F.conv1d(groups=C)``, SiLU;
 - ``unfold``: ``padded.unfold(1, 4, 1)`` — a ``[B, T, C, 4]`` view — times the weights, summed
   over the last dim;
-- ``shifts``: the four shifted views of the same ``unfold`` accumulated in float32.
+- ``shifts``: the four shifted views of the same ``unfold`` accumulated in float32;
+- ``triton``: the triton backend's fused kernels (``attnplug_triton.ops.conv.fused``: one pass
+  over ``[B, T, C]`` forward, one backward, the SiLU inside), when attnplug-triton imports.
 
 Forward and forward+backward at B=2, T=4096, C=8192, bf16 (``--batch``, ``--seqlen``,
 ``--channels``), each checked against a float64 ``conv1d`` first (largest difference printed).
@@ -60,6 +62,16 @@ def shifts(x: Tensor, w: Tensor) -> Tensor:
     return F.silu(y).to(x.dtype)
 
 
+def triton_conv() -> object | None:
+    """The triton backend's kernel as ``fn(x, w[C, 1, K])``, or None when it does not import."""
+    try:
+        from attnplug_triton.ops.conv.fused import causal_conv1d
+    except ImportError as exc:
+        print(f"bench_conv: no triton row ({exc})", file=sys.stderr)
+        return None
+    return lambda x, w: causal_conv1d(x, w[:, 0])
+
+
 IMPLS = {"conv1d": conv1d, "unfold": unfold, "shifts": shifts}
 
 
@@ -81,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(B, T, C, device=args.device, dtype=dtype, requires_grad=True)
     w = (torch.randn(C, 1, K, device=args.device, dtype=dtype) / K).requires_grad_()
     dy = torch.randn(B, T, C, device=args.device, dtype=dtype)
+    if args.device == "cuda" and (fn := triton_conv()) is not None:
+        IMPLS["triton"] = fn
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     conv1d(x64, w64).backward(dy.double())
     failed = False

@@ -144,6 +144,12 @@ def test_gdn_spec_on_a_fusing_backend_absorbs_the_input_norm():
     assert spec.submodules.out_proj.module is Fused.Row
     assert spec.submodules.out_norm.module is Fused.RMS
     assert spec.submodules.gated_delta_rule.module is gdr_kernel
+    # causal_conv1d is optional: a backend that does not serve it gets local's, shown as such
+    from attnplug.ops import causal_conv1d
+
+    assert spec.submodules.causal_conv1d.module is causal_conv1d
+    assert spec.submodules.causal_conv1d.metainfo == {"slot": "causal_conv1d",
+                                                      "backend": "local"}
 
 
 def test_gdn_spec_on_a_plain_backend_keeps_a_separate_norm():

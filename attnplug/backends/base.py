@@ -33,6 +33,11 @@ What the layers do with each slot (the contract a third-party backend implements
   ``fn(q[B,T,H,D], k[B,S,Hkv,D], index_q[B,T,HI,DI], index_k[B,S,DI], index_weights[B,T,HI], *,
   softmax_scale=None, causal=True, relu=True) -> scalar``, differentiable in the indexer's
   inputs only (``attnplug.ops.dsa_indexer_loss`` is the reference).
+- ``causal_conv1d()``: a kernel (attnplug's extension of DESIGN §8) computing GatedDeltaNet's
+  short convolution: ``fn(x[B,T,C], weight[C,K], *, initial_state=None, activation="silu") ->
+  y[B,T,C]``, depthwise and causal over time, ``initial_state[B,K-1,C]`` the inputs before
+  ``x`` (zeros when None), then SiLU (or nothing for ``activation=None``); differentiable in
+  all three (``attnplug.ops.causal_conv1d`` is the reference).
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ MODULE_SLOTS = (
     "grouped_mlp_modules",
     "activation_func",
 )
-KERNEL_SLOTS = ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss")
+KERNEL_SLOTS = ("gated_delta_rule", "dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss",
+                "causal_conv1d")
 SLOTS = MODULE_SLOTS + KERNEL_SLOTS
 
 
@@ -138,6 +144,9 @@ class BackendSpecProvider:
 
     def dsa_indexer_loss(self) -> Callable:
         raise self._not_served("dsa_indexer_loss")
+
+    def causal_conv1d(self) -> Callable:
+        raise self._not_served("causal_conv1d")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.name!r}>"

@@ -87,3 +87,8 @@ class LocalSpecProvider(BackendSpecProvider):
         from attnplug.ops import dsa_indexer_loss
 
         return dsa_indexer_loss
+
+    def causal_conv1d(self) -> Callable:
+        from attnplug.ops import causal_conv1d
+
+        return causal_conv1d

@@ -24,6 +24,7 @@ from attnplug.layers._checks import check_layer_args
 from attnplug.layers.attention import check_hidden
 from attnplug.layers.linear import output_layer_init_method
 from attnplug.layers.norms import compute_dtype, gated_norm
+from attnplug.ops.causal_conv1d import causal_conv1d
 from attnplug.spec import build_module
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ class GatedDeltaNet(nn.Module):
     Slots: ``in_proj`` (``(hidden, 2·Hk·Dk + 2·Hv·Dv + 2·Hv, config=, bias=False)``; may be a
     norm-fused linear), ``out_norm`` (``(config=, hidden_size=Dv)``, applied per head),
     ``out_proj`` (``(Hv·Dv, hidden, config=, bias=False, init_method=)``), ``gated_delta_rule``
-    (a kernel, DESIGN §8). ``A_log`` and ``dt_bias`` (``[Hv]``) are kept in float32 (float64 for
+    (a kernel, DESIGN §8) and ``causal_conv1d`` (a kernel; ``attnplug.ops.causal_conv1d`` when
+    unset). ``A_log`` and ``dt_bias`` (``[Hv]``) are kept in float32 (float64 for
     float64 params): ``A_log = log U(1, 16)``, ``dt_bias = 1``.
     """
 
@@ -90,6 +92,8 @@ class GatedDeltaNet(nn.Module):
         )
         self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads, dtype=gate_dtype))
         self.gated_delta_rule = build_module(submodules.gated_delta_rule)
+        self.causal_conv1d = (causal_conv1d if submodules.causal_conv1d is None
+                              else build_module(submodules.causal_conv1d))
         self.out_norm = build_module(submodules.out_norm, config=config,
                                      hidden_size=self.value_head_dim)
         self.out_proj = build_module(submodules.out_proj, self.v_dim, hidden, config=config,
@@ -98,17 +102,19 @@ class GatedDeltaNet(nn.Module):
     # -- pieces of the forward ----------------------------------------------------------------
     def _causal_conv(self, x: torch.Tensor, cache: GDNCache | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over time: x (B, T, C) -> (B, T, C); updates the cache."""
-        B, T, C = x.shape
-        pad = self.kernel_size - 1
+        history = None
         if cache is not None and cache.conv_state is not None:
             history = cache.conv_state.to(x.dtype)  # (B, K-1, C)
-        else:
-            history = x.new_zeros(B, pad, C)
-        padded = torch.cat((history, x), dim=1)  # (B, K-1+T, C)
+        y = self.causal_conv1d(x, self.conv1d.weight[:, 0], initial_state=history,
+                               activation="silu")
         if cache is not None:
-            cache.conv_state = padded[:, padded.shape[1] - pad:]  # (B, K-1, C)
-        y = F.conv1d(padded.transpose(1, 2), self.conv1d.weight, groups=C)  # (B, C, T)
-        return F.silu(y.transpose(1, 2))  # (B, T, C)
+            pad = self.kernel_size - 1
+            if history is None:
+                history = x.new_zeros(x.shape[0], pad, x.shape[2])
+            # the last K−1 inputs, from the history too when x is shorter than that
+            tail = torch.cat((history, x[:, max(x.shape[1] - pad, 0):]), dim=1)
+            cache.conv_state = tail[:, tail.shape[1] - pad:]  # (B, K-1, C)
+        return y
 
     def _gates(self, beta_raw: torch.Tensor,
                alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

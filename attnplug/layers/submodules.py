@@ -57,6 +57,7 @@ class GatedDeltaNetSubmodules:
     out_norm: Any = None
     out_proj: Any = None
     gated_delta_rule: Any = None
+    causal_conv1d: Any = None  # None: attnplug.ops.causal_conv1d
 
 
 @attrs.define

@@ -10,6 +10,7 @@ from attnplug.ops.attention import (
     causal_mask,
     naive_causal_attention,
 )
+from attnplug.ops.causal_conv1d import causal_conv1d, naive_causal_conv1d
 from attnplug.ops.dsa import (
     dsa_indexer_kl_loss,
     dsa_indexer_loss,
@@ -28,6 +29,7 @@ from attnplug.ops.gated_delta_rule import (
 __all__ = [
     "causal_attention",
     "causal_attention_probs",
+    "causal_conv1d",
     "causal_mask",
     "chunk_gated_delta_rule",
     "dsa_indexer_kl_loss",
@@ -36,6 +38,7 @@ __all__ = [
     "gated_delta_rule_step",
     "indexer_scores",
     "naive_causal_attention",
+    "naive_causal_conv1d",
     "naive_dsa_indexer_topk",
     "naive_recurrent_gated_delta_rule",
     "naive_sparse_attention",

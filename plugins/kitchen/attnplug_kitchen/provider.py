@@ -347,6 +347,10 @@ class KitchenSpecProvider(BackendSpecProvider):
         """The fallback's DSA indexer loss kernel."""
         return self._delegate("dsa_indexer_loss")
 
+    def causal_conv1d(self) -> Callable:
+        """The fallback's GDN short-convolution kernel."""
+        return self._delegate("causal_conv1d")
+
     def __repr__(self) -> str:
         if self.fallback is None:
             return f"<{type(self).__name__} backend={self.name!r} unconfigured>"

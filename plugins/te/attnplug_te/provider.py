@@ -207,5 +207,8 @@ class TESpecProvider(LocalSpecProvider):
     def dsa_indexer_loss(self) -> Callable:
         return self._kernel("dsa_indexer_loss")[1]
 
+    def causal_conv1d(self) -> Callable:
+        return self._kernel("causal_conv1d")[1]
+
     def __repr__(self) -> str:
         return f"<TESpecProvider backend={self.name!r} kernels={list(self._kernel_order)!r}>"

@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 
 # The slots this provider serves with kernels verified on a GPU; the rest come from ``local``.
 TRITON_SLOTS = frozenset({"core_attention", "layer_norm", "gated_delta_rule"})
-# Kernels right on the GPU but slower than local's: served when experimental kernels are enabled.
-EXPERIMENTAL_SLOTS = frozenset({"dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"})
+# Served only when experimental kernels are enabled: the DSA kernels (right on the GPU but
+# slower than local's) and the GDN short convolution (right under the CPU interpreter, not yet
+# run on a GPU).
+EXPERIMENTAL_SLOTS = frozenset({"dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss",
+                                "causal_conv1d"})
 EXPERIMENTAL_ENV = "ATTNPLUG_TRITON_EXPERIMENTAL"
 # The largest GDN key/value head dim whose kernels were checked against float64 on a GPU (an
 # H200 with Triton 3.6: the autotuned kernels at 16, 32, 64 and 128, each configuration of each
@@ -156,3 +159,12 @@ class TritonSpecProvider(LocalSpecProvider):
         from attnplug_triton.ops.dsa.kl import indexer_kl_loss
 
         return indexer_kl_loss
+
+    def causal_conv1d(self) -> Callable:
+        """:func:`attnplug_triton.ops.conv.fused.causal_conv1d` (experimental: ``local``'s
+        unless experimental kernels are enabled)."""
+        if not self._serves("causal_conv1d"):
+            return super().causal_conv1d()
+        from attnplug_triton.ops.conv.fused import causal_conv1d
+
+        return causal_conv1d

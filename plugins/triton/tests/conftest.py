@@ -35,6 +35,7 @@ if INTERPRET and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
         try:
             import attnplug_triton.ops.attention.fused  # noqa: F401
+            import attnplug_triton.ops.conv.fused  # noqa: F401
             import attnplug_triton.ops.gated_delta_rule.chunk  # noqa: F401
             import attnplug_triton.ops.gated_delta_rule.fused_recurrent  # noqa: F401
             import attnplug_triton.ops.norms.fused  # noqa: F401

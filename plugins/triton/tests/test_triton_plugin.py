@@ -106,7 +106,7 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
     assert provider.gated_delta_rule() is gated_delta_rule
     assert provider.served_by("gated_delta_rule") == "triton"
     for slot in set(KERNEL_SLOTS) - {"gated_delta_rule"}:
-        # DSA: served by local unless experimental kernels are enabled
+        # DSA and the short convolution: local unless experimental kernels are enabled
         assert getattr(provider, slot)() is getattr(local, slot)()
         assert provider.served_by(slot) == "local"
         assert TritonSpecProvider(experimental_kernels=True).served_by(slot) == "triton"
