@@ -190,7 +190,7 @@ def test_mlp_bad_args_name_the_argument() -> None:
 # -- the local backend ----------------------------------------------------------------------------
 def test_local_provider_slots() -> None:
     from attnplug.layers.attention import DotProductAttention
-    from attnplug.layers.moe import SequentialExperts
+    from attnplug.layers.moe import BatchedExperts, SequentialExperts
     from attnplug.ops.gated_delta_rule import chunk_gated_delta_rule
 
     assert LOCAL.name == "local"
@@ -200,7 +200,8 @@ def test_local_provider_slots() -> None:
     assert LOCAL.layer_norm(rms_norm=True) is RMSNorm
     assert LOCAL.layer_norm(rms_norm=False, for_qk=True) is LayerNorm
     assert LOCAL.core_attention() is DotProductAttention
-    assert LOCAL.grouped_mlp_modules(True) is SequentialExperts
+    assert LOCAL.grouped_mlp_modules(True) is BatchedExperts
+    assert LOCAL.grouped_mlp_modules(False) is SequentialExperts
     assert LOCAL.activation_func() is None
     assert LOCAL.gated_delta_rule() is chunk_gated_delta_rule
     assert callable(LOCAL.dsa_indexer_topk()) and callable(LOCAL.sparse_attention())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnplug import ConfigError, TransformerConfig
 from attnplug.backends.local import LocalSpecProvider
-from attnplug.layers.moe import MoELayer, SequentialExperts
+from attnplug.layers.moe import BatchedExperts, MoELayer, SequentialExperts
 from attnplug.layers.submodules import MoESubmodules
 from attnplug.spec import build_module
 from attnplug.specs import _get_moe_module_spec
@@ -132,35 +134,72 @@ def test_sequential_experts_run_contiguous_slices() -> None:
         experts(x, torch.tensor([1, 1, 1, 1, 1]))
 
 
+@pytest.mark.parametrize("cls", [SequentialExperts, BatchedExperts])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("counts", [[2, 0, 3, 0, 1], [0, 0, 7, 0, 0], [1, 1, 1, 1, 3]])
-def test_sequential_experts_gradients_match_each_expert_run_alone(bias: bool,
-                                                                  counts: list[int]) -> None:
-    """Every weight, bias and input gradient against the experts run one by one on their own
-    float64 copies; an expert without tokens gets a zero gradient."""
-    cfg = make_config(add_bias_linear=bias)
-    experts = SequentialExperts(5, config=cfg).float()
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("counts", [[2, 0, 3, 0, 1], [0, 0, 7, 0, 0], [1, 1, 1, 1, 3],
+                                    [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]])
+def test_experts_match_each_expert_run_alone(cls: type, bias: bool, gated: bool,
+                                             counts: list[int]) -> None:
+    """The output and every weight, bias and input gradient (float32) against the experts run
+    one by one on their own float64 copies; an expert without tokens gets a zero gradient.
+    ``[0, 0, 7, 0, 0]`` runs BatchedExperts one expert after another (too much padding)."""
+    cfg = make_config(add_bias_linear=bias, gated_linear_unit=gated,
+                      activation_func="silu" if gated else "gelu")
+    experts = cls(5, config=cfg).float()
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_()
     x = torch.randn(sum(counts), 8, requires_grad=True)
     dy = torch.randn(sum(counts), 8)
-    (experts(x, torch.tensor(counts)) * dy).sum().backward()
+    y = experts(x, torch.tensor(counts))
+    (y * dy).sum().backward()
     ref = SequentialExperts(5, config=cfg).double()
     ref.load_state_dict(experts.state_dict())
     x64 = x.detach().double().requires_grad_()
-    start = 0
+    start, outs = 0, []
     for e, n in enumerate(counts):
-        y = ref.expert_forward(e, x64[start:start + n])
-        (y * dy[start:start + n].double()).sum().backward()
+        outs.append(ref.expert_forward(e, x64[start:start + n]))
+        (outs[-1] * dy[start:start + n].double()).sum().backward()
         start += n
+    torch.testing.assert_close(y.detach().double(), torch.cat(outs).detach(), rtol=1e-4,
+                               atol=1e-4)
     for (name, p), p64 in zip(experts.named_parameters(), ref.parameters(), strict=True):
         expected = p64.grad if p64.grad is not None else torch.zeros_like(p64)
-        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
         for e, n in enumerate(counts):
-            if n == 0:
-                assert not p.grad[e].any(), f"{name}: expert {e} has no tokens"
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+            assert n or not got[e].any(), f"{name}: expert {e} has no tokens"
+    if sum(counts):
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=4, max_size=4))
+def test_batched_and_sequential_experts_agree_for_any_routing(counts: list[int]) -> None:
+    """Whatever the routing (padded, or uneven enough to run one by one), the batched experts
+    give the sequential ones' output on the same parameters."""
+    cfg = make_config(num_moe_experts=4)
+    torch.manual_seed(sum(counts))
+    batched = BatchedExperts(4, config=cfg)
+    sequential = SequentialExperts(4, config=cfg)
+    sequential.load_state_dict(batched.state_dict())
+    x = torch.randn(sum(counts), 8, dtype=torch.float64)
+    torch.testing.assert_close(batched(x, torch.tensor(counts)),
+                               sequential(x, torch.tensor(counts)), rtol=1e-12, atol=1e-12)
+
+
+def test_local_serves_batched_experts_for_grouped_gemm() -> None:
+    assert LOCAL.grouped_mlp_modules(True) is BatchedExperts
+    assert LOCAL.grouped_mlp_modules(False) is SequentialExperts
+    layer = build_moe(make_config(moe_grouped_gemm=True))
+    assert type(layer.experts) is BatchedExperts
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    assert torch.allclose(layer(x), reference_moe(layer, x), atol=1e-12)
+    with pytest.raises(ValueError, match="tokens_per_expert must have 5 entries"):
+        layer.experts(x[0], torch.tensor([5]))
+    with pytest.raises(ValueError, match="sum to the 5 rows"):
+        layer.experts(x[0], torch.tensor([1, 1, 1, 1, 2]))
 
 
 def test_moe_bad_arguments_name_themselves() -> None:

@@ -60,9 +60,11 @@ class LocalSpecProvider(BackendSpecProvider):
         return DotProductAttention
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool) -> type:
-        from attnplug.layers.moe import SequentialExperts
+        """``SequentialExperts`` (one expert after another), or with ``moe_use_grouped_gemm``
+        ``BatchedExperts`` (all experts in batched matmuls over a padded buffer)."""
+        from attnplug.layers.moe import BatchedExperts, SequentialExperts
 
-        return SequentialExperts
+        return BatchedExperts if moe_use_grouped_gemm else SequentialExperts
 
     def activation_func(self) -> Callable | None:
         return None

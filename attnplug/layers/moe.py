@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from attnplug.config import TransformerConfig
     from attnplug.layers.submodules import MoESubmodules
 
-__all__ = ["MoELayer", "SequentialExperts", "TopKRouter", "MOE_AUX_LOSS"]
+__all__ = ["MoELayer", "SequentialExperts", "BatchedExperts", "TopKRouter", "MOE_AUX_LOSS"]
 
 MOE_AUX_LOSS = "moe_load_balancing"
 
@@ -105,7 +105,55 @@ class SequentialExperts(nn.Module):
         outputs = [self.expert_mlp(rows, *weights)
                    for rows, weights in zip(x.split(counts), self._weights(), strict=True)
                    if rows.shape[0]]
-        return torch.cat(outputs) if outputs else x.new_zeros(x.shape)  # (N, hidden)
+        # no rows at all: an empty output, still connected to x
+        return torch.cat(outputs) if outputs else x * 0  # (N, hidden)
+
+
+class BatchedExperts(SequentialExperts):
+    """The same experts (same parameters and state dict) run as three batched matmuls.
+
+    Each expert's rows are copied into a zero-padded ``[E, capacity, hidden]`` buffer
+    (``capacity`` = the largest expert's row count), the MLP runs as ``bmm``s over all experts
+    at once, and the rows are gathered back: a fixed number of kernels per layer instead of a
+    few per expert (``SequentialExperts``), which on a GPU are each too small to keep it busy.
+    Served by ``local`` for ``moe_grouped_gemm = true``. When padding would more than double
+    the rows computed (routing so uneven that one expert has over ``2·N/E`` rows), it runs the
+    experts one after another instead: same result, less work.
+    """
+
+    # padded rows computed / rows owned, above which the experts run one after another
+    MAX_PADDING = 2.0
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        E = self.num_local_experts
+        N, hidden = x.shape
+        counts = tokens_per_expert.to(device=x.device, dtype=torch.int64)
+        if counts.shape != (E,):
+            raise ValueError(f"{type(self).__name__}: tokens_per_expert must have {E} entries, "
+                             f"got shape {tuple(tokens_per_expert.shape)}")
+        # the one host sync: the buffer's size
+        capacity, total, least = torch.stack((counts.max(), counts.sum(), counts.min())).tolist()
+        if total != N or least < 0:
+            raise ValueError(f"{type(self).__name__}: tokens_per_expert="
+                             f"{counts.tolist()} must be non-negative and sum to the {N} rows "
+                             f"of x")
+        if N == 0 or E * capacity > self.MAX_PADDING * N:
+            return super().forward(x, tokens_per_expert)
+        # row i of x (expert e's j-th row) goes to slot e·capacity + j of the padded buffer
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts,
+                                         output_size=N)  # (N,)
+        starts = torch.cumsum(counts, 0) - counts  # (E,) first row of each expert
+        slot = expert * capacity + torch.arange(N, device=x.device) - starts[expert]  # (N,)
+        padded = x.new_zeros(E * capacity, hidden).index_copy(0, slot, x)
+        padded = padded.view(E, capacity, hidden)
+        h = torch.bmm(padded, self.fc1_weight.transpose(1, 2))  # (E, cap, ffn or 2·ffn)
+        if self.fc1_bias is not None:
+            h = h + self.fc1_bias[:, None, :]
+        h = glu(h, self.activation_func) if self.gated else self.activation_func(h)
+        y = torch.bmm(h, self.fc2_weight.transpose(1, 2))  # (E, cap, hidden)
+        if self.fc2_bias is not None:
+            y = y + self.fc2_bias[:, None, :]
+        return y.reshape(E * capacity, hidden).index_select(0, slot)  # (N, hidden)
 
 
 class TopKRouter(nn.Module):
