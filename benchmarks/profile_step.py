@@ -162,6 +162,11 @@ def profile_backend(name: str, config: Any, args: argparse.Namespace,
             torch.cuda.synchronize()
         row["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total",
                                                        row_limit=args.top)
+        # how many kernels a step launches and how long they keep the GPU busy: far fewer
+        # busy milliseconds than the step's means the host (launches, syncs) is the limit
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        row["kernel_launches"] = len(kernels)
+        row["kernel_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
     return row
 
 
@@ -176,6 +181,8 @@ def report(row: dict[str, Any]) -> None:
     print(f"  {'(not in a timed part: loss, optimizer, glue)':<46} {total - timed:9.2f} ms  "
           f"{100 * (total - timed) / total:5.1f}%")
     if "top_kernels" in row:
+        print(f"  one profiled step: {row['kernel_launches']} kernels, {row['kernel_ms']:.1f} ms "
+              f"of GPU time in them")
         print(row["top_kernels"])
 
 
