@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call's worth of checks (run on the GPU machine from the repo root; results under $OUT):
-# the local ops on CUDA, a hybrid trained with triton and with local (losses side by side), and the
-# attention benchmark with the anchors measured in the same run.
+# the local ops on CUDA, the triton attention and short-convolution kernels at real shapes, a
+# hybrid trained with triton and with local (losses side by side), and the attention benchmark
+# with the anchors measured in the same run.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -11,8 +12,12 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 timeout 90 python3 -m pytest -q -rs tests/test_ops_cuda.py > "$OUT/ops_cuda.txt" 2>&1
 tail -n 3 "$OUT/ops_cuda.txt"
+# the triton flash attention and short convolution against float64 at real shapes (bf16)
+timeout 120 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
+  plugins/triton/tests/test_triton_causal_conv1d.py > "$OUT/triton_kernels.txt" 2>&1
+tail -n 3 "$OUT/triton_kernels.txt"
 for backend in triton local; do
-  timeout 100 python3 -m attnplug train examples/qwen3_next_hybrid.toml --device cuda \
+  timeout 170 python3 -m attnplug train examples/qwen3_next_hybrid.toml --device cuda \
     --backend "$backend" --steps 150 --json > "$OUT/train_$backend.json" 2> "$OUT/train_$backend.err"
   python3 - "$OUT/train_$backend.json" <<'PY'
 import json, sys
