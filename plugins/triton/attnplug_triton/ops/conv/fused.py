@@ -120,11 +120,13 @@ def causal_conv1d_bwd_kernel(
 
 
 def _blocks(backward: bool) -> tuple[int, int, int]:
-    """``(BT, BC, num_warps)``: small blocks under the interpreter (speed), else 64 (forward)
-    or 32 (backward: more tiles live) rows by 128 channels."""
+    """``(BT, BC, num_warps)``: small blocks under the interpreter (speed); on a GPU the
+    largest that do not spill on sm_90 (``benchmarks/ptxas_report.py --only conv``, Triton
+    3.6): 64 × 128 with 8 warps forward (207 registers), 16 × 64 with 4 warps backward (156
+    registers; 32 × 128 spilled 2 KB a thread, its K recomputed tiles all live)."""
     if interpreting():
         return 16, 32, 1
-    return (32 if backward else 64), 128, 4
+    return (16, 64, 4) if backward else (64, 128, 8)
 
 
 def _rows(t: Tensor) -> Tensor:

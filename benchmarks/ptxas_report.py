@@ -1,0 +1,154 @@
+"""Registers, spills and shared memory of attnplug's Triton kernels for a GPU, without one.
+
+Triton compiles for any NVIDIA target on a machine without a GPU, and its wheel ships ``ptxas``;
+``ptxas -v`` then says how many registers a kernel uses and how many bytes a thread spills to
+local memory — the first thing to look at when a kernel is slower than its byte or FLOP count
+says (session 4 found the flash attention forward's spills this way). Results depend on the
+Triton version: match the GPU machine's (3.6 there; ``python -m venv /tmp/t36 &&
+/tmp/t36/bin/pip install triton==3.6.0 numpy torch==2.13.0``).
+
+    python benchmarks/ptxas_report.py                    # every kernel below, sm_90
+    python benchmarks/ptxas_report.py --only attention   # names containing one of these
+    python benchmarks/ptxas_report.py --arch 100         # another target
+
+Each row: kernel, constexprs and launch configuration, registers per thread, spill stores /
+loads (bytes per thread), shared memory (bytes per program).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "triton")]
+
+GDN = "attnplug_triton.ops.gated_delta_rule"
+ATTN = "attnplug_triton.ops.attention.kernels"
+CONV = "attnplug_triton.ops.conv.fused"
+# pointers to float32 and int32 (every other pointer argument is bfloat16)
+F32_PTRS = {"g_ptr", "beta_ptr", "rq_ptr", "rk_ptr", "y_ptr", "dg_ptr", "dbeta_ptr", "ht_ptr",
+            "h0_ptr", "dht_ptr", "dh0_ptr", "dvl_ptr", "LSE", "DELTA", "dw_ptr"}
+I32_PTRS = {"chunk_seq", "cu", "chunk_off"}
+FLOATS = {"scale", "qk_scale", "softmax_scale"}
+ATTN_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV_OUT", "DQ"}
+
+GDN_DIMS = dict(DK=128, DV=128, BK=128, USE_L2NORM=True, PRECISION="tf32")
+ATTN_DIMS = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, GROUP=1, PRECISION="tf32")
+# (label, module, kernel, constexprs, [(meta, warps, stages), ...]): the configurations the
+# autotuners choose from at head dim 128, bf16
+CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int, int]]]] = [
+    ("attention fwd", ATTN, "attention_fwd_kernel", ATTN_DIMS,
+     [(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=128), 8, 2),
+      (dict(BLOCK_M=128, BLOCK_N=64), 4, 3), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)]),
+    ("attention dkdv", ATTN, "attention_bwd_dkdv_kernel", ATTN_DIMS,
+     [(dict(BLOCK_M=32, BLOCK_N=128), 4, 3), (dict(BLOCK_M=64, BLOCK_N=128), 8, 3),
+      (dict(BLOCK_M=64, BLOCK_N=64), 4, 3), (dict(BLOCK_M=32, BLOCK_N=128), 8, 3)]),
+    ("attention dq", ATTN, "attention_bwd_dq_kernel", ATTN_DIMS,
+     [(dict(BLOCK_M=128, BLOCK_N=32), 4, 3), (dict(BLOCK_M=128, BLOCK_N=64), 8, 3),
+      (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)]),
+    ("gdn kkt_solve", f"{GDN}.kkt_solve", "kkt_solve_kernel", GDN_DIMS,
+     [({}, w, s) for w in (2, 4) for s in (1, 2)]),
+    ("gdn chunk_fwd_h", f"{GDN}.chunk_h", "chunk_fwd_h_kernel",
+     {**GDN_DIMS, "HAS_H0": True, "OUTPUT": True, "STORE_H": False, "STORE_FINAL": True},
+     [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]),
+    ("gdn chunk_bwd_dh", f"{GDN}.chunk_h", "chunk_bwd_dh_kernel",
+     {**GDN_DIMS, "HAS_DHT": True, "STORE_DH0": True, "STORE_Y": False, "DV_LOCAL": False},
+     [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]),
+    *[(f"gdn chunk_bwd pass {p}", f"{GDN}.chunk_bwd", "chunk_bwd_kernel",
+       {**GDN_DIMS, "FINALIZE": True, "PASS": p},
+       [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for p in (0, 1, 2)],
+    ("conv fwd", CONV, "causal_conv1d_fwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
+     [(dict(BT=64, BC=128), 8, 3), (dict(BT=64, BC=128), 4, 3)]),
+    ("conv bwd", CONV, "causal_conv1d_bwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
+     [(dict(BT=16, BC=64), 4, 3), (dict(BT=32, BC=128), 4, 3)]),
+]
+
+
+def signature(kernel: Any, constexprs: dict[str, Any]) -> tuple[dict, dict]:
+    """Triton's signature and pointer-alignment attributes for ``kernel``'s arguments."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in I32_PTRS or name in ATTN_PTRS or name.endswith("_ptr"):
+            sig[name] = ("*i32" if name in I32_PTRS else "*fp32" if name in F32_PTRS
+                         else "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    return sig, attrs
+
+
+def ptxas_info(ptx: str, arch: int) -> dict[str, int]:
+    """Registers and spill bytes per thread from ``ptxas -v``."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        Path(path).write_text(ptx)
+        target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        done = subprocess.run([str(ptxas), f"-arch={target}", "-v", path, "-o", os.devnull],
+                              capture_output=True, text=True)
+    text = done.stderr + done.stdout
+    if not re.search(r"Used \d+ registers", text):
+        raise RuntimeError(f"ptxas printed no register count: {text.strip()[:200]!r}")
+    grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {"registers": grab(r"Used (\d+) registers"),
+            "spill_stores": grab(r"(\d+) bytes spill stores"),
+            "spill_loads": grab(r"(\d+) bytes spill loads")}
+
+
+def compile_case(module: str, name: str, constexprs: dict[str, Any], meta: dict[str, Any],
+                 warps: int, stages: int, arch: int) -> dict[str, int]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(module), name)
+    const = {k: v for k, v in {**constexprs, **meta}.items() if k in kernel.arg_names}
+    sig, attrs = signature(kernel, const)
+    source = ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return {**ptxas_info(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90)")
+    parser.add_argument("--only", nargs="+", default=[], help="labels containing one of these")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+    import triton
+
+    print(f"Triton {triton.__version__}, sm_{args.arch}; registers / spill stores / spill "
+          f"loads per thread, shared memory per program")
+    failed = False
+    for label, module, name, constexprs, configs in CASES:
+        if args.only and not any(word in label for word in args.only):
+            continue
+        for meta, warps, stages in configs:
+            where = f"{label:22} {meta} warps={warps} stages={stages}"
+            try:
+                r = compile_case(module, name, constexprs, meta, warps, stages, args.arch)
+            except Exception as exc:  # one kernel failing to compile must not stop the report
+                failed = True
+                print(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                continue
+            print(f"{where:60} {r['registers']:4d} regs  spills {r['spill_stores']:5d} / "
+                  f"{r['spill_loads']:5d} B  shared {r['shared']:6d} B")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
