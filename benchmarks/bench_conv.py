@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnplug.ops import causal_conv1d
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Bench, add_common_args  # noqa: E402
 
@@ -39,10 +41,9 @@ def pad_history(x: Tensor, width: int) -> Tensor:
 
 
 def conv1d(x: Tensor, w: Tensor) -> Tensor:
-    """The GDN layer's convolution: x (B, T, C), w (C, 1, K) -> (B, T, C)."""
-    padded = pad_history(x, w.shape[-1] - 1)
-    y = F.conv1d(padded.transpose(1, 2), w, groups=x.shape[-1])  # (B, C, T)
-    return F.silu(y.transpose(1, 2))
+    """The GDN layer's convolution as ``local`` serves it (``attnplug.ops.causal_conv1d``):
+    x (B, T, C), w (C, 1, K) -> (B, T, C)."""
+    return causal_conv1d(x, w[:, 0])
 
 
 def unfold(x: Tensor, w: Tensor) -> Tensor:
@@ -93,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(B, T, C, device=args.device, dtype=dtype, requires_grad=True)
     w = (torch.randn(C, 1, K, device=args.device, dtype=dtype) / K).requires_grad_()
     dy = torch.randn(B, T, C, device=args.device, dtype=dtype)
+    impls = dict(IMPLS)
     if args.device == "cuda" and (fn := triton_conv()) is not None:
-        IMPLS["triton"] = fn
+        impls["triton"] = fn
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     conv1d(x64, w64).backward(dy.double())
     failed = False
-    for name, fn in IMPLS.items():
+    for name, fn in impls.items():
         y = fn(x, w)
         y.backward(dy)
         errors = {what: ((got.double() - ref).abs().max() / ref.abs().max()).item()
@@ -115,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     fwd = Bench("conv_fwd", anchor="conv1d", **common)
     fwd.note(shape)
     with torch.no_grad():
-        fwd.measure(f"T={T} fwd", {n: (lambda f=f: f(x, w)) for n, f in IMPLS.items()})
+        fwd.measure(f"T={T} fwd", {n: (lambda f=f: f(x, w)) for n, f in impls.items()})
     both = Bench("conv_fwd_bwd", anchor="conv1d", **common)
     both.note(shape)
     both.measure(f"T={T} fwd+bwd", {n: (lambda f=f: f(x, w).backward(dy))
-                                    for n, f in IMPLS.items()}, grad_to_none=[x, w])
+                                    for n, f in impls.items()}, grad_to_none=[x, w])
     fwd.report()
     both.report()
     return 1 if failed else 0

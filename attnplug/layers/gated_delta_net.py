@@ -24,7 +24,7 @@ from attnplug.layers._checks import check_layer_args
 from attnplug.layers.attention import check_hidden
 from attnplug.layers.linear import output_layer_init_method
 from attnplug.layers.norms import compute_dtype, gated_norm
-from attnplug.ops.causal_conv1d import causal_conv1d
+from attnplug.ops.causal_conv1d import causal_conv1d, padded_input
 from attnplug.spec import build_module
 
 if TYPE_CHECKING:
@@ -109,10 +109,8 @@ class GatedDeltaNet(nn.Module):
                                activation="silu")
         if cache is not None:
             pad = self.kernel_size - 1
-            if history is None:
-                history = x.new_zeros(x.shape[0], pad, x.shape[2])
             # the last K−1 inputs, from the history too when x is shorter than that
-            tail = torch.cat((history, x[:, max(x.shape[1] - pad, 0):]), dim=1)
+            tail = padded_input(x[:, max(x.shape[1] - pad, 0):], history, self.kernel_size)
             cache.conv_state = tail[:, tail.shape[1] - pad:]  # (B, K-1, C)
         return y
 

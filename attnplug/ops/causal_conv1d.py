@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["causal_conv1d", "naive_causal_conv1d", "check_causal_conv1d_args", "ACTIVATIONS"]
+__all__ = ["causal_conv1d", "naive_causal_conv1d", "check_causal_conv1d_args", "padded_input",
+           "ACTIVATIONS"]
 
 ACTIVATIONS = ("silu", None)
 
@@ -51,19 +52,26 @@ def check_causal_conv1d_args(owner: str, x: Tensor, weight: Tensor,
                          f"{', '.join(repr(a) for a in ACTIVATIONS)}")
 
 
+def padded_input(x: Tensor, initial_state: Tensor | None, kernel_size: int) -> Tensor:
+    """``u[B, K−1+T, C]``: ``x`` preceded by the ``K − 1`` steps of ``initial_state`` (zeros
+    when None), in x's dtype; ``u[:, K−1+t] = x[:, t]``."""
+    B, _, C = x.shape
+    history = (x.new_zeros(B, kernel_size - 1, C) if initial_state is None
+               else initial_state.to(x.dtype))
+    return torch.cat((history, x), dim=1)
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, *, initial_state: Tensor | None = None,
                   activation: str | None = "silu") -> Tensor:
     """``y[B, T, C]`` (x's dtype) from ``x[B, T, C]``, ``weight[C, K]`` and optionally
     ``initial_state[B, K−1, C]`` (the inputs before ``x``, oldest first; zeros when None).
     Differentiable in all three. torch's depthwise ``conv1d`` over the padded input."""
     check_causal_conv1d_args("causal_conv1d", x, weight, initial_state, activation)
-    B, T, C = x.shape
+    T, C = x.shape[1:]
     K = weight.shape[1]
     if T == 0:  # an empty output, still connected to x and the weight
         return x * weight[:, 0]
-    history = (x.new_zeros(B, K - 1, C) if initial_state is None
-               else initial_state.to(x.dtype))
-    padded = torch.cat((history, x), dim=1)  # (B, K−1+T, C)
+    padded = padded_input(x, initial_state, K)  # (B, K−1+T, C)
     y = F.conv1d(padded.transpose(1, 2), weight.unsqueeze(1), groups=C).transpose(1, 2)
     return F.silu(y) if activation == "silu" else y
 
@@ -73,10 +81,7 @@ def naive_causal_conv1d(x: Tensor, weight: Tensor, *, initial_state: Tensor | No
     """The same function as a sum of ``K`` shifted products, in the inputs' dtype (pass
     float64 tensors for the reference the tests use)."""
     check_causal_conv1d_args("naive_causal_conv1d", x, weight, initial_state, activation)
-    B, T, C = x.shape
-    K = weight.shape[1]
-    history = (x.new_zeros(B, K - 1, C) if initial_state is None
-               else initial_state.to(x.dtype))
-    u = torch.cat((history, x), dim=1)  # u[:, K−1+t] = x[:, t]
+    T, K = x.shape[1], weight.shape[1]
+    u = padded_input(x, initial_state, K)  # u[:, K−1+t] = x[:, t]
     y = sum(weight[:, j] * u[:, j:j + T] for j in range(K))
     return y * torch.sigmoid(y) if activation == "silu" else y
