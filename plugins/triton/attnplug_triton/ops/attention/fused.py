@@ -74,10 +74,8 @@ FWD_CONFIGS: dict[int, tuple[BlockConfig, ...]] = {
 DKDV_CONFIGS: dict[int, tuple[BlockConfig, ...]] = {
     64: (BlockConfig(32, 128, 4, 3), BlockConfig(64, 128, 8, 3), BlockConfig(64, 64, 4, 3),
          BlockConfig(32, 64, 4, 4)),
-    # (32, 128, 8, 3): the one 128-key block that barely spills on sm_90 (ptxas: 104 bytes a
-    # thread; 32 × 128 with 4 warps spills 3.8 KB, 64 × 128 with 8 warps 480 bytes)
     128: (BlockConfig(32, 128, 4, 3), BlockConfig(32, 128, 4, 5), BlockConfig(64, 128, 8, 3),
-          BlockConfig(64, 64, 4, 3), BlockConfig(32, 128, 8, 3)),
+          BlockConfig(64, 64, 4, 3)),
     256: (BlockConfig(32, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(32, 32, 4, 2)),
 }
 DQ_CONFIGS: dict[int, tuple[BlockConfig, ...]] = {

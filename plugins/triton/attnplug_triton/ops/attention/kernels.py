@@ -57,21 +57,10 @@ def _store_tile(ptrs, tile, row_ok, col_ok, COL_MASK: tl.constexpr):
         tl.store(ptrs, tile, mask=row_ok[:, None])
 
 
-@triton.jit
-def _key_tile(base, cols, stride_s, offs_d, key_ok, d_ok, MASKED: tl.constexpr,
-              PAD_D: tl.constexpr):
-    """The ``(BN, BD)`` tile of keys (or values) ``cols`` from a head's base pointer. The
-    addresses are made here, in the loop, from the 1-D offsets: a ``(BN, BD)`` tensor of
-    pointers made once before the loop stays live through it (64-bit each), which made the
-    forward spill at 128 × 64 blocks on sm_90 (``ptxas -v``: 244 bytes, none this way)."""
-    return _load_tile(base + cols.to(tl.int64)[:, None] * stride_s + offs_d[None, :], key_ok,
-                      d_ok, MASKED, PAD_D)
-
-
 # -- forward ------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_n, offs_d, offs_dv, t_idx, lo, hi, offset,
-               S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, lo, hi, offset, S,
+               stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
                PAD_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key blocks ``[lo, hi)``; ``MASKED`` applies the causal rule."""
@@ -79,7 +68,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_n, offs_d, offs_dv, t_idx,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # (BN,) key positions
         key_ok = cols < S
-        k = _key_tile(k_base, cols, stride_ks, offs_d, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
+        k = _load_tile(k_ptrs + start_n * stride_ks, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
         if MASKED:
             visible = (cols[None, :] <= t_idx[:, None] + offset) & key_ok[None, :]
@@ -88,7 +77,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_n, offs_d, offs_dv, t_idx,
         p = tl.math.exp2(qk - m_new[:, None])  # (BM, BN)
         alpha = tl.math.exp2(m_i - m_new)  # (BM,)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _key_tile(v_base, cols, stride_vs, offs_dv, key_ok, dv_ok, MASKED, PAD_DV)  # (BN, BDV)
+        v = _load_tile(v_ptrs + start_n * stride_vs, key_ok, dv_ok, MASKED, PAD_DV)  # (BN, BDV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -124,8 +113,8 @@ def attention_fwd_kernel(
 
     q_ptrs = (Q + b * stride_qb + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
               + offs_d[None, :])
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_ptrs = K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :]
     q = _load_tile(q_ptrs, row_ok, d_ok, True, BLOCK_D != D)  # (BM, BD)
 
     offset = S - T
@@ -136,13 +125,11 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_n, offs_d, offs_dv, t_idx,
-                               0, full_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok,
-                               dv_ok,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, 0, full_end,
+                               offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
                                BLOCK_N, False, BLOCK_D != D, BLOCK_DV != DV, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_n, offs_d, offs_dv, t_idx,
-                               full_end, mask_end, offset, S, stride_ks, stride_vs, qk_scale,
-                               d_ok, dv_ok,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, full_end,
+                               mask_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
                                BLOCK_N, True, BLOCK_D != D, BLOCK_DV != DV, PRECISION)
     acc = acc / l_i[:, None]  # (BM, BDV); every row sees key 0, so l_i > 0
     o_ptrs = (O + b * stride_ob + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
@@ -274,8 +261,8 @@ def attention_bwd_dkdv_kernel(
 
 # -- backward: dQ (one program per block of packed rows) ----------------------------------------
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_n, offs_d, offs_dv, t_idx, lo, hi,
-              offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, lo, hi, offset, S,
+              stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
               PAD_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate ``dQ`` of one row block over the key blocks ``[lo, hi)``."""
@@ -283,8 +270,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_n, offs_d, offs_dv, t_
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         key_ok = cols < S
-        k = _key_tile(k_base, cols, stride_ks, offs_d, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
-        v = _key_tile(v_base, cols, stride_vs, offs_dv, key_ok, dv_ok, MASKED, PAD_DV)
+        k = _load_tile(k_ptrs + start_n * stride_ks, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
+        v = _load_tile(v_ptrs + start_n * stride_vs, key_ok, dv_ok, MASKED, PAD_DV)  # (BN, BDV)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # (BM, BN)
         if MASKED:
@@ -331,8 +318,8 @@ def attention_bwd_dq_kernel(
                     row_ok, dv_ok, True, BLOCK_DV != DV)  # (BM, BDV)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * rows + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * rows + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_ptrs = K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :]
 
     offset = S - T
     t_lo = start_m // GROUP
@@ -340,12 +327,11 @@ def attention_bwd_dq_kernel(
     full_end = (t_lo + offset + 1) // BLOCK_N * BLOCK_N
     mask_end = tl.minimum(t_hi + offset + 1, S)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_n, offs_d, offs_dv, t_idx, 0,
-                   full_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, False,
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, 0, full_end, offset,
+                   S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, False,
                    BLOCK_D != D, BLOCK_DV != DV, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_n, offs_d, offs_dv, t_idx,
-                   full_end, mask_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
-                   BLOCK_N, True,
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, full_end, mask_end,
+                   offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, True,
                    BLOCK_D != D, BLOCK_DV != DV, PRECISION)
     dq_ptrs = (DQ + b * stride_dqb + t_idx[:, None] * stride_dqt + h_idx[:, None] * stride_dqh
                + offs_d[None, :])
