@@ -47,6 +47,9 @@ GPU_SIZE: dict[str, Any] = {
     "linear_num_key_heads": 16, "linear_num_value_heads": 32, "num_moe_experts": 16,
     "moe_router_topk": 2, "moe_ffn_hidden_size": 1024, "moe_shared_expert_intermediate_size": 1024,
     "params_dtype": "bfloat16",
+    # experts as grouped/batched GEMMs, as GPU training runs them (te: GroupedLinear, which it
+    # uses either way; local and triton: BatchedExperts instead of one expert after another)
+    "moe_grouped_gemm": True,
 }
 
 

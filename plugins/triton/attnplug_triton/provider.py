@@ -34,12 +34,10 @@ __all__ = ["TritonSpecProvider"]
 logger = logging.getLogger(__name__)
 
 # The slots this provider serves with kernels verified on a GPU; the rest come from ``local``.
-TRITON_SLOTS = frozenset({"core_attention", "layer_norm", "gated_delta_rule"})
+TRITON_SLOTS = frozenset({"core_attention", "layer_norm", "gated_delta_rule", "causal_conv1d"})
 # Served only when experimental kernels are enabled: the DSA kernels (right on the GPU but
-# slower than local's) and the GDN short convolution (right under the CPU interpreter, not yet
-# run on a GPU).
-EXPERIMENTAL_SLOTS = frozenset({"dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss",
-                                "causal_conv1d"})
+# slower than local's).
+EXPERIMENTAL_SLOTS = frozenset({"dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"})
 EXPERIMENTAL_ENV = "ATTNPLUG_TRITON_EXPERIMENTAL"
 # The largest GDN key/value head dim whose kernels were checked against float64 on a GPU (an
 # H200 with Triton 3.6: the autotuned kernels at 16, 32, 64 and 128, each configuration of each
@@ -161,8 +159,8 @@ class TritonSpecProvider(LocalSpecProvider):
         return indexer_kl_loss
 
     def causal_conv1d(self) -> Callable:
-        """:func:`attnplug_triton.ops.conv.fused.causal_conv1d` (experimental: ``local``'s
-        unless experimental kernels are enabled)."""
+        """:func:`attnplug_triton.ops.conv.fused.causal_conv1d`: GatedDeltaNet's depthwise
+        causal convolution with the SiLU fused, forward and backward."""
         if not self._serves("causal_conv1d"):
             return super().causal_conv1d()
         from attnplug_triton.ops.conv.fused import causal_conv1d

@@ -103,10 +103,13 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
     assert provider.linear() is local.linear()
     from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
 
+    from attnplug_triton.ops.conv.fused import causal_conv1d
+
     assert provider.gated_delta_rule() is gated_delta_rule
-    assert provider.served_by("gated_delta_rule") == "triton"
-    for slot in set(KERNEL_SLOTS) - {"gated_delta_rule"}:
-        # DSA and the short convolution: local unless experimental kernels are enabled
+    assert provider.causal_conv1d() is causal_conv1d
+    assert provider.served_by("gated_delta_rule") == provider.served_by("causal_conv1d") == "triton"
+    for slot in set(KERNEL_SLOTS) - {"gated_delta_rule", "causal_conv1d"}:
+        # DSA: local unless experimental kernels are enabled
         assert getattr(provider, slot)() is getattr(local, slot)()
         assert provider.served_by(slot) == "local"
         assert TritonSpecProvider(experimental_kernels=True).served_by(slot) == "triton"
