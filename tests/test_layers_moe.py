@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from attnplug import ConfigError, TransformerConfig
 from attnplug.backends.local import LocalSpecProvider
@@ -187,6 +188,127 @@ def test_batched_and_sequential_experts_agree_for_any_routing(counts: list[int])
     x = torch.randn(sum(counts), 8, dtype=torch.float64)
     torch.testing.assert_close(batched(x, torch.tensor(counts)),
                                sequential(x, torch.tensor(counts)), rtol=1e-12, atol=1e-12)
+
+
+def _random_experts(cls: type, cfg: TransformerConfig, dtype: torch.dtype) -> nn.Module:
+    experts = cls(cfg.num_moe_experts, config=cfg).to(dtype)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn_like(p, dtype=torch.float32) * 0.5)
+    return experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("counts", [[17, 0, 3, 1, 0], [16, 16, 0, 5, 9], [0, 0, 0, 40, 0],
+                                    [1, 1, 1, 1, 1]])
+def test_grouped_gemm_experts_match_float64(dtype: torch.dtype, gated: bool,
+                                            counts: list[int]) -> None:
+    """The grouped-GEMM path (hidden 16, ffn 8: 16-byte widths in every dtype) — output, input
+    and weight gradients — against each expert run alone in float64; groups of every size
+    around the 16-row alignment, empty experts, one expert owning everything."""
+    cfg = make_config(hidden_size=16, moe_ffn_hidden_size=8, gated_linear_unit=gated,
+                      activation_func="silu" if gated else "gelu")
+    experts = _random_experts(BatchedExperts, cfg, dtype)
+    x = torch.randn(sum(counts), 16).to(dtype).requires_grad_()
+    assert experts._grouped_mm_applies(x)
+    dy = torch.randn(sum(counts), 16).to(dtype)
+    y = experts(x, torch.tensor(counts))
+    (y.float() * dy.float()).sum().backward()
+    ref = SequentialExperts(5, config=cfg).double()
+    ref.load_state_dict(experts.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    (ref(x64, torch.tensor(counts)) * dy.double()).sum().backward()
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    with torch.no_grad():
+        y64 = ref(x64, torch.tensor(counts))
+    torch.testing.assert_close(y.detach().double(), y64, rtol=tol,
+                               atol=tol * float(y64.abs().max()))
+    g64 = x64.grad
+    torch.testing.assert_close(x.grad.double(), g64, rtol=tol, atol=tol * float(g64.abs().max()))
+    for (name, p), p64 in zip(experts.named_parameters(), ref.parameters(), strict=True):
+        g = p64.grad
+        torch.testing.assert_close(p.grad.double(), g, rtol=tol,
+                                   atol=tol * float(g.abs().max()) + 1e-12, msg=name)
+        for e, n in enumerate(counts):
+            assert n or not p.grad[e].any(), f"{name}: expert {e} has no tokens"
+
+
+def test_grouped_gemm_path_only_where_it_applies() -> None:
+    cfg = make_config(hidden_size=16, moe_ffn_hidden_size=8)
+    experts = BatchedExperts(5, config=cfg)  # float64 parameters
+    assert not experts._grouped_mm_applies(torch.zeros(3, 16, dtype=torch.float64))
+    assert experts.float()._grouped_mm_applies(torch.zeros(3, 16))
+    assert not experts._grouped_mm_applies(torch.zeros(3, 16, dtype=torch.bfloat16))
+    biased = BatchedExperts(5, config=make_config(hidden_size=16, moe_ffn_hidden_size=8,
+                                                  add_bias_linear=True)).float()
+    assert not biased._grouped_mm_applies(torch.zeros(3, 16))
+    narrow = BatchedExperts(5, config=make_config(hidden_size=16, moe_ffn_hidden_size=6))
+    assert not narrow.float()._grouped_mm_applies(torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="sum to the 3 rows"):
+        experts(torch.zeros(3, 16), torch.tensor([1, 1, 0, 0, 0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 40), min_size=4, max_size=4))
+def test_grouped_and_sequential_experts_agree_for_any_routing(counts: list[int]) -> None:
+    cfg = make_config(num_moe_experts=4, hidden_size=16, moe_ffn_hidden_size=8)
+    torch.manual_seed(sum(counts))
+    grouped = _random_experts(BatchedExperts, cfg, torch.float32)
+    sequential = SequentialExperts(4, config=cfg).float()
+    sequential.load_state_dict(grouped.state_dict())
+    x = torch.randn(sum(counts), 16)
+    assert grouped._grouped_mm_applies(x)
+    torch.testing.assert_close(grouped(x, torch.tensor(counts)),
+                               sequential(x, torch.tensor(counts)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"moe_router_topk": 3,
+                                            "moe_shared_expert_intermediate_size": 4},
+                                       {"moe_router_topk": 1, "moe_grouped_gemm": True}])
+def test_moe_gradients_match_the_per_token_reference(overrides: dict) -> None:
+    """Input and every parameter's gradient through dispatch, experts and combine, against
+    autograd through the per-token float64 reference."""
+    layer = build_moe(make_config(**overrides))
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 7, 8, dtype=torch.float64)
+    (layer(x) * dy).sum().backward()
+    got = {"x": x.grad.clone()} | {n: p.grad.clone() for n, p in layer.named_parameters()}
+    x.grad = None
+    layer.zero_grad()
+    (reference_moe(layer, x) * dy).sum().backward()
+    want = {"x": x.grad} | {n: p.grad for n, p in layer.named_parameters()}
+    for name, g in want.items():
+        if g is None:  # the router's weight: no gradient through the reference's topk path
+            continue
+        torch.testing.assert_close(got[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_layer_on_the_grouped_path_matches_float64(dtype: torch.dtype) -> None:
+    """A whole MoE layer with grouped-GEMM experts in a low precision against its float64
+    copy: output and input gradient."""
+    cfg = make_config(hidden_size=16, moe_ffn_hidden_size=8, moe_grouped_gemm=True,
+                      num_attention_heads=2)
+    layer64 = build_moe(cfg)
+    layer = build_moe(cfg).to(dtype)
+    layer.load_state_dict(layer64.state_dict())
+    assert type(layer.experts) is BatchedExperts
+    x64 = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().to(dtype).requires_grad_()
+    assert layer.experts._grouped_mm_applies(x.view(-1, 16))
+    with torch.no_grad():  # route on the low-precision input's own choice, in float64 too
+        x64.copy_(x.double())
+    y, y64 = layer(x), layer64(x64)
+    dy = torch.randn_like(y64.detach())
+    (y.double() * dy).sum().backward()
+    (y64 * dy).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
+    y64 = y64.detach()
+    torch.testing.assert_close(y.detach().double(), y64, rtol=tol,
+                               atol=tol * float(y64.abs().max()))
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol,
+                               atol=tol * float(x64.grad.abs().max()))
 
 
 def test_local_serves_batched_experts_for_grouped_gemm() -> None:

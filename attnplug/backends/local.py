@@ -61,7 +61,8 @@ class LocalSpecProvider(BackendSpecProvider):
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool) -> type:
         """``SequentialExperts`` (one expert after another), or with ``moe_use_grouped_gemm``
-        ``BatchedExperts`` (all experts in batched matmuls over a padded buffer)."""
+        ``BatchedExperts`` (all experts in grouped GEMMs, or batched matmuls over a padded
+        buffer where grouped GEMMs do not apply)."""
         from attnplug.layers.moe import BatchedExperts, SequentialExperts
 
         return BatchedExperts if moe_use_grouped_gemm else SequentialExperts

@@ -4,8 +4,9 @@ Routing (Megatron-Core's): router logits ``x Wᵀ`` in float32 (float64 for floa
 by default the top-k logits are softmaxed (weights renormalised over the chosen experts); with
 ``moe_router_pre_softmax`` the softmax runs over all experts and the top-k probabilities are
 used as they are. Tokens are dispatched by a stable argsort of their expert ids, the experts
-see contiguous per-expert slices, and the results are scattered back and summed with the
-routing weights.
+see contiguous per-expert slices, and the results are gathered back per token and summed with
+the routing weights in float32. Dispatch and combine are permutation gathers both ways (no
+atomic accumulation: deterministic), and nothing in the layer waits on the host.
 
 Load balancing (``moe_router_load_balancing_type="aux_loss"``, Switch/GShard), recorded as the
 auxiliary loss ``"moe_load_balancing"`` in training mode with grad enabled::
@@ -110,19 +111,48 @@ class SequentialExperts(nn.Module):
 
 
 class BatchedExperts(SequentialExperts):
-    """The same experts (same parameters and state dict) run as three batched matmuls.
+    """The same experts (same parameters and state dict) run as a fixed number of kernels.
 
-    Each expert's rows are copied into a zero-padded ``[E, capacity, hidden]`` buffer
-    (``capacity`` = the largest expert's row count), the MLP runs as ``bmm``s over all experts
-    at once, and the rows are gathered back: a fixed number of kernels per layer instead of a
-    few per expert (``SequentialExperts``), which on a GPU are each too small to keep it busy.
-    Served by ``local`` for ``moe_grouped_gemm = true``. When padding would more than double
-    the rows computed (routing so uneven that one expert has over ``2·N/E`` rows), it runs the
-    experts one after another instead: same result, less work.
+    Two ways, same result:
+
+    - **grouped GEMM** (``torch._grouped_mm``; bias-free experts, on a CUDA device of compute
+      capability 9.0 or more in bfloat16, or on the CPU in float32/bfloat16/float16, with
+      ``hidden`` and the fc1/fc2 widths multiples of 16 bytes): each expert's rows are copied
+      into a buffer where every expert's group starts at a multiple of ``GROUP_ALIGN`` rows,
+      and both matmuls run as one grouped GEMM each over the groups' offsets. The buffer has
+      a fixed size (``N + E·(GROUP_ALIGN − 1)`` rows) and the offsets stay on the device: no
+      host synchronisation, so the host can queue the next layers' kernels meanwhile.
+    - **padded batched matmuls** (otherwise, e.g. float64 or with biases): each expert's rows
+      are copied into a zero-padded ``[E, capacity, hidden]`` buffer (``capacity`` = the
+      largest expert's row count, the one host synchronisation) and the MLP runs as ``bmm``s
+      over all experts at once. When padding would more than double the rows computed (one
+      expert with over ``2·N/E`` rows) it runs the experts one after another instead.
+
+    Served by ``local`` for ``moe_grouped_gemm = true``. ``tokens_per_expert`` is checked
+    against ``x`` (its length always; non-negative counts summing to ``N`` where that costs no
+    host synchronisation: on the CPU, or on the padded path, which synchronises anyway).
     """
 
-    # padded rows computed / rows owned, above which the experts run one after another
+    # padded rows computed / rows owned, above which the padded path runs experts one by one
     MAX_PADDING = 2.0
+    # rows: each expert's group starts at a multiple of this in the grouped GEMM's buffer
+    # (16-byte-aligned group starts for every dtype, as the CUDA kernel's loads want)
+    GROUP_ALIGN = 16
+
+    def _grouped_mm_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``torch._grouped_mm`` serves ``x`` (see the class docstring)."""
+        if (not hasattr(torch, "_grouped_mm") or self.fc1_bias is not None
+                or self.fc2_bias is not None or x.dtype != self.fc1_weight.dtype):
+            return False
+        if x.device.type == "cuda":
+            if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+                return False
+        elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16,
+                                                         torch.float16):
+            return False
+        per_16_bytes = 16 // x.element_size()
+        widths = (*self.fc1_weight.shape[1:], self.fc2_weight.shape[2])
+        return all(w % per_16_bytes == 0 for w in widths)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         E = self.num_local_experts
@@ -131,19 +161,15 @@ class BatchedExperts(SequentialExperts):
         if counts.shape != (E,):
             raise ValueError(f"{type(self).__name__}: tokens_per_expert must have {E} entries, "
                              f"got shape {tuple(tokens_per_expert.shape)}")
-        # the one host sync: the buffer's size
-        capacity, total, least = torch.stack((counts.max(), counts.sum(), counts.min())).tolist()
-        if total != N or least < 0:
-            raise ValueError(f"{type(self).__name__}: tokens_per_expert="
-                             f"{counts.tolist()} must be non-negative and sum to the {N} rows "
-                             f"of x")
+        if N and self._grouped_mm_applies(x):
+            if x.device.type == "cpu":
+                self._check_counts(counts, N)
+            return self._grouped(x, counts)
+        # the padded path's one host sync: the buffer's size
+        capacity = self._check_counts(counts, N)
         if N == 0 or E * capacity > self.MAX_PADDING * N:
             return super().forward(x, tokens_per_expert)
-        # row i of x (expert e's j-th row) goes to slot e·capacity + j of the padded buffer
-        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts,
-                                         output_size=N)  # (N,)
-        starts = torch.cumsum(counts, 0) - counts  # (E,) first row of each expert
-        slot = expert * capacity + torch.arange(N, device=x.device) - starts[expert]  # (N,)
+        slot = self._slots(counts, N, torch.arange(E, device=x.device) * capacity)
         padded = x.new_zeros(E * capacity, hidden).index_copy(0, slot, x)
         padded = padded.view(E, capacity, hidden)
         h = torch.bmm(padded, self.fc1_weight.transpose(1, 2))  # (E, cap, ffn or 2·ffn)
@@ -154,6 +180,78 @@ class BatchedExperts(SequentialExperts):
         if self.fc2_bias is not None:
             y = y + self.fc2_bias[:, None, :]
         return y.reshape(E * capacity, hidden).index_select(0, slot)  # (N, hidden)
+
+    def _check_counts(self, counts: torch.Tensor, N: int) -> int:
+        """The largest count, after checking the counts are non-negative and sum to ``N``."""
+        capacity, total, least = torch.stack((counts.max(), counts.sum(), counts.min())).tolist()
+        if total != N or least < 0:
+            raise ValueError(f"{type(self).__name__}: tokens_per_expert="
+                             f"{counts.tolist()} must be non-negative and sum to the {N} rows "
+                             f"of x")
+        return capacity
+
+    @staticmethod
+    def _slots(counts: torch.Tensor, N: int, group_starts: torch.Tensor) -> torch.Tensor:
+        """Where row ``i`` of ``x`` (expert ``e``'s ``j``-th row) goes in the buffer: slot
+        ``group_starts[e] + j``."""
+        E = counts.shape[0]
+        expert = torch.repeat_interleave(torch.arange(E, device=counts.device), counts,
+                                         output_size=N)  # (N,)
+        first_row = torch.cumsum(counts, 0) - counts  # (E,) x's first row of each expert
+        return group_starts[expert] + torch.arange(N, device=counts.device) - first_row[expert]
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Both matmuls as grouped GEMMs over 16-row-aligned groups (no host sync)."""
+        E, align = self.num_local_experts, self.GROUP_ALIGN
+        N, hidden = x.shape
+        sizes = (counts + align - 1) // align * align  # (E,) each group padded to align rows
+        ends = torch.cumsum(sizes, 0)  # (E,)
+        slot = self._slots(counts, N, ends - sizes)  # (N,)
+        # rows past a group's own and past the last group's end are never read back
+        rows = N + E * (align - 1)
+        buffer = x.new_zeros(rows, hidden).index_copy(0, slot, x)
+        offs = ends.to(torch.int32)
+        h = torch._grouped_mm(buffer, self.fc1_weight.transpose(1, 2), offs=offs)
+        h = glu(h, self.activation_func) if self.gated else self.activation_func(h)
+        y = torch._grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offs)  # (rows, hidden)
+        return y.index_select(0, slot)  # (N, hidden)
+
+
+class _Dispatch(torch.autograd.Function):
+    """``tokens[order // k]``: each token's k copies in expert order. Backward: the gradient
+    rows gathered back through the inverse permutation and summed over the k copies —
+    deterministic, no atomic accumulation."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return tokens.index_select(0, order // k)  # (N·k, h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (inverse,) = ctx.saved_tensors
+        rows = grad.index_select(0, inverse)  # (N·k, h) back in token-major order
+        return rows.view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``; the backward is
+    the gather ``grad[inverse]`` (no accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class TopKRouter(nn.Module):
@@ -239,15 +337,19 @@ class MoELayer(AuxLossMixin, nn.Module):
         B, T, h = hidden_states.shape
         tokens = hidden_states.reshape(B * T, h)  # (N, h)
         weights, experts, logits = self.router(tokens)  # (N, k), (N, k), (N, E)
+        k, E = self.topk, self.num_experts
         flat_experts = experts.reshape(-1)  # (N·k,)
         order = torch.argsort(flat_experts, stable=True)  # (N·k,) slots sorted by expert
-        token_of_slot = order // self.topk  # (N·k,)
-        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
-        expert_out = self.experts(tokens[token_of_slot], tokens_per_expert)  # (N·k, h)
-        slot_weights = weights.reshape(-1)[order]  # (N·k,)
-        combined = logits.new_zeros(B * T, h).index_add(
-            0, token_of_slot, expert_out.to(logits.dtype) * slot_weights[:, None]
-        )  # (N, h)
+        slots = torch.arange(order.numel(), device=order.device)
+        inverse = torch.empty_like(order).scatter_(0, order, slots)  # (N·k,) order⁻¹
+        # counted without bincount, which synchronises with the host on a GPU
+        tokens_per_expert = torch.zeros(E, dtype=torch.int64, device=flat_experts.device)
+        tokens_per_expert.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))  # (E,)
+        expert_out = self.experts(_Dispatch.apply(tokens, order, inverse, k),
+                                  tokens_per_expert)  # (N·k, h), expert order
+        per_token = _Permute.apply(expert_out, inverse, order).view(B * T, k, h)  # (N, k, h)
+        # the weighted sum in the router's dtype (float32), as Megatron-Core's unpermute does
+        combined = torch.bmm(weights.unsqueeze(1), per_token.to(logits.dtype)).squeeze(1)  # (N, h)
         out = combined.to(hidden_states.dtype).view(B, T, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
