@@ -11,13 +11,14 @@ to the same selected rows). Indexers: ``small`` (4 heads × 64) and ``deepseek``
 
 Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, flash backend):
 
-- ``dsa``: the DSA total — the indexer's scores and top-k (``dsa_indexer_topk``, no gradient:
-  the indexer learns from its KL loss only) then ``sparse_attention``; in ``fwd+bwd`` also the
-  sparse attention's backward (dq, dk, dv);
+- ``dsa``: the DSA total as the triton backend serves it — the indexer's scores and top-k
+  (``dsa_indexer_topk_blocked``: scores once into a bounded int64 key buffer, then
+  ``torch.topk``; no gradient: the indexer learns from its KL loss only) then
+  ``sparse_attention``; in ``fwd+bwd`` also the sparse attention's backward (dq, dk, dv);
 - ``dsa-topk`` and ``dsa-sparse``: the two parts alone (the sparse part on precomputed indices);
-- ``dsa-blocked`` and ``dsa-topk-blocked``: the same with the score-then-select top-k
-  (``topk_blocked.py``: scores once into a bounded int64 key buffer, then ``torch.topk``) instead
-  of the streaming one; ``topk-local``: the local backend's top-k, what runs without triton;
+- ``dsa-streaming`` and ``dsa-topk-streaming``: the same with the streaming top-k
+  (``topk.py``, served until session 5) instead; ``topk-local``: the local backend's top-k,
+  what runs without triton;
 - ``dsa-kl`` (``--kl``): the indexer's KL loss against the dense main attention, with its
   gradient (the training-only extra; not part of the DSA total).
 
@@ -68,7 +69,7 @@ def kernels() -> dict[str, Callable] | str:
         from attnplug.ops.dsa import dsa_indexer_topk as local_topk  # what runs without triton
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    return {"topk": dsa_indexer_topk, "topk-blocked": dsa_indexer_topk_blocked,
+    return {"topk-streaming": dsa_indexer_topk, "topk": dsa_indexer_topk_blocked,
             "topk-local": local_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
@@ -113,7 +114,7 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
     impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
     if isinstance(fns, str):
-        impls.update(dict.fromkeys(("dsa", "dsa-blocked", "dsa-topk", "dsa-topk-blocked",
+        impls.update(dict.fromkeys(("dsa", "dsa-streaming", "dsa-topk", "dsa-topk-streaming",
                                     "topk-local", "dsa-sparse"), fns))
     else:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
@@ -127,14 +128,14 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
-        def dsa_blocked() -> object:
-            o = sparse_fn(q, k, v, fns["topk-blocked"](iq, ik, iw, topk=topk))
+        def dsa_streaming() -> object:
+            o = sparse_fn(q, k, v, fns["topk-streaming"](iq, ik, iw, topk=topk))
             return o.backward(do) if backward else o
 
         impls["dsa"] = dsa
-        impls["dsa-blocked"] = dsa_blocked
+        impls["dsa-streaming"] = dsa_streaming
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
-        impls["dsa-topk-blocked"] = lambda: fns["topk-blocked"](iq, ik, iw, topk=topk)
+        impls["dsa-topk-streaming"] = lambda: fns["topk-streaming"](iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:
@@ -155,7 +156,7 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
 def goal_note(bench: Bench) -> str:
     """The goal's verdict from the measured rows (T = 32K, forward+backward)."""
-    rows = [r for r in bench.results if r.impl in ("dsa", "dsa-blocked")
+    rows = [r for r in bench.results if r.impl in ("dsa", "dsa-streaming")
             and r.case.startswith("T=32K")
             and r.case.endswith("fwd+bwd") and r.ratio is not None]
     if not rows:

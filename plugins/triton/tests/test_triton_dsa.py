@@ -300,11 +300,11 @@ def test_triton_dsa_layer_matches_the_local_one() -> None:
 def test_provider_serves_the_dsa_kernels() -> None:
     from attnplug_triton.ops.dsa.kl import indexer_kl_loss
     from attnplug_triton.ops.dsa.sparse import sparse_attention
-    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
     from attnplug_triton.provider import TritonSpecProvider
 
     provider = TritonSpecProvider(experimental_kernels=True)
-    assert provider.dsa_indexer_topk() is dsa_indexer_topk
+    assert provider.dsa_indexer_topk() is dsa_indexer_topk_blocked
     assert provider.sparse_attention() is sparse_attention
     assert provider.dsa_indexer_loss() is indexer_kl_loss
     assert provider.served_by("dsa_indexer_loss") == "triton"
