@@ -157,11 +157,25 @@ def profile_backend(name: str, config: Any, args: argparse.Namespace,
     if args.top and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     record_shapes=True) as prof:
             step()
             torch.cuda.synchronize()
-        row["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total",
-                                                       row_limit=args.top)
+        averages = prof.key_averages()
+        kernel_names = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
+        kernel_rows = [e for e in averages if e.key in kernel_names]
+        kernel_rows.sort(key=lambda e: -e.self_device_time_total)
+        row["top_kernels"] = "\n".join(
+            f"  {e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}×  {e.key[:150]}"
+            for e in kernel_rows[:args.top])
+        # the torch ops that launched them, by input shapes: which copy or cast of which
+        # tensor an anonymous elementwise kernel is
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+               if e.self_device_time_total > 0 and e.key not in kernel_names]
+        ops.sort(key=lambda e: -e.self_device_time_total)
+        row["top_ops"] = "\n".join(
+            f"  {e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}×  {e.key} "
+            f"{str(e.input_shapes)[:120]}" for e in ops[:args.top])
         # how many kernels a step launches and how long they keep the GPU busy: far fewer
         # busy milliseconds than the step's means the host (launches, syncs) is the limit
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
@@ -183,7 +197,10 @@ def report(row: dict[str, Any]) -> None:
     if "top_kernels" in row:
         print(f"  one profiled step: {row['kernel_launches']} kernels, {row['kernel_ms']:.1f} ms "
               f"of GPU time in them")
+        print("  kernels with the most GPU time (ms, launches, name):")
         print(row["top_kernels"])
+        print("  torch ops whose own kernels took the most GPU time (ms, calls, op, input shapes):")
+        print(row["top_ops"])
 
 
 def main(argv: list[str] | None = None) -> int:
