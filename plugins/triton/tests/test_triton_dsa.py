@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from triton_cases import DEVICE, HAS_CUDA, assert_matches
 
 from attnplug import TransformerConfig
@@ -87,6 +89,30 @@ def test_topk_takes_every_visible_key_and_pads_with_minus_one(method) -> None:
     q, k, w = _index_inputs(2, 20, 24, 2, 16)
     indices = _topk_function(method)(q, k, w, topk=30)
     _assert_top_scores(indices, q, k, w, 30, True, True)
+
+
+@settings(max_examples=12, deadline=None)
+@example(T=20, extra=3, topk=10, causal=True).via("a causal prefix of few queries")
+@example(T=5, extra=0, topk=9, causal=False).via("S < topk: every query")
+@example(T=12, extra=2, topk=12, causal=True).via("S = topk + 2")
+@given(T=st.integers(1, 20), extra=st.integers(0, 12), topk=st.integers(1, 36),
+       causal=st.booleans())
+def test_blocked_topk_rows_that_see_few_keys_list_them_in_order(T: int, extra: int, topk: int,
+                                                                 causal: bool) -> None:
+    """Whatever T, S ≥ T and topk: a query seeing fewer than topk keys gets exactly them, in
+    position order, then −1 (counted on the host, so a wrong count shows here); the others
+    their topk best-scoring visible keys."""
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+
+    S = T + extra
+    q, k, w = _index_inputs(1, T, S, 2, 16)
+    indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal)
+    _assert_top_scores(indices, q, k, w, topk, causal, True)
+    visible = _visible_counts(T, S, causal)
+    slots = torch.arange(topk, device=DEVICE)
+    few = visible < topk
+    expected = torch.where(slots < visible[few, None], slots, -1)
+    assert torch.equal(indices[0, few], expected)
 
 
 def test_blocked_topk_takes_queries_in_blocks_and_breaks_ties_by_position() -> None:

@@ -101,9 +101,8 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
         provider.layer_norm(rms_norm=True, has_residual=True)
     local = LocalSpecProvider()
     assert provider.linear() is local.linear()
-    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
-
     from attnplug_triton.ops.conv.fused import causal_conv1d
+    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
 
     assert provider.gated_delta_rule() is gated_delta_rule
     assert provider.causal_conv1d() is causal_conv1d

@@ -148,12 +148,14 @@ def dsa_indexer_topk_blocked(
         best = torch.topk(part, take, dim=-1, sorted=False).values  # (B, n, take)
         pos = (S - 1) - (best & 0xFFFFFFFF)
         out[:, start:start + n, :take] = torch.where(best == _INT64_MIN.value, -1, pos)
-    # Queries that see at most ``topk`` keys take them all, in position order, then −1: the
+    # Queries that see fewer than ``topk`` keys take them all, in position order, then −1: the
     # slots of the ones they cannot see must come last, which an unsorted top-k does not give.
-    n_vis = (torch.arange(T, device=q.device) + (S - T + 1)).clamp(max=S) if causal else (
-        torch.full((T,), S, device=q.device))  # (T,) keys each query sees
-    few = n_vis < topk
-    if bool(few.any()):
+    # They are the first ``n_few`` queries (a query sees min(t + S − T + 1, S) keys causally, S
+    # otherwise), counted on the host: no device synchronisation.
+    n_few = T if S < topk else (min(T, max(0, topk - (S - T + 1))) if causal else 0)
+    if n_few:
+        t = torch.arange(n_few, device=q.device)
+        n_vis = (t + (S - T + 1)).clamp(max=S) if causal else torch.full_like(t, S)  # (n_few,)
         slots = torch.arange(topk, device=q.device)
-        out[:, few] = torch.where(slots < n_vis[few, None], slots, -1)  # (B, few, topk)
+        out[:, :n_few] = torch.where(slots < n_vis[:, None], slots, -1)  # (B, n_few, topk)
     return out
