@@ -9,14 +9,16 @@
 #       (fwd+bwd vs float64, defaults and variants);
 #   bash benchmarks/gpu_experimental.sh gdn-bench   the forward / forward+backward benchmark
 #       (every variant side by side, fla and SDPA anchors) and each kernel's share of it;
+#   bash benchmarks/gpu_experimental.sh gdn-scaling   issue 5's scaling table: T from 1K to 64K
+#       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
 #   bash benchmarks/gpu_experimental.sh dsa   both top-k methods at real shapes vs float64,
 #       then the benchmark at 4K and 32K (streaming vs blocked vs the local top-k, the DSA
 #       totals against SDPA).
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | dsa) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|dsa" >&2; exit 2 ;;
+  gdn | gdn-bench | gdn-scaling | dsa) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|dsa" >&2; exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
 mkdir -p "$OUT"
@@ -40,6 +42,10 @@ case ${1:-} in
     ;;
   gdn-bench)
     step gdn_bench 400 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages
+    ;;
+  gdn-scaling)
+    step gdn_scaling 540 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
+      --out "$OUT/gdn_scaling"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
