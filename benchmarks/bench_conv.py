@@ -11,7 +11,8 @@ in plain PyTorch that move the same bytes a few times over:
   over the last dim;
 - ``shifts``: the four shifted views of the same ``unfold`` accumulated in float32;
 - ``triton``: the triton backend's fused kernels (``attnplug_triton.ops.conv.fused``: one pass
-  over ``[B, T, C]`` forward, one backward, the SiLU inside), when attnplug-triton imports.
+  over ``[B, T, C]`` forward, one backward, the SiLU inside), when attnplug-triton imports;
+  ``triton-2pass``: the same with the experimental two-pass backward and autotuned blocks.
 
 Forward and forward+backward at B=2, T=4096, C=8192, bf16 (``--batch``, ``--seqlen``,
 ``--channels``), each checked against a float64 ``conv1d`` first (largest difference printed).
@@ -63,14 +64,16 @@ def shifts(x: Tensor, w: Tensor) -> Tensor:
     return F.silu(y).to(x.dtype)
 
 
-def triton_conv() -> object | None:
-    """The triton backend's kernel as ``fn(x, w[C, 1, K])``, or None when it does not import."""
+def triton_convs() -> dict[str, object]:
+    """The triton backend's kernels as ``fn(x, w[C, 1, K])`` (``triton``: served;
+    ``triton-2pass``: the experimental two-pass backward), none when it does not import."""
     try:
-        from attnplug_triton.ops.conv.fused import causal_conv1d
+        from attnplug_triton.ops.conv.fused import causal_conv1d, causal_conv1d_two_pass
     except ImportError as exc:
-        print(f"bench_conv: no triton row ({exc})", file=sys.stderr)
-        return None
-    return lambda x, w: causal_conv1d(x, w[:, 0])
+        print(f"bench_conv: no triton rows ({exc})", file=sys.stderr)
+        return {}
+    return {"triton": lambda x, w: causal_conv1d(x, w[:, 0]),
+            "triton-2pass": lambda x, w: causal_conv1d_two_pass(x, w[:, 0])}
 
 
 IMPLS = {"conv1d": conv1d, "unfold": unfold, "shifts": shifts}
@@ -95,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     w = (torch.randn(C, 1, K, device=args.device, dtype=dtype) / K).requires_grad_()
     dy = torch.randn(B, T, C, device=args.device, dtype=dtype)
     impls = dict(IMPLS)
-    if args.device == "cuda" and (fn := triton_conv()) is not None:
-        impls["triton"] = fn
+    if args.device == "cuda":
+        impls.update(triton_convs())
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     conv1d(x64, w64).backward(dy.double())
     failed = False
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                                     for n, f in impls.items()}, grad_to_none=[x, w])
     fwd.report()
     both.report()
+    if "triton" in impls:
+        from attnplug_triton.ops.conv.fused import chosen_configs
+
+        for line in chosen_configs():
+            print(f"note: autotuned {line}")
     return 1 if failed else 0
 
 

@@ -40,6 +40,9 @@ I32_PTRS = {"chunk_seq", "cu", "chunk_off"}
 FLOATS = {"scale", "qk_scale", "softmax_scale"}
 ATTN_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV_OUT", "DQ"}
 
+# the short convolution's blocks (BT rows, BC channels) and warps (the autotuner's and 64 × 4,
+# which spills)
+CONV_BLOCKS = [(dict(BT=64, BC=bc), w, 3) for bc, w in ((128, 8), (64, 8), (64, 4), (32, 4))]
 GDN_DIMS = dict(DK=128, DV=128, BK=128, USE_L2NORM=True, PRECISION="tf32")
 ATTN_DIMS = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, GROUP=1, PRECISION="tf32")
 # (label, module, kernel, constexprs, [(meta, warps, stages), ...]): the configurations the
@@ -66,9 +69,9 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
        {**GDN_DIMS, "FINALIZE": True, "PASS": p},
        [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for p in (0, 1, 2)],
     ("conv fwd", CONV, "causal_conv1d_fwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
-     [(dict(BT=64, BC=128), 8, 3), (dict(BT=64, BC=128), 4, 3)]),
-    ("conv bwd", CONV, "causal_conv1d_bwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
-     [(dict(BT=16, BC=64), 4, 3), (dict(BT=32, BC=128), 4, 3)]),
+     CONV_BLOCKS),
+    ("conv dpre", CONV, "causal_conv1d_dpre_kernel", dict(K=4, HAS_STATE=False), CONV_BLOCKS),
+    ("conv bwd", CONV, "causal_conv1d_bwd_kernel", dict(K=4, HAS_STATE=False), CONV_BLOCKS),
 ]
 
 

@@ -163,9 +163,11 @@ class TritonSpecProvider(LocalSpecProvider):
 
     def causal_conv1d(self) -> Callable:
         """:func:`attnplug_triton.ops.conv.fused.causal_conv1d`: GatedDeltaNet's depthwise
-        causal convolution with the SiLU fused, forward and backward."""
+        causal convolution with the SiLU fused, forward and backward; with experimental kernels
+        enabled, :func:`~attnplug_triton.ops.conv.fused.causal_conv1d_two_pass` (its two-pass
+        backward, not yet run on a GPU)."""
         if not self._serves("causal_conv1d"):
             return super().causal_conv1d()
-        from attnplug_triton.ops.conv.fused import causal_conv1d
+        from attnplug_triton.ops.conv.fused import causal_conv1d, causal_conv1d_two_pass
 
-        return causal_conv1d
+        return causal_conv1d_two_pass if self.experimental_kernels else causal_conv1d

@@ -31,10 +31,18 @@ def _run(fn, x, w, s, dy, activation):
     return [y] + [t.grad for t in leaves if t is not None]
 
 
+def _function(name: str):
+    """The served kernels (``one_pass`` backward) or the experimental ``two_pass`` ones."""
+    from attnplug_triton.ops.conv import fused
+
+    return fused.causal_conv1d if name == "one_pass" else fused.causal_conv1d_two_pass
+
+
+@pytest.mark.parametrize("backward", ["one_pass", "two_pass"])
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("case,dtype", CASES, ids=lambda x: str(x))
-def test_causal_conv1d_matches_float64_reference(case, dtype, activation) -> None:
-    from attnplug_triton.ops.conv.fused import causal_conv1d
+def test_causal_conv1d_matches_float64_reference(case, dtype, activation, backward) -> None:
+    causal_conv1d = _function(backward)
 
     B, T, C, K, with_state, strided = case
     torch.manual_seed(B + T + C + K)
@@ -52,8 +60,9 @@ def test_causal_conv1d_matches_float64_reference(case, dtype, activation) -> Non
         assert_matches(f"{name} {case} {dtype} {activation}", out, ref, dtype)
 
 
-def test_empty_sequence_gives_empty_output_and_zero_weight_gradient() -> None:
-    from attnplug_triton.ops.conv.fused import causal_conv1d
+@pytest.mark.parametrize("backward", ["one_pass", "two_pass"])
+def test_empty_sequence_gives_empty_output_and_zero_weight_gradient(backward) -> None:
+    causal_conv1d = _function(backward)
 
     x = torch.zeros(2, 0, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
@@ -73,10 +82,10 @@ def test_bad_arguments_are_named() -> None:
                       torch.zeros(8, 4, dtype=torch.float64, device=DEVICE))
 
 
-def test_gdn_layer_with_the_kernel_matches_local_in_training_and_decoding() -> None:
+@pytest.mark.parametrize("experimental", [False, True])
+def test_gdn_layer_with_the_kernel_matches_local_in_training_and_decoding(experimental) -> None:
     """A GatedDeltaNet whose short convolution (only) is the triton kernel gives local's
     outputs and gradients, and decodes token by token to the same outputs."""
-    from attnplug_triton.ops.conv.fused import causal_conv1d
     from attnplug_triton.provider import TritonSpecProvider
 
     from attnplug import TransformerConfig
@@ -91,7 +100,8 @@ def test_gdn_layer_with_the_kernel_matches_local_in_training_and_decoding() -> N
                                linear_num_value_heads=4, linear_conv_kernel_dim=4,
                                linear_attention_freq=[1])
     local_spec = get_gated_delta_net_module_spec(config, LocalSpecProvider())
-    triton_spec = get_gated_delta_net_module_spec(config, TritonSpecProvider(True))
+    triton_spec = get_gated_delta_net_module_spec(config, TritonSpecProvider(experimental))
+    causal_conv1d = _function("two_pass" if experimental else "one_pass")
     assert triton_spec.submodules.causal_conv1d.module is causal_conv1d
     torch.manual_seed(0)
     ref = build_module(local_spec, config)

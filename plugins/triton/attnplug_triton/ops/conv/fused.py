@@ -7,11 +7,18 @@ activations. Here one program reads a ``(BT, BC)`` block of outputs' inputs stra
 projection's output (its rows may be strided: ``x`` is a slice of a wider tensor), the ``K``
 shifted tiles overlapping in cache, and writes ``y`` once.
 
-Backward, per block of rows ``t``: ``dpre = dy ⊙ SiLU'(pre)`` with ``pre`` recomputed, and
-``dx[t] = Σ_j w[:, j] · dpre[t + K − 1 − j]`` needs ``dpre`` at the next ``K − 1`` rows too,
-so the program recomputes ``pre`` at ``K`` row offsets (``K²`` tile loads, all but the first
-few from cache). ``dw[c, j] = Σ_{b,t} u[t − K + 1 + j] · dpre[t]`` is summed per program into
-a float32 ``[B · row blocks, C, K]`` buffer and reduced by torch (deterministic, no atomics).
+Backward (:func:`causal_conv1d`, served), one pass per block of rows ``t``: ``dpre = dy ⊙
+SiLU'(pre)`` with ``pre`` recomputed, and ``dx[t] = Σ_j w[:, j] · dpre[t + K − 1 − j]`` needs
+``dpre`` at the next ``K − 1`` rows too, so the program recomputes ``pre`` at ``K`` row offsets
+(``K²`` tile loads); its registers hold it to 16 × 64 blocks, and on the H200 it takes 1.1 ms
+where the bytes take 0.1 ms (B=2, T=4096, C=8192).
+
+Backward in two passes (:func:`causal_conv1d_two_pass`, experimental until timed on a GPU):
+``dpre`` written in x's dtype (as autograd through SiLU would round it), then ``dx`` from ``K``
+shifted tiles of ``dpre`` — both passes of the forward's shape and block sizes, autotuned.
+
+Either way ``dw[c, j] = Σ_{b,t} u[t − K + 1 + j] · dpre[t]`` is summed per program into a
+float32 ``[B · row blocks, C, K]`` buffer and reduced by torch (deterministic, no atomics).
 The gradient of ``initial_state`` (decoding with autograd only) comes from the reference on the
 first ``K − 1`` rows, which are all it reaches.
 """
@@ -29,7 +36,9 @@ from attnplug.ops.causal_conv1d import causal_conv1d as reference_causal_conv1d
 from attnplug.ops.causal_conv1d import check_causal_conv1d_args
 from attnplug_triton.ops.utils import check_runnable, interpreting
 
-__all__ = ["causal_conv1d", "causal_conv1d_fwd_kernel", "causal_conv1d_bwd_kernel"]
+__all__ = ["causal_conv1d", "causal_conv1d_two_pass", "causal_conv1d_fwd_kernel",
+           "causal_conv1d_bwd_fused_kernel", "causal_conv1d_dpre_kernel",
+           "causal_conv1d_bwd_kernel"]
 
 
 @triton.jit
@@ -83,13 +92,69 @@ def causal_conv1d_fwd_kernel(
 
 
 @triton.jit
+def causal_conv1d_dpre_kernel(
+    x_ptr, w_ptr, s_ptr, dy_ptr, dpre_ptr, T, C,
+    stride_xb, stride_xt, stride_sb, stride_st, stride_dyb, stride_dyt,
+    K: tl.constexpr, HAS_STATE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """``dpre = dy ⊙ SiLU'(pre)`` of one ``(BT rows, BC channels)`` block, ``pre`` recomputed
+    (written densely: ``dpre[b, t, c]``)."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    b = tl.program_id(2).to(tl.int64)
+    c_ok = cols < C
+    mask = (rows < T)[:, None] & c_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(dy_ptr + b * stride_dyb + rows64 * stride_dyt + cols[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    pre = _pre(x_ptr, s_ptr, w_ptr, b, rows, cols, c_ok, T, stride_xb, stride_xt, stride_sb,
+               stride_st, K, HAS_STATE, BT, BC)
+    sig = tl.sigmoid(pre)
+    dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # d SiLU(p) / dp = σ(1 + p(1 − σ))
+    tl.store(dpre_ptr + (b * T + rows64) * C + cols[None, :],
+             dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def causal_conv1d_bwd_kernel(
+    x_ptr, w_ptr, s_ptr, dpre_ptr, dx_ptr, dw_ptr, T, C,
+    stride_xb, stride_xt, stride_sb, stride_st, stride_db, stride_dt, stride_dxb, stride_dxt,
+    K: tl.constexpr, HAS_STATE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """``dx`` of one ``(BT rows, BC channels)`` block from the gradient before the activation
+    (``dpre``: ``dy`` itself without one) and this block's share of ``dw``."""
+    pid_t = tl.program_id(0)
+    rows = pid_t * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    b = tl.program_id(2).to(tl.int64)
+    c_ok = cols < C
+    dx = tl.zeros([BT, BC], tl.float32)
+    for m in tl.static_range(K):  # dpre at rows + m meets the tap j = K − 1 − m
+        r = rows + m
+        dpre = tl.load(dpre_ptr + b * stride_db + r.to(tl.int64)[:, None] * stride_dt
+                       + cols[None, :], mask=(r < T)[:, None] & c_ok[None, :], other=0.0
+                       ).to(tl.float32)
+        w_j = tl.load(w_ptr + cols * K + (K - 1 - m), mask=c_ok, other=0.0).to(tl.float32)
+        dx += dpre * w_j[None, :]
+        if m == 0:  # this block's dpre: its share of dw, tap by tap
+            part = dw_ptr + ((b * tl.num_programs(0) + pid_t) * C + cols) * K
+            for j in tl.static_range(K):
+                u = _shifted(x_ptr, s_ptr, b, rows, cols, c_ok, T, stride_xb, stride_xt,
+                             stride_sb, stride_st, K - 1 - j, K, HAS_STATE)
+                tl.store(part + j, tl.sum(u * dpre, 0), mask=c_ok)
+    tl.store(dx_ptr + b * stride_dxb + rows.to(tl.int64)[:, None] * stride_dxt + cols[None, :],
+             dx.to(dx_ptr.dtype.element_ty), mask=(rows < T)[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def causal_conv1d_bwd_fused_kernel(
     x_ptr, w_ptr, s_ptr, dy_ptr, dx_ptr, dw_ptr, T, C,
     stride_xb, stride_xt, stride_sb, stride_st, stride_dyb, stride_dyt, stride_dxb, stride_dxt,
     K: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr,
 ):
-    """``dx`` of one ``(BT rows, BC channels)`` block and its share of ``dw``."""
+    """``dx`` of one ``(BT rows, BC channels)`` block and its share of ``dw`` in one pass,
+    ``pre`` recomputed at ``K`` row offsets (the served backward, checked on the GPU)."""
     pid_t = tl.program_id(0)
     rows = pid_t * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -119,14 +184,48 @@ def causal_conv1d_bwd_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=(rows < T)[:, None] & c_ok[None, :])
 
 
-def _blocks(backward: bool) -> tuple[int, int, int]:
-    """``(BT, BC, num_warps)``: small blocks under the interpreter (speed); on a GPU the
-    largest that do not spill on sm_90 (``benchmarks/ptxas_report.py --only conv``, Triton
-    3.6): 64 × 128 with 8 warps forward (207 registers), 16 × 64 with 4 warps backward (156
-    registers; 32 × 128 spilled 2 KB a thread, its K recomputed tiles all live)."""
-    if interpreting():
-        return 16, 32, 1
-    return (16, 64, 4) if backward else (64, 128, 8)
+# Rows per program on a GPU: fixed, so that the dw partial sums' layout ([B · row blocks, C, K])
+# is the same whichever configuration the autotuner runs.
+ROWS = 64
+# (channels per program, warps) the GPU autotuner chooses from (by C and the dtypes). ptxas
+# (sm_90, Triton 3.6; ``benchmarks/ptxas_report.py --only conv``), registers a thread for the
+# forward / dpre / backward kernels: 128 × 8 warps 207 / 254 / 254 (one program an SM), 64 × 8
+# warps 100 / 128 / 118, 32 × 4 warps 100 / 128 / 114; none spills (64 × 4 warps would: 156 B).
+CONFIGS = ((128, 8), (64, 8), (32, 4))
+# under the interpreter (no autotuning there): small blocks, for speed
+INTERPRETER_BLOCKS = (16, 32, 1)
+
+_TUNERS: dict[str, Any] = {}
+
+
+def _launch(kernel: Any, B: int, T: int, C: int, args: tuple, meta: dict[str, Any], *,
+            tuned: bool, fixed: tuple[int, int, int] = (64, 128, 8)) -> None:
+    """Run ``kernel`` over ``[B, T, C]``: small fixed blocks under the interpreter; on a GPU
+    ``fixed`` ``(BT, BC, warps)``, or with ``tuned`` autotuned over :data:`CONFIGS` (``BT`` =
+    :data:`ROWS`)."""
+    if interpreting() or not tuned:
+        bt, bc, warps = INTERPRETER_BLOCKS if interpreting() else fixed
+        kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc), B)](*args, **meta, BT=bt, BC=bc,
+                                                          num_warps=warps)
+        return
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    if name not in _TUNERS:
+        configs = [triton.Config({"BT": ROWS, "BC": bc}, num_warps=w) for bc, w in CONFIGS]
+        _TUNERS[name] = triton.autotune(configs=configs, key=["C"])(kernel)
+    _TUNERS[name][lambda m: (triton.cdiv(T, m["BT"]), triton.cdiv(C, m["BC"]), B)](*args,
+                                                                                   **meta)
+
+
+def row_blocks(T: int, rows: int) -> int:
+    """Row blocks of a sequence of ``T`` rows (``rows`` per program on a GPU): the dw partial
+    sums' count per sequence."""
+    return triton.cdiv(T, INTERPRETER_BLOCKS[0] if interpreting() else rows)
+
+
+def chosen_configs() -> list[str]:
+    """What the autotuners chose so far, one line per kernel and tuning key."""
+    return [f"{name} key={key}: {config}" for name, tuner in _TUNERS.items()
+            for key, config in getattr(tuner, "cache", {}).items()]
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -135,26 +234,28 @@ def _rows(t: Tensor) -> Tensor:
 
 
 class CausalConv1dFunction(torch.autograd.Function):
-    """Autograd over the two kernels; ``initial_state`` may be None."""
+    """Autograd over the kernels; ``initial_state`` may be None. ``two_pass``: the two-pass
+    backward and autotuned blocks (experimental); else the single-pass backward with the
+    fixed blocks checked on the GPU."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, initial_state: Tensor | None,
-                silu: bool) -> Tensor:
+                silu: bool, two_pass: bool) -> Tensor:
         x = _rows(x)
         w = weight.contiguous()
         s = None if initial_state is None else _rows(initial_state.to(x.dtype))
         B, T, C = x.shape
         K = w.shape[1]
         y = x.new_empty((B, T, C))
-        BT, BC, warps = _blocks(False)
         if T:
-            causal_conv1d_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
+            _launch(causal_conv1d_fwd_kernel, B, T, C, (
                 x, w, x if s is None else s, y, T, C, x.stride(0), x.stride(1),
                 0 if s is None else s.stride(0), 0 if s is None else s.stride(1),
-                y.stride(0), y.stride(1), K=K, HAS_STATE=s is not None, SILU=silu, BT=BT,
-                BC=BC, num_warps=warps)
+                y.stride(0), y.stride(1)), dict(K=K, HAS_STATE=s is not None, SILU=silu),
+                tuned=two_pass)
         ctx.save_for_backward(x, w, s)
         ctx.silu = silu
+        ctx.two_pass = two_pass
         ctx.weight_dtype = weight.dtype
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
         return y
@@ -165,16 +266,33 @@ class CausalConv1dFunction(torch.autograd.Function):
         dy = _rows(dy)
         B, T, C = x.shape
         K = w.shape[1]
-        BT, BC, warps = _blocks(True)
-        blocks = triton.cdiv(T, BT)
+        state = (x if s is None else s, 0 if s is None else s.stride(0),
+                 0 if s is None else s.stride(1))
+        meta = dict(K=K, HAS_STATE=s is not None)
         dx = torch.empty_like(x)
-        parts = torch.empty((B * blocks, C, K), device=x.device, dtype=torch.float32)
-        if T:
-            causal_conv1d_bwd_kernel[(blocks, triton.cdiv(C, BC), B)](
-                x, w, x if s is None else s, dy, dx, parts, T, C, x.stride(0), x.stride(1),
-                0 if s is None else s.stride(0), 0 if s is None else s.stride(1),
-                dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), K=K,
-                HAS_STATE=s is not None, SILU=ctx.silu, BT=BT, BC=BC, num_warps=warps)
+        if not ctx.two_pass:
+            fixed = (16, 64, 4)  # the largest that does not spill on sm_90 (its K tiles live)
+            parts = torch.empty((B * row_blocks(T, fixed[0]), C, K), device=x.device,
+                                dtype=torch.float32)
+            if T:
+                _launch(causal_conv1d_bwd_fused_kernel, B, T, C, (
+                    x, w, state[0], dy, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
+                    state[2], dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1)),
+                    {**meta, "SILU": ctx.silu}, tuned=False, fixed=fixed)
+        else:
+            dpre = dy
+            if ctx.silu and T:
+                dpre = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
+                _launch(causal_conv1d_dpre_kernel, B, T, C, (
+                    x, w, state[0], dy, dpre, T, C, x.stride(0), x.stride(1), state[1],
+                    state[2], dy.stride(0), dy.stride(1)), meta, tuned=True)
+            parts = torch.empty((B * row_blocks(T, ROWS), C, K), device=x.device,
+                                dtype=torch.float32)
+            if T:
+                _launch(causal_conv1d_bwd_kernel, B, T, C, (
+                    x, w, state[0], dpre, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
+                    state[2], dpre.stride(0), dpre.stride(1), dx.stride(0), dx.stride(1)), meta,
+                    tuned=True)
         dw = parts.sum(0).to(ctx.weight_dtype)
         ds = None
         if s is not None and ctx.needs_input_grad[2] and T:
@@ -189,7 +307,17 @@ class CausalConv1dFunction(torch.autograd.Function):
             ds = ds.to(ctx.state_dtype)
         elif s is not None and ctx.needs_input_grad[2]:
             ds = torch.zeros_like(s, dtype=ctx.state_dtype)
-        return dx, dw, ds, None
+        return dx, dw, ds, None, None
+
+
+def _causal_conv1d(owner: str, x: Tensor, weight: Tensor, initial_state: Tensor | None,
+                   activation: str | None, two_pass: bool) -> Tensor:
+    check_causal_conv1d_args(owner, x, weight, initial_state, activation)
+    tensors = {"x": x, "weight": weight}
+    if initial_state is not None:
+        tensors["initial_state"] = initial_state
+    check_runnable(owner, tensors)
+    return CausalConv1dFunction.apply(x, weight, initial_state, activation == "silu", two_pass)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, *, initial_state: Tensor | None = None,
@@ -197,10 +325,13 @@ def causal_conv1d(x: Tensor, weight: Tensor, *, initial_state: Tensor | None = N
     """``y[B, T, C]`` from ``x[B, T, C]``, ``weight[C, K]`` and optionally
     ``initial_state[B, K−1, C]``: the function of ``attnplug.ops.causal_conv1d`` (same
     arguments), differentiable in all three, on CUDA tensors (or on the CPU under
-    ``TRITON_INTERPRET=1``)."""
-    check_causal_conv1d_args("triton causal_conv1d", x, weight, initial_state, activation)
-    tensors = {"x": x, "weight": weight}
-    if initial_state is not None:
-        tensors["initial_state"] = initial_state
-    check_runnable("triton causal_conv1d", tensors)
-    return CausalConv1dFunction.apply(x, weight, initial_state, activation == "silu")
+    ``TRITON_INTERPRET=1``). Backward in one pass (checked on the H200)."""
+    return _causal_conv1d("triton causal_conv1d", x, weight, initial_state, activation, False)
+
+
+def causal_conv1d_two_pass(x: Tensor, weight: Tensor, *, initial_state: Tensor | None = None,
+                           activation: str | None = "silu") -> Tensor:
+    """:func:`causal_conv1d` with the two-pass backward (``dpre``, then ``dx`` and ``dw``) and
+    autotuned blocks: larger blocks, no ``K²`` recomputation. Experimental until checked and
+    timed on a GPU (the triton backend serves it with experimental kernels enabled)."""
+    return _causal_conv1d("triton causal_conv1d", x, weight, initial_state, activation, True)
