@@ -10,10 +10,10 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton -e plugins/kitchen \
   > "$OUT/install.log" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-timeout 90 python3 -m pytest -q -rs tests/test_ops_cuda.py > "$OUT/ops_cuda.txt" 2>&1
+timeout 120 python3 -m pytest -q -rs tests/test_ops_cuda.py tests/test_moe_cuda.py > "$OUT/ops_cuda.txt" 2>&1
 tail -n 3 "$OUT/ops_cuda.txt"
 # the triton flash attention and short convolution against float64 at real shapes (bf16)
-timeout 120 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
+timeout 200 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
   plugins/triton/tests/test_triton_causal_conv1d.py > "$OUT/triton_kernels.txt" 2>&1
 tail -n 3 "$OUT/triton_kernels.txt"
 for backend in triton local; do
