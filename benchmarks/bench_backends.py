@@ -151,11 +151,12 @@ def measure_all(config: TransformerConfig, args: argparse.Namespace,
         gc.collect()  # the model and optimizer are gone: give their memory back
         torch.cuda.empty_cache()
         row["step_ms"] = 1e3 * statistics.median(times)
+        row["steps_ms"] = [round(1e3 * t, 2) for t in times]  # each timed step, in order
         row["tokens_per_s"] = batch * args.seq_len / statistics.median(times)
         row["status"] = "ok"
         rows.append(row)
-        print(f"  {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s",
-              flush=True)
+        print(f"  {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s "
+              f"(steps: {' '.join(f'{t:.1f}' for t in row['steps_ms'])})", flush=True)
     return rows
 
 
