@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Where the GPU time goes, one call (run on the GPU machine from the repo root after TE is
 # installed there if the te rows are wanted; results under $OUT):
-#   1. the triton short-convolution kernel's tests on the GPU (real shapes, bf16), then
-#      benchmarks/bench_conv.py: the GDN layer's depthwise causal conv, conv1d vs two rewrites
-#      vs that kernel;
+#   1. the triton short-convolution kernel's tests on the GPU (real shapes, bf16; both
+#      backwards) and the gated delta rule's real-shape tests (incl. the experimental fused
+#      dq/dk finish), then benchmarks/bench_conv.py: the GDN layer's depthwise causal conv,
+#      conv1d vs two rewrites vs the kernels (one-pass and the experimental two-pass backward);
 #   2. benchmarks/profile_step.py: each layer part's forward/backward share of a training step
 #      of the GPU-sized example hybrid, per backend, and the top CUDA kernels — as configured,
-#      then triton and local with the batched experts (moe_grouped_gemm) and the experimental
-#      kernels (the triton short convolution) on.
+#      then triton and local with the grouped experts (moe_grouped_gemm) and the experimental
+#      kernels (the two-pass convolution backward, the fused dq/dk finish) on.
 # Each step has its own time limit; together under the 10-minute call (each GDN kernel's time:
 # `bench_gated_delta_rule.py --parts stages`, in `gpu_experimental.sh gdn-bench`).
 set -u
@@ -19,8 +20,12 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton 
   > "$OUT/install.log" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 source benchmarks/gpu_step.sh
-STEP_TAIL=5 step conv_tests 90 python3 -m pytest -q plugins/triton/tests/test_triton_causal_conv1d.py
-STEP_TAIL=20 step bench_conv 60 python3 benchmarks/bench_conv.py --out "$OUT/conv"
-step profile_step 240 python3 benchmarks/profile_step.py --top 20 --json "$OUT/profile_step.json"
+STEP_TAIL=5 step conv_tests 120 python3 -m pytest -q plugins/triton/tests/test_triton_causal_conv1d.py
+# the gated delta rule at real shapes: the project's, and the example's grouped value heads with
+# dq, dk finished in torch and in the experimental one-kernel finish
+STEP_TAIL=5 step gdn_real_shapes 150 python3 -m pytest -q -rs \
+  plugins/triton/tests/test_triton_gated_delta_rule.py -k real_shape
+STEP_TAIL=24 step bench_conv 90 python3 benchmarks/bench_conv.py --out "$OUT/conv"
+step profile_step 200 python3 benchmarks/profile_step.py --top 20 --json "$OUT/profile_step.json"
 step profile_batched 150 env ATTNPLUG_TRITON_EXPERIMENTAL=1 python3 benchmarks/profile_step.py \
   --backends triton local --set moe_grouped_gemm=true --top 20 --json "$OUT/profile_batched.json"

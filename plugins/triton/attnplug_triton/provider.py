@@ -121,12 +121,17 @@ class TritonSpecProvider(LocalSpecProvider):
     def gated_delta_rule(self) -> Callable:
         """:func:`attnplug_triton.ops.gated_delta_rule.gated_delta_rule`: the chunked kernels
         (forward and backward), or the token-by-token kernel for short sequences without
-        autograd; K and V up to 256. Triton is imported on the first call."""
+        autograd; K and V up to 256. Triton is imported on the first call. With experimental
+        kernels enabled, :func:`~attnplug_triton.ops.gated_delta_rule.gated_delta_rule_experimental`
+        (dq, dk of grouped value heads finished in one kernel; not yet run on a GPU)."""
         if not self._serves("gated_delta_rule"):
             return super().gated_delta_rule()
-        from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+        from attnplug_triton.ops.gated_delta_rule import (
+            gated_delta_rule,
+            gated_delta_rule_experimental,
+        )
 
-        return gated_delta_rule
+        return gated_delta_rule_experimental if self.experimental_kernels else gated_delta_rule
 
     def dsa_indexer_topk(self) -> Callable:
         """:func:`attnplug_triton.ops.dsa.topk_blocked.dsa_indexer_topk_blocked`: the indexer's

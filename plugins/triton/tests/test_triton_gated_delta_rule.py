@@ -128,6 +128,52 @@ def test_kernel_variants_match_float64_and_the_default_output(case, split: bool,
     torch.testing.assert_close(out, default, rtol=1e-5, atol=1e-5)
 
 
+GROUPED_CASES = [c for c in CASES if c[4] > c[3]]
+
+
+@pytest.mark.parametrize("l2norm", [True, False])
+@pytest.mark.parametrize("case", GROUPED_CASES[:3], ids=[c[0] for c in GROUPED_CASES[:3]])
+def test_fused_group_grads_match_float64_and_the_torch_finish(case, l2norm: bool) -> None:
+    """Grouped value heads with dq, dk finished in one kernel (group sum, the L2 norm's
+    backward, the cast): every gradient against float64, and dq, dk against the torch finish."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    label, B, T, H, HV, K, V, with_h0, _, cu = case
+    torch.manual_seed(hash(label) % 2**31 + 2)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
+    N = B if cu is None else len(cu) - 1
+    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
+    kwargs = {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
+    fused = functools.partial(triton_gdr, fused_group_grads=True)
+    _check(fused, x, f"fused group grads {label}", torch.float32, with_h0, **kwargs)
+    got = _run(fused, x, lambda t: t.clone(), with_h0, **kwargs)
+    torch_finish = _run(functools.partial(triton_gdr, fused_group_grads=False), x,
+                        lambda t: t.clone(), with_h0, **kwargs)
+    for name in ("dq", "dk"):
+        torch.testing.assert_close(got[name], torch_finish[name], rtol=1e-5, atol=1e-6)
+
+
+def test_finish_group_grads_in_half_precision_and_bad_shapes() -> None:
+    from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
+
+    torch.manual_seed(3)
+    tokens, H, group, K = 37, 3, 2, 24
+    wide = torch.randn(tokens, H, K + 5, device=DEVICE, dtype=torch.float16)
+    x = wide[..., 2:2 + K]  # rows strided like a slice of the projection
+    part = torch.randn(tokens, H * group, K, device=DEVICE)
+    x64, part64 = x.double(), part.double().view(tokens, H, group, K).sum(2)
+    y = x64 / torch.sqrt(x64.square().sum(-1, keepdim=True) + 1e-6)
+    r = torch.rsqrt(x64.square().sum(-1, keepdim=True) + 1e-6)
+    want = (part64 - y * (y * part64).sum(-1, keepdim=True)) * r
+    got = finish_group_grads(part, x, group, True)
+    assert got.dtype == torch.float16 and got.shape == (tokens, H, K)
+    assert_matches("finish_group_grads l2norm", got, want, torch.float16)
+    assert_matches("finish_group_grads sum", finish_group_grads(part, x, group, False),
+                   part64, torch.float16)
+    with pytest.raises(ValueError, match="part must be contiguous"):
+        finish_group_grads(part[:, :H], x, group, True)
+
+
 def test_float16_inputs_and_a_custom_scale() -> None:
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
@@ -153,14 +199,18 @@ def test_decoding_kernel_matches_the_step_op() -> None:
 
 
 def test_the_slot_goes_token_by_token_without_autograd_and_chunked_with_it() -> None:
-    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+    from attnplug_triton.ops.gated_delta_rule import (
+        gated_delta_rule,
+        gated_delta_rule_experimental,
+    )
     from attnplug_triton.ops.gated_delta_rule.fused_recurrent import (
         fused_recurrent_gated_delta_rule,
     )
     from attnplug_triton.provider import TritonSpecProvider
 
+    assert TritonSpecProvider(experimental_kernels=False).gated_delta_rule() is gated_delta_rule
     provider = TritonSpecProvider(experimental_kernels=True)
-    assert provider.gated_delta_rule() is gated_delta_rule
+    assert provider.gated_delta_rule() is gated_delta_rule_experimental
     assert provider.served_by("gated_delta_rule") == "triton"
     torch.manual_seed(2)
     cu = torch.tensor([0, 3, 40, 41], device=DEVICE)
@@ -200,14 +250,19 @@ def test_bad_arguments_are_named(bad, message) -> None:
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="real shapes in bfloat16 need a CUDA device")
-def test_real_shape_in_bfloat16_on_the_gpu() -> None:
-    """B=8, T=4096, H=16, K=V=128, bf16: relative error <= 1e-2 against float64 (the chunked
-    reference, exact in float64 and cheaper than the per-token one at this size)."""
+@pytest.mark.parametrize(("B", "HV", "fused"), [(8, 16, False), (2, 32, False), (2, 32, True)],
+                         ids=["project", "grouped", "grouped fused grads"])
+def test_real_shape_in_bfloat16_on_the_gpu(B: int, HV: int, fused: bool) -> None:
+    """T=4096, H=16, K=V=128, bf16 — the project shape (B=8, HV=H) and the GPU-sized example's
+    grouped value heads (B=2, HV=2H; dq, dk finished in torch or in one kernel): relative error
+    <= 1e-2 against float64 (the chunked reference, exact in float64 and cheaper than the
+    per-token one at this size)."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     torch.manual_seed(3)
-    x = _inputs(8, 4096, 16, 16, 128, 128, 8, True, torch.bfloat16)
-    outs = _run(triton_gdr, x, lambda t: t.clone(), True, use_qk_l2norm=True)
+    x = _inputs(B, 4096, 16, HV, 128, 128, B, True, torch.bfloat16)
+    outs = _run(functools.partial(triton_gdr, fused_group_grads=fused), x, lambda t: t.clone(),
+                True, use_qk_l2norm=True)
     refs = _run(chunk_gated_delta_rule, x, lambda t: t.double(), True, use_qk_l2norm=True)
     for name, ref in refs.items():
         rel = ((outs[name].double() - ref).norm() / ref.norm()).item()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RECURRENT_MAX_TOKENS", "gated_delta_rule"]
+__all__ = ["RECURRENT_MAX_TOKENS", "gated_delta_rule", "gated_delta_rule_experimental"]
 
 # Without autograd, sequences up to this long go token by token (fla's layer does the same
 # below 64 tokens); longer ones, or any call that needs gradients, go through the chunked kernels.
@@ -37,6 +37,28 @@ def gated_delta_rule(
     Raises:
         ValueError: shapes, dtypes, devices or ``cu_seqlens`` the kernels do not take (named).
     """
+    return _gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                             use_qk_l2norm=use_qk_l2norm)
+
+
+def gated_delta_rule_experimental(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`gated_delta_rule` with the kernels not yet run on a GPU: with grouped value heads,
+    dq and dk finished in one kernel (``fused_group_grads``). The triton backend serves it with
+    experimental kernels enabled."""
+    return _gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                             use_qk_l2norm=use_qk_l2norm, fused_group_grads=True)
+
+
+def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
+                      scale: float | None, initial_state: Tensor | None,
+                      output_final_state: bool, cu_seqlens: Tensor | None,
+                      use_qk_l2norm: bool, **chunk_options: bool) -> tuple[Tensor, Tensor | None]:
     from attnplug_triton.ops.gated_delta_rule.common import check_args
 
     seqs = check_args("gated_delta_rule", q, k, v, g, beta, initial_state, cu_seqlens, scale)
@@ -50,4 +72,4 @@ def gated_delta_rule(
         return run_fused_recurrent(q, k, v, g, beta, seqs, **kwargs)
     from attnplug_triton.ops.gated_delta_rule.chunk import run_chunk
 
-    return run_chunk(q, k, v, g, beta, seqs, **kwargs)
+    return run_chunk(q, k, v, g, beta, seqs, **kwargs, **chunk_options)

@@ -65,7 +65,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
-           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV"]
+           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -83,6 +83,11 @@ DV_FROM_DH = False
 # The dh kernel's within-chunk term ``Pᵀ dO``: False computes it on the sequential path; True
 # reads it from a parallel kernel (:mod:`.chunk_dv`), float32 ``[tokens, HV, V]`` in between.
 LOCAL_DV = False
+# With grouped value heads (HV > H): False sums dq, dk over each group and applies the L2 norm's
+# backward in torch (about a dozen passes over [tokens, H, K] float32 each); True does it in one
+# kernel (:mod:`.group_grads`). Experimental: right under the interpreter, not yet run on a GPU
+# (the triton backend turns it on with experimental kernels enabled).
+FUSED_GROUP_GRADS = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -93,7 +98,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
                 output_final_state: bool, split_output: bool, keep_states: bool,
-                dv_from_dh: bool, local_dv: bool) -> tuple[Tensor, Tensor | None]:
+                dv_from_dh: bool, local_dv: bool,
+                fused_group_grads: bool = False) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
@@ -108,6 +114,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                               states if keep_states else None)
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
+        ctx.fused_group_grads = fused_group_grads
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -130,9 +137,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                            dv_local=dv_local)
         del dv_local
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
-                                          seqs, scale, l2, prec, y=y, dv=dv)
+                                          seqs, scale, l2, prec, y=y, dv=dv,
+                                          fused_group_grads=ctx.fused_group_grads)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None, None
 
 
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
@@ -144,7 +152,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               scale: float | None, initial_state: Tensor | None, output_final_state: bool,
               use_qk_l2norm: bool, split_output: bool | None = None,
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
-              local_dv: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              local_dv: bool | None = None,
+              fused_group_grads: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -165,9 +174,10 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     keep = KEEP_STATES if keep_states is None else bool(keep_states)
     dv_dh = DV_FROM_DH if dv_from_dh is None else bool(dv_from_dh)
     local = LOCAL_DV if local_dv is None else bool(local_dv)
+    fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
-                                                 dv_dh, local)
+                                                 dv_dh, local, fused)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -177,6 +187,7 @@ def chunk_gated_delta_rule(
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
     split_output: bool | None = None, keep_states: bool | None = None,
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
+    fused_group_grads: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -197,6 +208,8 @@ def chunk_gated_delta_rule(
             ``None`` takes :data:`DV_FROM_DH`.
         local_dv: the dh kernel reads the within-chunk ``Pᵀ dO`` from a parallel kernel;
             ``None`` takes :data:`LOCAL_DV`.
+        fused_group_grads: with grouped value heads, finish dq and dk (group sum, L2 norm's
+            backward, cast) in one kernel; ``None`` takes :data:`FUSED_GROUP_GRADS`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -210,4 +223,5 @@ def chunk_gated_delta_rule(
     return run_chunk(q, k, v, g, beta, seqs, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
                      split_output=split_output, keep_states=keep_states,
-                     dv_from_dh=dv_from_dh, local_dv=local_dv)
+                     dv_from_dh=dv_from_dh, local_dv=local_dv,
+                     fused_group_grads=fused_group_grads)

@@ -247,10 +247,13 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
               rq: Tensor | None, rk: Tensor | None, do: Tensor,
               states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
               use_qk_l2norm: bool, precision: str, y: Tensor | None = None,
-              dv: Tensor | None = None) -> tuple[Tensor, ...]:
+              dv: Tensor | None = None, fused_group_grads: bool = False
+              ) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
     inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
-    and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped."""
+    and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped.
+    With grouped value heads, ``fused_group_grads`` sums dq, dk over each group and applies the
+    L2 norm's backward in one kernel (:mod:`.group_grads`) instead of in torch."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -274,6 +277,11 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
                k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
                PRECISION=precision, PASS=which, prune=prune)
+    if not finalize and fused_group_grads:
+        from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
+
+        return (finish_group_grads(dq, q, group, use_qk_l2norm),
+                finish_group_grads(dk, k, group, use_qk_l2norm), dv, dg, dbeta)
     if not finalize:
         dq = dq.view(tokens, H, group, K).sum(2)  # (tokens, H, K) gradient of q̂
         dk = dk.view(tokens, H, group, K).sum(2)
