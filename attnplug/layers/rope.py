@@ -39,5 +39,6 @@ def apply_rope(x: torch.Tensor, rot_dim: int, *, base: float,
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, rot_dim/2)
     rot, rest = x[..., :rot_dim].to(dtype), x[..., rot_dim:]
     x1, x2 = rot.chunk(2, dim=-1)  # (B, T, H, rot_dim/2) each
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    # every channel rotated (the usual case): no second concatenation, i.e. no extra copy
+    return rotated if rest.shape[-1] == 0 else torch.cat((rotated, rest), dim=-1)
