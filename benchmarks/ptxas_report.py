@@ -71,7 +71,10 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
     ("conv fwd", CONV, "causal_conv1d_fwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
      CONV_BLOCKS),
     ("conv dpre", CONV, "causal_conv1d_dpre_kernel", dict(K=4, HAS_STATE=False), CONV_BLOCKS),
-    ("conv bwd", CONV, "causal_conv1d_bwd_kernel", dict(K=4, HAS_STATE=False), CONV_BLOCKS),
+    ("conv bwd", CONV, "causal_conv1d_bwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
+     [(dict(BT=16, BC=64), 4, 3)]),
+    ("conv bwd 2nd pass", CONV, "causal_conv1d_bwd_kernel", dict(K=4, HAS_STATE=False,
+                                                                 SILU=False), CONV_BLOCKS),
 ]
 
 

@@ -80,17 +80,24 @@ CASES = [
 ]
 
 
+def _case_inputs(case: tuple, seed: int, l2norm: bool | None = None) -> tuple[dict, dict]:
+    """A case's random inputs (float32) and its keyword arguments (``cu_seqlens``,
+    ``use_qk_l2norm``: the case's unless ``l2norm`` is given)."""
+    label, B, T, H, HV, K, V, _, case_l2norm, cu = case
+    l2norm = case_l2norm if l2norm is None else l2norm
+    torch.manual_seed(hash(label) % 2**31 + seed)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
+    N = B if cu is None else len(cu) - 1
+    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
+    return x, {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_chunk_matches_the_float64_reference(case) -> None:
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
-    label, B, T, H, HV, K, V, with_h0, l2norm, cu = case
-    torch.manual_seed(hash(label) % 2**31)
-    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
-    N = B if cu is None else len(cu) - 1
-    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
-    _check(triton_gdr, x, label, torch.float32, with_h0, cu_seqlens=cu_seqlens,
-           use_qk_l2norm=l2norm)
+    x, kwargs = _case_inputs(case, 0)
+    _check(triton_gdr, x, case[0], torch.float32, case[7], **kwargs)
 
 
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
@@ -109,12 +116,8 @@ def test_kernel_variants_match_float64_and_the_default_output(case, split: bool,
     the output against the default forward's."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
-    label, B, T, H, HV, K, V, with_h0, l2norm, cu = case
-    torch.manual_seed(hash(label) % 2**31 + 1)
-    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
-    N = B if cu is None else len(cu) - 1
-    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
-    kwargs = {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
+    label, with_h0 = case[0], case[7]
+    x, kwargs = _case_inputs(case, 1)
     variant = functools.partial(triton_gdr, split_output=split, keep_states=keep,
                                 dv_from_dh=dv_dh, local_dv=local)
     _check(variant, x, f"split={split} keep={keep} dv_from_dh={dv_dh} local_dv={local} "
@@ -138,12 +141,8 @@ def test_fused_group_grads_match_float64_and_the_torch_finish(case, l2norm: bool
     backward, the cast): every gradient against float64, and dq, dk against the torch finish."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
-    label, B, T, H, HV, K, V, with_h0, _, cu = case
-    torch.manual_seed(hash(label) % 2**31 + 2)
-    cu_seqlens = None if cu is None else torch.tensor(cu, device=DEVICE)
-    N = B if cu is None else len(cu) - 1
-    x = _inputs(B, T, H, HV, K, V, N, l2norm, torch.float32, strided="strided" in label)
-    kwargs = {"cu_seqlens": cu_seqlens, "use_qk_l2norm": l2norm}
+    label, with_h0 = case[0], case[7]
+    x, kwargs = _case_inputs(case, 2, l2norm)
     fused = functools.partial(triton_gdr, fused_group_grads=True)
     _check(fused, x, f"fused group grads {label}", torch.float32, with_h0, **kwargs)
     got = _run(fused, x, lambda t: t.clone(), with_h0, **kwargs)

@@ -15,7 +15,8 @@ where the bytes take 0.1 ms (B=2, T=4096, C=8192).
 
 Backward in two passes (:func:`causal_conv1d_two_pass`, experimental until timed on a GPU):
 ``dpre`` written in x's dtype (as autograd through SiLU would round it), then ``dx`` from ``K``
-shifted tiles of ``dpre`` — both passes of the forward's shape and block sizes, autotuned.
+shifted tiles of ``dpre`` (the one-pass kernel without the activation) — both passes in the
+forward's block sizes, autotuned.
 
 Either way ``dw[c, j] = Σ_{b,t} u[t − K + 1 + j] · dpre[t]`` is summed per program into a
 float32 ``[B · row blocks, C, K]`` buffer and reduced by torch (deterministic, no atomics).
@@ -37,8 +38,7 @@ from attnplug.ops.causal_conv1d import check_causal_conv1d_args
 from attnplug_triton.ops.utils import check_runnable, interpreting
 
 __all__ = ["causal_conv1d", "causal_conv1d_two_pass", "causal_conv1d_fwd_kernel",
-           "causal_conv1d_bwd_fused_kernel", "causal_conv1d_dpre_kernel",
-           "causal_conv1d_bwd_kernel"]
+           "causal_conv1d_dpre_kernel", "causal_conv1d_bwd_kernel"]
 
 
 @triton.jit
@@ -117,44 +117,15 @@ def causal_conv1d_dpre_kernel(
 
 @triton.jit
 def causal_conv1d_bwd_kernel(
-    x_ptr, w_ptr, s_ptr, dpre_ptr, dx_ptr, dw_ptr, T, C,
-    stride_xb, stride_xt, stride_sb, stride_st, stride_db, stride_dt, stride_dxb, stride_dxt,
-    K: tl.constexpr, HAS_STATE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-):
-    """``dx`` of one ``(BT rows, BC channels)`` block from the gradient before the activation
-    (``dpre``: ``dy`` itself without one) and this block's share of ``dw``."""
-    pid_t = tl.program_id(0)
-    rows = pid_t * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    b = tl.program_id(2).to(tl.int64)
-    c_ok = cols < C
-    dx = tl.zeros([BT, BC], tl.float32)
-    for m in tl.static_range(K):  # dpre at rows + m meets the tap j = K − 1 − m
-        r = rows + m
-        dpre = tl.load(dpre_ptr + b * stride_db + r.to(tl.int64)[:, None] * stride_dt
-                       + cols[None, :], mask=(r < T)[:, None] & c_ok[None, :], other=0.0
-                       ).to(tl.float32)
-        w_j = tl.load(w_ptr + cols * K + (K - 1 - m), mask=c_ok, other=0.0).to(tl.float32)
-        dx += dpre * w_j[None, :]
-        if m == 0:  # this block's dpre: its share of dw, tap by tap
-            part = dw_ptr + ((b * tl.num_programs(0) + pid_t) * C + cols) * K
-            for j in tl.static_range(K):
-                u = _shifted(x_ptr, s_ptr, b, rows, cols, c_ok, T, stride_xb, stride_xt,
-                             stride_sb, stride_st, K - 1 - j, K, HAS_STATE)
-                tl.store(part + j, tl.sum(u * dpre, 0), mask=c_ok)
-    tl.store(dx_ptr + b * stride_dxb + rows.to(tl.int64)[:, None] * stride_dxt + cols[None, :],
-             dx.to(dx_ptr.dtype.element_ty), mask=(rows < T)[:, None] & c_ok[None, :])
-
-
-@triton.jit
-def causal_conv1d_bwd_fused_kernel(
     x_ptr, w_ptr, s_ptr, dy_ptr, dx_ptr, dw_ptr, T, C,
     stride_xb, stride_xt, stride_sb, stride_st, stride_dyb, stride_dyt, stride_dxb, stride_dxt,
     K: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr,
 ):
-    """``dx`` of one ``(BT rows, BC channels)`` block and its share of ``dw`` in one pass,
-    ``pre`` recomputed at ``K`` row offsets (the served backward, checked on the GPU)."""
+    """``dx`` of one ``(BT rows, BC channels)`` block and its share of ``dw``. With ``SILU``
+    from ``dy``, ``pre`` recomputed at ``K`` row offsets (the served one-pass backward);
+    without, ``dy`` is the gradient before the activation (the two-pass backward's second
+    pass reads ``dpre`` here)."""
     pid_t = tl.program_id(0)
     rows = pid_t * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -275,7 +246,7 @@ class CausalConv1dFunction(torch.autograd.Function):
             parts = torch.empty((B * row_blocks(T, fixed[0]), C, K), device=x.device,
                                 dtype=torch.float32)
             if T:
-                _launch(causal_conv1d_bwd_fused_kernel, B, T, C, (
+                _launch(causal_conv1d_bwd_kernel, B, T, C, (
                     x, w, state[0], dy, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
                     state[2], dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1)),
                     {**meta, "SILU": ctx.silu}, tuned=False, fixed=fixed)
@@ -291,8 +262,8 @@ class CausalConv1dFunction(torch.autograd.Function):
             if T:
                 _launch(causal_conv1d_bwd_kernel, B, T, C, (
                     x, w, state[0], dpre, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
-                    state[2], dpre.stride(0), dpre.stride(1), dx.stride(0), dx.stride(1)), meta,
-                    tuned=True)
+                    state[2], dpre.stride(0), dpre.stride(1), dx.stride(0), dx.stride(1)),
+                    {**meta, "SILU": False}, tuned=True)
         dw = parts.sum(0).to(ctx.weight_dtype)
         ds = None
         if s is not None and ctx.needs_input_grad[2] and T:
