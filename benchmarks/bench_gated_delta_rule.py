@@ -18,11 +18,11 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
 
 attnplug's rows: ``triton`` (the defaults), ``triton-split`` (the forward's output from stored
 chunk states in a parallel kernel), ``triton-keep`` (the backward reuses the forward's states),
-``triton-dvdh`` (the dh kernel writes dv: one backward pass fewer), ``triton-localdv`` (the dh
-kernel's within-chunk term from a parallel kernel) and ``triton-all`` (all four) — the choices
-of ``SPLIT_OUTPUT``, ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in
-``attnplug_triton.ops.gated_delta_rule.chunk``, measured side by side (keep and dvdh only with
-the backward).
+``triton-dvpass`` (dv in a backward pass of its own instead of from the dh kernel, the default
+since session 5), ``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel)
+and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
+``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
+measured side by side (keep and dvpass only with the backward).
 
 Each table lists, per case, the memory floor: the bytes that must move (q, k, v, g, β read and o
 written; the backward also reads dO and writes dq, dk, dv, dg, dβ) over the copy bandwidth
@@ -192,7 +192,7 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
     for name, fn in impls.items():
         if backward and name == "fla" and bench.name == "gdn_scaling":
             continue  # fla's backward refuses on Hopper; the fwd+bwd table records that once
-        if not backward and name in ("triton-keep", "triton-dvdh", "triton-localdv"):
+        if not backward and name in ("triton-keep", "triton-dvpass", "triton-localdv"):
             continue  # these change only the backward
         timings[name] = timed(fn, inputs, do)
     if not isinstance(impls["triton"], str) and not isinstance(impls["fla"], str):
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV) side by side
     impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
              "triton-keep": triton_gdn(keep_states=True),
-             "triton-dvdh": triton_gdn(dv_from_dh=True),
+             "triton-dvpass": triton_gdn(dv_from_dh=False),
              "triton-localdv": triton_gdn(local_dv=True),
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
