@@ -165,32 +165,44 @@ ROWS = 64
 CONFIGS = ((128, 8), (64, 8), (32, 4))
 # under the interpreter (no autotuning there): small blocks, for speed
 INTERPRETER_BLOCKS = (16, 32, 1)
+# (BT, BC, warps) of the served kernels on a GPU, checked there: the forward's, and the one-pass
+# backward's — the largest that does not spill on sm_90 (its K recomputed tiles all live)
+FORWARD_BLOCKS = (64, 128, 8)
+ONE_PASS_BACKWARD_BLOCKS = (16, 64, 4)
 
 _TUNERS: dict[str, Any] = {}
 
 
+def _blocks(tuned: bool, fixed: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """``(BT, BC, warps)`` of a launch: :data:`INTERPRETER_BLOCKS` under the interpreter,
+    ``fixed`` on a GPU, or None when the autotuner chooses (``BT`` = :data:`ROWS` then)."""
+    if interpreting():
+        return INTERPRETER_BLOCKS
+    return None if tuned else fixed
+
+
 def _launch(kernel: Any, B: int, T: int, C: int, args: tuple, meta: dict[str, Any], *,
-            tuned: bool, fixed: tuple[int, int, int] = (64, 128, 8)) -> None:
-    """Run ``kernel`` over ``[B, T, C]``: small fixed blocks under the interpreter; on a GPU
-    ``fixed`` ``(BT, BC, warps)``, or with ``tuned`` autotuned over :data:`CONFIGS` (``BT`` =
-    :data:`ROWS`)."""
-    if interpreting() or not tuned:
-        bt, bc, warps = INTERPRETER_BLOCKS if interpreting() else fixed
+            tuned: bool, fixed: tuple[int, int, int]) -> None:
+    """Run ``kernel`` over ``[B, T, C]`` with :func:`_blocks`' choice, autotuned over
+    :data:`CONFIGS` when it has none."""
+    blocks = _blocks(tuned, fixed)
+    if blocks is not None:
+        bt, bc, warps = blocks
         kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc), B)](*args, **meta, BT=bt, BC=bc,
                                                           num_warps=warps)
         return
-    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    if name not in _TUNERS:
+    if kernel.__name__ not in _TUNERS:
         configs = [triton.Config({"BT": ROWS, "BC": bc}, num_warps=w) for bc, w in CONFIGS]
-        _TUNERS[name] = triton.autotune(configs=configs, key=["C"])(kernel)
-    _TUNERS[name][lambda m: (triton.cdiv(T, m["BT"]), triton.cdiv(C, m["BC"]), B)](*args,
-                                                                                   **meta)
+        _TUNERS[kernel.__name__] = triton.autotune(configs=configs, key=["C"])(kernel)
+    _TUNERS[kernel.__name__][
+        lambda m: (triton.cdiv(T, m["BT"]), triton.cdiv(C, m["BC"]), B)](*args, **meta)
 
 
-def row_blocks(T: int, rows: int) -> int:
-    """Row blocks of a sequence of ``T`` rows (``rows`` per program on a GPU): the dw partial
+def _row_blocks(T: int, tuned: bool, fixed: tuple[int, int, int]) -> int:
+    """Row blocks of a sequence of ``T`` rows under :func:`_blocks`' choice: the dw partial
     sums' count per sequence."""
-    return triton.cdiv(T, INTERPRETER_BLOCKS[0] if interpreting() else rows)
+    blocks = _blocks(tuned, fixed)
+    return triton.cdiv(T, ROWS if blocks is None else blocks[0])
 
 
 def chosen_configs() -> list[str]:
@@ -223,7 +235,7 @@ class CausalConv1dFunction(torch.autograd.Function):
                 x, w, x if s is None else s, y, T, C, x.stride(0), x.stride(1),
                 0 if s is None else s.stride(0), 0 if s is None else s.stride(1),
                 y.stride(0), y.stride(1)), dict(K=K, HAS_STATE=s is not None, SILU=silu),
-                tuned=two_pass)
+                tuned=two_pass, fixed=FORWARD_BLOCKS)
         ctx.save_for_backward(x, w, s)
         ctx.silu = silu
         ctx.two_pass = two_pass
@@ -240,30 +252,23 @@ class CausalConv1dFunction(torch.autograd.Function):
         state = (x if s is None else s, 0 if s is None else s.stride(0),
                  0 if s is None else s.stride(1))
         meta = dict(K=K, HAS_STATE=s is not None)
+        two_pass, fixed = ctx.two_pass, ONE_PASS_BACKWARD_BLOCKS
+        # the gradient the dx/dw kernel reads: dy (the activation's backward inside it, one
+        # pass), or dpre written by a first pass (two passes)
+        grad, silu_inside = dy, ctx.silu and not two_pass
+        if two_pass and ctx.silu and T:
+            grad = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
+            _launch(causal_conv1d_dpre_kernel, B, T, C, (
+                x, w, state[0], dy, grad, T, C, x.stride(0), x.stride(1), state[1], state[2],
+                dy.stride(0), dy.stride(1)), meta, tuned=True, fixed=fixed)
         dx = torch.empty_like(x)
-        if not ctx.two_pass:
-            fixed = (16, 64, 4)  # the largest that does not spill on sm_90 (its K tiles live)
-            parts = torch.empty((B * row_blocks(T, fixed[0]), C, K), device=x.device,
-                                dtype=torch.float32)
-            if T:
-                _launch(causal_conv1d_bwd_kernel, B, T, C, (
-                    x, w, state[0], dy, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
-                    state[2], dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1)),
-                    {**meta, "SILU": ctx.silu}, tuned=False, fixed=fixed)
-        else:
-            dpre = dy
-            if ctx.silu and T:
-                dpre = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
-                _launch(causal_conv1d_dpre_kernel, B, T, C, (
-                    x, w, state[0], dy, dpre, T, C, x.stride(0), x.stride(1), state[1],
-                    state[2], dy.stride(0), dy.stride(1)), meta, tuned=True)
-            parts = torch.empty((B * row_blocks(T, ROWS), C, K), device=x.device,
-                                dtype=torch.float32)
-            if T:
-                _launch(causal_conv1d_bwd_kernel, B, T, C, (
-                    x, w, state[0], dpre, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
-                    state[2], dpre.stride(0), dpre.stride(1), dx.stride(0), dx.stride(1)),
-                    {**meta, "SILU": False}, tuned=True)
+        parts = torch.empty((B * _row_blocks(T, two_pass, fixed), C, K), device=x.device,
+                            dtype=torch.float32)
+        if T:
+            _launch(causal_conv1d_bwd_kernel, B, T, C, (
+                x, w, state[0], grad, dx, parts, T, C, x.stride(0), x.stride(1), state[1],
+                state[2], grad.stride(0), grad.stride(1), dx.stride(0), dx.stride(1)),
+                {**meta, "SILU": silu_inside}, tuned=two_pass, fixed=fixed)
         dw = parts.sum(0).to(ctx.weight_dtype)
         ds = None
         if s is not None and ctx.needs_input_grad[2] and T:
