@@ -332,3 +332,48 @@ def test_moe_bad_arguments_name_themselves() -> None:
         SequentialExperts(0, config=cfg)
     with pytest.raises(ConfigError, match="num_moe_experts"):
         MoELayer(make_config(num_moe_experts=None), MoESubmodules(experts=SequentialExperts))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(0, 9), k=st.integers(1, 4), h=st.integers(1, 7))
+def test_the_weighted_combine_matches_float64_in_value_and_gradients(n: int, k: int,
+                                                                     h: int) -> None:
+    """The MoE combine (Σ_j w_j · rows_j in the weights' dtype; bfloat16 rows are not copied
+    to float32) against the float64 batched product, values and both gradients."""
+    from attnplug.layers.moe import _Combine
+
+    weights = torch.rand(n, k, requires_grad=True)
+    rows = torch.randn(n, k, h, dtype=torch.bfloat16, requires_grad=True)
+    out = _Combine.apply(weights, rows)
+    assert out.dtype == torch.float32 and out.shape == (n, h)
+    grad = torch.randn(n, h)
+    out.backward(grad)
+    w64, r64 = (t.detach().double().requires_grad_() for t in (weights, rows))
+    ref = torch.bmm(w64.unsqueeze(1), r64).squeeze(1)
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weights.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    assert rows.grad.dtype == torch.bfloat16  # the product rounded once
+    torch.testing.assert_close(rows.grad.double(), r64.grad, rtol=8e-3, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), n=st.integers(0, 8), extra=st.integers(0, 5))
+def test_rows_to_distinct_slots_and_back_are_exact_with_their_adjoint_gradients(
+        data: st.DataObject, n: int, extra: int) -> None:
+    """The experts' buffer copies: rows scattered to distinct slots of a zero buffer and
+    gathered back, gradients by gradcheck (each backward is the other direction's copy)."""
+    from attnplug.layers.moe import _FromSlots, _ToSlots
+
+    rows = n + extra
+    slot = torch.tensor(data.draw(st.permutations(range(rows)))[:n], dtype=torch.int64)
+    x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    buffer = _ToSlots.apply(x, slot, rows)
+    assert buffer.shape == (rows, 3)
+    unused = torch.ones(rows, dtype=torch.bool)
+    unused[slot] = False
+    assert torch.equal(buffer[unused], torch.zeros_like(buffer[unused]))
+    assert torch.equal(_FromSlots.apply(buffer, slot), x)
+    assert torch.autograd.gradcheck(lambda t: _ToSlots.apply(t, slot, rows), (x,))
+    y = torch.randn(rows, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _FromSlots.apply(t, slot), (y,))

@@ -170,8 +170,7 @@ class BatchedExperts(SequentialExperts):
         if N == 0 or E * capacity > self.MAX_PADDING * N:
             return super().forward(x, tokens_per_expert)
         slot = self._slots(counts, N, torch.arange(E, device=x.device) * capacity)
-        padded = x.new_zeros(E * capacity, hidden).index_copy(0, slot, x)
-        padded = padded.view(E, capacity, hidden)
+        padded = _ToSlots.apply(x, slot, E * capacity).view(E, capacity, hidden)
         h = torch.bmm(padded, self.fc1_weight.transpose(1, 2))  # (E, cap, ffn or 2·ffn)
         if self.fc1_bias is not None:
             h = h + self.fc1_bias[:, None, :]
@@ -179,7 +178,7 @@ class BatchedExperts(SequentialExperts):
         y = torch.bmm(h, self.fc2_weight.transpose(1, 2))  # (E, cap, hidden)
         if self.fc2_bias is not None:
             y = y + self.fc2_bias[:, None, :]
-        return y.reshape(E * capacity, hidden).index_select(0, slot)  # (N, hidden)
+        return _FromSlots.apply(y.reshape(E * capacity, hidden), slot)  # (N, hidden)
 
     def _check_counts(self, counts: torch.Tensor, N: int) -> int:
         """The largest count, after checking the counts are non-negative and sum to ``N``."""
@@ -209,12 +208,74 @@ class BatchedExperts(SequentialExperts):
         slot = self._slots(counts, N, ends - sizes)  # (N,)
         # rows past a group's own and past the last group's end are never read back
         rows = N + E * (align - 1)
-        buffer = x.new_zeros(rows, hidden).index_copy(0, slot, x)
+        buffer = _ToSlots.apply(x, slot, rows)
         offs = ends.to(torch.int32)
         h = torch._grouped_mm(buffer, self.fc1_weight.transpose(1, 2), offs=offs)
         h = glu(h, self.activation_func) if self.gated else self.activation_func(h)
         y = torch._grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offs)  # (rows, hidden)
-        return y.index_select(0, slot)  # (N, hidden)
+        return _FromSlots.apply(y, slot)  # (N, hidden)
+
+
+class _ToSlots(torch.autograd.Function):
+    """``x``'s rows copied to rows ``slot`` (distinct) of a zero ``[rows, h]`` buffer; the
+    backward gathers them back (``grad[slot]``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slot: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(slot)
+        return x.new_zeros(rows, x.shape[-1]).index_copy_(0, slot, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (slot,) = ctx.saved_tensors
+        return grad.index_select(0, slot), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """``y[slot]`` for distinct ``slot``s; the backward copies the gradient rows back to
+    their slots of a zero buffer — a copy, where autograd's own ``index_select`` backward
+    accumulates with atomics (``index_add``) as if slots could repeat."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(slot)
+        ctx.rows = y.shape[0]
+        return y.index_select(0, slot)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (slot,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_copy_(0, slot, grad), None
+
+
+class _Combine(torch.autograd.Function):
+    """``Σ_j weights[:, j] · rows[:, j]``: ``rows[N, k, h]`` (any float dtype) weighted by
+    ``weights[N, k]`` and summed in ``weights``' dtype (float32, as Megatron-Core's unpermute
+    does), without a float32 copy of ``rows``. Autograd's ``bmm`` for the same sum (``[N, 1,
+    k] @ [N, k, h]``) runs its backward as N rank-1 products, slower than the elementwise
+    product here by an order of magnitude on a GPU."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, rows)
+        out = torch.mul(rows[:, 0], weights[:, :1])  # (N, h) in weights' dtype
+        for j in range(1, rows.shape[1]):
+            out.addcmul_(rows[:, j], weights[:, j:j + 1])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        weights, rows = ctx.saved_tensors
+        grad_weights = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = (rows * grad.unsqueeze(1)).sum(-1)  # (N, k)
+        if ctx.needs_input_grad[1]:
+            grad_rows = torch.empty_like(rows)  # the product, rounded once to rows' dtype
+            torch.mul(grad.unsqueeze(1), weights.unsqueeze(-1), out=grad_rows)
+        return grad_weights, grad_rows
 
 
 class _Dispatch(torch.autograd.Function):
@@ -349,7 +410,7 @@ class MoELayer(AuxLossMixin, nn.Module):
                                   tokens_per_expert)  # (N·k, h), expert order
         per_token = _Permute.apply(expert_out, inverse, order).view(B * T, k, h)  # (N, k, h)
         # the weighted sum in the router's dtype (float32), as Megatron-Core's unpermute does
-        combined = torch.bmm(weights.unsqueeze(1), per_token.to(logits.dtype)).squeeze(1)  # (N, h)
+        combined = _Combine.apply(weights.to(logits.dtype), per_token)  # (N, h)
         out = combined.to(hidden_states.dtype).view(B, T, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
