@@ -10,9 +10,10 @@ in plain PyTorch that move the same bytes a few times over:
 - ``unfold``: ``padded.unfold(1, 4, 1)`` — a ``[B, T, C, 4]`` view — times the weights, summed
   over the last dim;
 - ``shifts``: the four shifted views of the same ``unfold`` accumulated in float32;
-- ``triton``: the triton backend's fused kernels (``attnplug_triton.ops.conv.fused``: one pass
-  over ``[B, T, C]`` forward, one backward, the SiLU inside), when attnplug-triton imports;
-  ``triton-2pass``: the same with the experimental two-pass backward and autotuned blocks.
+- ``triton``: the triton backend's fused kernels as served (``attnplug_triton.ops.conv.fused``:
+  one pass over ``[B, T, C]`` forward with the SiLU inside, a two-pass backward, autotuned
+  blocks), when attnplug-triton imports; ``triton-1pass``: the same forward with fixed blocks
+  and the one-pass backward served until session 6.
 
 Forward and forward+backward at B=2, T=4096, C=8192, bf16 (``--batch``, ``--seqlen``,
 ``--channels``), each checked against a float64 ``conv1d`` first (largest difference printed).
@@ -65,15 +66,16 @@ def shifts(x: Tensor, w: Tensor) -> Tensor:
 
 
 def triton_convs() -> dict[str, object]:
-    """The triton backend's kernels as ``fn(x, w[C, 1, K])`` (``triton``: served;
-    ``triton-2pass``: the experimental two-pass backward), none when it does not import."""
+    """The triton backend's kernels as ``fn(x, w[C, 1, K])`` (``triton``: served, the two-pass
+    backward; ``triton-1pass``: the one-pass backward served until session 6), none when it
+    does not import."""
     try:
-        from attnplug_triton.ops.conv.fused import causal_conv1d, causal_conv1d_two_pass
+        from attnplug_triton.ops.conv.fused import causal_conv1d, causal_conv1d_one_pass
     except ImportError as exc:
         print(f"bench_conv: no triton rows ({exc})", file=sys.stderr)
         return {}
     return {"triton": lambda x, w: causal_conv1d(x, w[:, 0]),
-            "triton-2pass": lambda x, w: causal_conv1d_two_pass(x, w[:, 0])}
+            "triton-1pass": lambda x, w: causal_conv1d_one_pass(x, w[:, 0])}
 
 
 IMPLS = {"conv1d": conv1d, "unfold": unfold, "shifts": shifts}

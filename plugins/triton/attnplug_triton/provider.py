@@ -121,17 +121,12 @@ class TritonSpecProvider(LocalSpecProvider):
     def gated_delta_rule(self) -> Callable:
         """:func:`attnplug_triton.ops.gated_delta_rule.gated_delta_rule`: the chunked kernels
         (forward and backward), or the token-by-token kernel for short sequences without
-        autograd; K and V up to 256. Triton is imported on the first call. With experimental
-        kernels enabled, :func:`~attnplug_triton.ops.gated_delta_rule.gated_delta_rule_experimental`
-        (dq, dk of grouped value heads finished in one kernel; not yet run on a GPU)."""
+        autograd; K and V up to 256. Triton is imported on the first call."""
         if not self._serves("gated_delta_rule"):
             return super().gated_delta_rule()
-        from attnplug_triton.ops.gated_delta_rule import (
-            gated_delta_rule,
-            gated_delta_rule_experimental,
-        )
+        from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
 
-        return gated_delta_rule_experimental if self.experimental_kernels else gated_delta_rule
+        return gated_delta_rule
 
     def dsa_indexer_topk(self) -> Callable:
         """:func:`attnplug_triton.ops.dsa.topk_blocked.dsa_indexer_topk_blocked`: the indexer's
@@ -168,11 +163,9 @@ class TritonSpecProvider(LocalSpecProvider):
 
     def causal_conv1d(self) -> Callable:
         """:func:`attnplug_triton.ops.conv.fused.causal_conv1d`: GatedDeltaNet's depthwise
-        causal convolution with the SiLU fused, forward and backward; with experimental kernels
-        enabled, :func:`~attnplug_triton.ops.conv.fused.causal_conv1d_two_pass` (its two-pass
-        backward, not yet run on a GPU)."""
+        causal convolution with the SiLU fused, forward and backward (two passes)."""
         if not self._serves("causal_conv1d"):
             return super().causal_conv1d()
-        from attnplug_triton.ops.conv.fused import causal_conv1d, causal_conv1d_two_pass
+        from attnplug_triton.ops.conv.fused import causal_conv1d
 
-        return causal_conv1d_two_pass if self.experimental_kernels else causal_conv1d
+        return causal_conv1d

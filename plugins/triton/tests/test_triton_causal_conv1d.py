@@ -32,10 +32,10 @@ def _run(fn, x, w, s, dy, activation):
 
 
 def _function(name: str):
-    """The served kernels (``one_pass`` backward) or the experimental ``two_pass`` ones."""
+    """The served kernels (``two_pass`` backward) or the earlier ``one_pass`` ones."""
     from attnplug_triton.ops.conv import fused
 
-    return fused.causal_conv1d if name == "one_pass" else fused.causal_conv1d_two_pass
+    return fused.causal_conv1d if name == "two_pass" else fused.causal_conv1d_one_pass
 
 
 @pytest.mark.parametrize("backward", ["one_pass", "two_pass"])
@@ -82,8 +82,8 @@ def test_bad_arguments_are_named() -> None:
                       torch.zeros(8, 4, dtype=torch.float64, device=DEVICE))
 
 
-@pytest.mark.parametrize("experimental", [False, True])
-def test_gdn_layer_with_the_kernel_matches_local_in_training_and_decoding(experimental) -> None:
+@pytest.mark.parametrize("backward", ["two_pass", "one_pass"])
+def test_gdn_layer_with_the_kernel_matches_local_in_training_and_decoding(backward) -> None:
     """A GatedDeltaNet whose short convolution (only) is the triton kernel gives local's
     outputs and gradients, and decodes token by token to the same outputs."""
     from attnplug_triton.provider import TritonSpecProvider
@@ -100,9 +100,9 @@ def test_gdn_layer_with_the_kernel_matches_local_in_training_and_decoding(experi
                                linear_num_value_heads=4, linear_conv_kernel_dim=4,
                                linear_attention_freq=[1])
     local_spec = get_gated_delta_net_module_spec(config, LocalSpecProvider())
-    triton_spec = get_gated_delta_net_module_spec(config, TritonSpecProvider(experimental))
-    causal_conv1d = _function("two_pass" if experimental else "one_pass")
-    assert triton_spec.submodules.causal_conv1d.module is causal_conv1d
+    triton_spec = get_gated_delta_net_module_spec(config, TritonSpecProvider())
+    assert triton_spec.submodules.causal_conv1d.module is _function("two_pass")  # served
+    causal_conv1d = _function(backward)
     torch.manual_seed(0)
     ref = build_module(local_spec, config)
     # the rest of the layer from local, so that only the convolution differs

@@ -198,10 +198,7 @@ def test_decoding_kernel_matches_the_step_op() -> None:
 
 
 def test_the_slot_goes_token_by_token_without_autograd_and_chunked_with_it() -> None:
-    from attnplug_triton.ops.gated_delta_rule import (
-        gated_delta_rule,
-        gated_delta_rule_experimental,
-    )
+    from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.fused_recurrent import (
         fused_recurrent_gated_delta_rule,
     )
@@ -209,7 +206,7 @@ def test_the_slot_goes_token_by_token_without_autograd_and_chunked_with_it() -> 
 
     assert TritonSpecProvider(experimental_kernels=False).gated_delta_rule() is gated_delta_rule
     provider = TritonSpecProvider(experimental_kernels=True)
-    assert provider.gated_delta_rule() is gated_delta_rule_experimental
+    assert provider.gated_delta_rule() is gated_delta_rule
     assert provider.served_by("gated_delta_rule") == "triton"
     torch.manual_seed(2)
     cu = torch.tensor([0, 3, 40, 41], device=DEVICE)

@@ -106,10 +106,7 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
 
     assert provider.gated_delta_rule() is gated_delta_rule
     assert provider.causal_conv1d() is causal_conv1d
-    from attnplug_triton.ops.conv.fused import causal_conv1d_two_pass
-
-    assert TritonSpecProvider(experimental_kernels=True).causal_conv1d() is (
-        causal_conv1d_two_pass)
+    assert TritonSpecProvider(experimental_kernels=True).causal_conv1d() is causal_conv1d
     assert provider.served_by("gated_delta_rule") == provider.served_by("causal_conv1d") == "triton"
     for slot in set(KERNEL_SLOTS) - {"gated_delta_rule", "causal_conv1d"}:
         # DSA: local unless experimental kernels are enabled

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RECURRENT_MAX_TOKENS", "gated_delta_rule", "gated_delta_rule_experimental"]
+__all__ = ["RECURRENT_MAX_TOKENS", "gated_delta_rule"]
 
 # Without autograd, sequences up to this long go token by token (fla's layer does the same
 # below 64 tokens); longer ones, or any call that needs gradients, go through the chunked kernels.
@@ -40,19 +40,6 @@ def gated_delta_rule(
     return _gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                              use_qk_l2norm=use_qk_l2norm)
-
-
-def gated_delta_rule_experimental(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
-    initial_state: Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`gated_delta_rule` with the kernels not yet run on a GPU: with grouped value heads,
-    dq and dk finished in one kernel (``fused_group_grads``). The triton backend serves it with
-    experimental kernels enabled."""
-    return _gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                             use_qk_l2norm=use_qk_l2norm, fused_group_grads=True)
 
 
 def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
