@@ -5,7 +5,9 @@ Gated DeltaNet in three layers of four, gated softmax attention in the fourth, M
 bfloat16), and times whole training steps — forward, backward, AdamW step — at T = 4096 tokens
 per sequence with each backend in turn, in one run on one card. Prints the card, the
 configuration actually used, and per backend the median step time, tokens/s and the ratio of
-its tokens/s to local's, with the backend that served the kernel slots.
+its tokens/s to local's, with the backend that served the kernel slots, and the host's time
+per step (until the step's last kernel was queued: close to the step time, the GPU waited for
+Python).
 
     python benchmarks/bench_backends.py                       # all three, GPU-sized
     python benchmarks/bench_backends.py --backends te local --set num_layers=8
@@ -103,8 +105,10 @@ def kernel_source(provider: Any) -> str:
 
 
 def time_training(provider: Any, config: TransformerConfig, args: argparse.Namespace,
-                  batch: int) -> list[float]:
-    """Seconds per training step (forward, backward, AdamW step) of ``args.steps`` steps."""
+                  batch: int) -> tuple[list[float], list[float]]:
+    """Seconds per training step (forward, backward, AdamW step) of ``args.steps`` steps, and
+    the host's share of each: the seconds until the step's last kernel was queued. A host
+    time close to the step time means the GPU waited for the host (a host-bound step)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = GPTModel(config, args.vocab, backend=provider)
@@ -121,14 +125,15 @@ def time_training(provider: Any, config: TransformerConfig, args: argparse.Names
 
     for _ in range(args.warmup):
         step()
-    times = []
+    times, host = [], []
     for _ in range(args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         step()
+        host.append(time.perf_counter() - start)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return times
+    return times, host
 
 
 def measure_all(config: TransformerConfig, args: argparse.Namespace,
@@ -147,16 +152,18 @@ def measure_all(config: TransformerConfig, args: argparse.Namespace,
             rows.append(row)
             continue
         row["kernels"] = kernel_source(provider)
-        times = time_training(provider, config, args, batch)
+        times, host = time_training(provider, config, args, batch)
         gc.collect()  # the model and optimizer are gone: give their memory back
         torch.cuda.empty_cache()
         row["step_ms"] = 1e3 * statistics.median(times)
         row["steps_ms"] = [round(1e3 * t, 2) for t in times]  # each timed step, in order
+        row["host_ms"] = 1e3 * statistics.median(host)  # until the last kernel was queued
         row["tokens_per_s"] = batch * args.seq_len / statistics.median(times)
         row["status"] = "ok"
         rows.append(row)
-        print(f"  {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s "
-              f"(steps: {' '.join(f'{t:.1f}' for t in row['steps_ms'])})", flush=True)
+        print(f"  {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s, "
+              f"host {row['host_ms']:.1f} ms (steps: "
+              f"{' '.join(f'{t:.1f}' for t in row['steps_ms'])})", flush=True)
     return rows
 
 
@@ -183,14 +190,17 @@ def report(rows: list[dict[str, Any]], config: TransformerConfig, args: argparse
           f"(forward + backward + AdamW) of the example hybrid: {config.num_layers} layers, "
           f"hidden {config.hidden_size}, {config.params_dtype}, batch {batch} × T {args.seq_len}"
           f" = {batch * args.seq_len} tokens, vocab {args.vocab}; median of {args.steps} steps")
-    print(f"{'backend':<8} {'ms/step':>9} {'tokens/s':>10} {'vs local':>9}  kernels  status")
+    print(f"{'backend':<8} {'ms/step':>9} {'host ms':>8} {'tokens/s':>10} {'vs local':>9}  "
+          "kernels  status")
     for row in rows:
         if row["status"] != "ok":
-            print(f"{row['backend']:<8} {'':>9} {'':>10} {'':>9}  {'':7}  {row['status']}")
+            print(f"{row['backend']:<8} {'':>9} {'':>8} {'':>10} {'':>9}  {'':7}  "
+                  f"{row['status']}")
             continue
         ratio = row["tokens_per_s"] / local["tokens_per_s"] if local else float("nan")
         row["ratio_vs_local"] = ratio
-        print(f"{row['backend']:<8} {row['step_ms']:>9.1f} {row['tokens_per_s']:>10.0f} "
+        print(f"{row['backend']:<8} {row['step_ms']:>9.1f} {row['host_ms']:>8.1f} "
+              f"{row['tokens_per_s']:>10.0f} "
               f"{ratio:>8.2f}×  {row['kernels']:<7}  ok")
 
 
