@@ -16,8 +16,6 @@ Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, fl
   ``torch.topk``; no gradient: the indexer learns from its KL loss only) then
   ``sparse_attention``; in ``fwd+bwd`` also the sparse attention's backward (dq, dk, dv);
 - ``dsa-topk`` and ``dsa-sparse``: the two parts alone (the sparse part on precomputed indices);
-  ``dsa-sparse-vred`` (``fwd+bwd``): the sparse part with the experimental vector atomics
-  (dk, dv added two float32 at a time, ``sparse.VECTOR_ATOMICS``);
 - ``dsa-streaming`` and ``dsa-topk-streaming``: the same with the streaming top-k
   (``topk.py``, served until session 5) instead; ``topk-local``: the local backend's top-k,
   what runs without triton;
@@ -130,15 +128,6 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
-        def sparse_vector_red() -> object:
-            from attnplug_triton.ops.dsa import sparse as sp
-
-            sp.VECTOR_ATOMICS = True
-            try:
-                return sparse()
-            finally:
-                sp.VECTOR_ATOMICS = False
-
         def dsa_streaming() -> object:
             o = sparse_fn(q, k, v, fns["topk-streaming"](iq, ik, iw, topk=topk))
             return o.backward(do) if backward else o
@@ -149,8 +138,6 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
         impls["dsa-topk-streaming"] = lambda: fns["topk-streaming"](iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
-        if backward:
-            impls["dsa-sparse-vred"] = sparse_vector_red
         if with_kl and backward:
             leaves = [x.detach().requires_grad_() for x in (iq, ik, iw)]
             impls["dsa-kl"] = lambda: fns["kl"](q, k, *leaves).backward()

@@ -152,20 +152,17 @@ def check_sparse(quick: bool) -> list[dict]:
                           do.double())
         yard = [rel(a, b) for a, b in zip(run_sparse(naive_sparse_attention, q, k, v, indices,
                                                      do), refs, strict=True)]
-        # the experimental vector atomics (dk, dv two float32 at a time) with the default blocks
-        configs = [None, ("vector-red", None)]
+        configs = [None]
         if not quick and D == 128:
             configs += [("fwd", sp.SparseConfig(*c)) for c in SWEEP["sparse fwd"]]
             configs += [("bwd", sp.SparseConfig(*c)) for c in SWEEP["sparse bwd"]]
-            configs += [("bwd vector-red", sp.SparseConfig(*c)) for c in SWEEP["sparse bwd"]]
         for forced in configs:
             kind, cfg = forced or ("default", None)
             try:
                 o, lse = sp.sparse_forward(q, k, v, indices, D**-0.5,
                                            cfg if kind == "fwd" else None)
                 grads = sp.sparse_backward(do, q, k, v, indices, o, lse, D**-0.5,
-                                           cfg if kind.startswith("bwd") else None,
-                                           vector_atomics=kind.endswith("vector-red"))
+                                           cfg if kind == "bwd" else None)
                 errs = [rel(a, b) for a, b in zip([o, *grads], refs, strict=True)]
                 empty = o[:, T // 2].abs().max().item() + grads[0][:, T // 2].abs().max().item()
             except Exception as exc:  # a failed compile or launch is a failed row

@@ -37,7 +37,7 @@ from attnplug.ops.causal_conv1d import causal_conv1d as reference_causal_conv1d
 from attnplug.ops.causal_conv1d import check_causal_conv1d_args
 from attnplug_triton.ops.utils import check_runnable, interpreting
 
-__all__ = ["causal_conv1d", "causal_conv1d_two_pass", "causal_conv1d_fwd_kernel",
+__all__ = ["causal_conv1d", "causal_conv1d_one_pass", "causal_conv1d_fwd_kernel",
            "causal_conv1d_dpre_kernel", "causal_conv1d_bwd_kernel"]
 
 

@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnplug_triton.ops.atomics import red_add_pairs
 from attnplug_triton.ops.dsa.scores import dot_precision, unit_last_stride
 from attnplug_triton.ops.utils import (
     check_qkv,
@@ -46,9 +45,6 @@ __all__ = ["SparseConfig", "default_sparse_config", "sparse_attention", "sparse_
            "sparse_backward"]
 
 _LOG2_E = 1.4426950408889634
-# dk and dv added two float32 at a time (``red.global.add.v2.f32``) instead of one by one:
-# experimental (not yet run on a GPU); never under the interpreter, which has no inline PTX.
-VECTOR_ATOMICS = False
 
 
 class SparseConfig(NamedTuple):
@@ -136,10 +132,8 @@ def sparse_bwd_kernel(
     T, S, H, HKV, TOPK, qk_scale, softmax_scale,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    VECTOR_RED: tl.constexpr = False,
 ):
-    """dq of query ``t`` (heads of group ``g``); its share of dk, dv added with atomics
-    (``VECTOR_RED``: two at a time, :func:`attnplug_triton.ops.atomics.red_add_pairs`)."""
+    """dq of query ``t`` (heads of group ``g``); its share of dk, dv added with atomics."""
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HKV).to(tl.int64)
     g = tl.program_id(1) % HKV
@@ -182,16 +176,10 @@ def sparse_bwd_kernel(
         dv_part = tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # (BN, BDV)
         dk_part = tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # (BN, BD)
         dq_t += tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=PRECISION)  # (BD, GP)
-        if VECTOR_RED:
-            red_add_pairs(dk_base + row[:, None] * stride_dks, dk_part * softmax_scale,
-                          valid[:, None] & d_ok[None, :])
-            red_add_pairs(dv_base + row[:, None] * stride_dvs, dv_part,
-                          valid[:, None] & dv_ok[None, :])
-        else:
-            tl.atomic_add(dk_base + row[:, None] * stride_dks, dk_part * softmax_scale,
-                          mask=valid[:, None] & d_ok[None, :], sem="relaxed")
-            tl.atomic_add(dv_base + row[:, None] * stride_dvs, dv_part,
-                          mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
+        tl.atomic_add(dk_base + row[:, None] * stride_dks, dk_part * softmax_scale,
+                      mask=valid[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(dv_base + row[:, None] * stride_dvs, dv_part,
+                      mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
     tl.store(DQ + b * stride_dqb + t * stride_dqt + h[None, :] * stride_dqh + offs_d[:, None],
              (dq_t * softmax_scale).to(DQ.dtype.element_ty),
              mask=d_ok[:, None] & head_ok[None, :])
@@ -240,12 +228,9 @@ def sparse_forward(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
 
 
 def sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, o: Tensor,
-                    lse: Tensor, scale: float, config: SparseConfig | None = None,
-                    vector_atomics: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward kernel: ``dq``, ``dk``, ``dv`` shaped and typed like ``q``, ``k``, ``v``.
-    ``vector_atomics`` (default :data:`VECTOR_ATOMICS`; off under the interpreter): dk and dv
-    accumulated two float32 at a time."""
-    vector = VECTOR_ATOMICS if vector_atomics is None else bool(vector_atomics)
+                    lse: Tensor, scale: float,
+                    config: SparseConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward kernel: ``dq``, ``dk``, ``dv`` shaped and typed like ``q``, ``k``, ``v``."""
     B, T, H, D = q.shape
     S, Hkv, Dv = v.shape[1:]
     cfg = config or default_sparse_config(max(D, Dv), True, q.dtype)
@@ -256,8 +241,7 @@ def sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor
         q, k, v, indices, o, do, lse, dq, dk, dv, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *indices.stride()[:2], *o.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], T, S, H, Hkv, indices.shape[2],
-        scale * _LOG2_E, scale, D=D, DV_DIM=Dv, VECTOR_RED=vector and not interpreting(),
-        **_meta(q, v, cfg),
+        scale * _LOG2_E, scale, D=D, DV_DIM=Dv, **_meta(q, v, cfg),
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
