@@ -13,7 +13,7 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
   its backward on Hopper with Triton 3.4–3.7.0; the table then records its error);
 - ``gdn_scaling``: T from 1K to 64K with the tokens per step fixed (``--tokens``, B = tokens / T),
   forward and forward+backward, anchor SDPA, fla's forward alongside (the served triton kernels
-  only, not the variants);
+  and ``triton-split``, whose parallel output kernel may pay off where B·HV is small);
 - ``stages`` (not by default): each kernel launch of one triton forward+backward with its GPU
   time (torch.profiler), to show which stage dominates.
 
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
                 run_case(bench, f"T={seqlen} B={batch} {mode}", batch, seqlen, H, D, dtype,
-                         backward, {name: impls[name] for name in ("triton", "fla")},
+                         backward,
+                         {name: impls[name] for name in ("triton", "triton-split", "fla")},
                          bandwidth)
                 torch.cuda.empty_cache()
         benches.append(bench)
