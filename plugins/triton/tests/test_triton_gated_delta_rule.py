@@ -325,3 +325,28 @@ def test_dv_from_the_dh_kernel_spares_the_dv_pass(monkeypatch, dv_dh: bool) -> N
                             "chunk_bwd_dk"]
     else:
         assert backward == ["chunk_bwd_dh", "chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"]
+
+
+@pytest.mark.parametrize("B,HV,bucket", [(1, 2, 0), (2, 2, 1), (3, 1, 0), (1, 4, 1)])
+def test_the_state_kernels_are_tuned_per_parallelism_bucket(B: int, HV: int, bucket: int,
+                                                            monkeypatch) -> None:
+    """Both state walks (forward, and the backward's dh) are launched with the PARALLELISM
+    bucket of their sequence·value-head pairs, which the autotuner keys on (the threshold
+    lowered to 4 pairs here, to keep the interpreter quick)."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_h
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    assert "PARALLELISM" in chunk_h._KEY
+    seen: dict[str, int] = {}
+    real_launch = chunk_h.launch
+
+    def spy(name, kernel, *args, **meta):
+        seen[kernel.__name__] = meta["PARALLELISM"]
+        return real_launch(name, kernel, *args, **meta)
+
+    monkeypatch.setattr(chunk_h, "launch", spy)
+    monkeypatch.setattr(chunk_h, "FEW_PROGRAMS", 4)
+    x = _inputs(B, 3, 1, HV, 16, 16, B, False, torch.float32)
+    outs = _run(triton_gdr, x, lambda t: t.clone(), True)
+    assert outs  # forward and backward ran
+    assert seen == {"chunk_fwd_h_kernel": bucket, "chunk_bwd_dh_kernel": bucket}

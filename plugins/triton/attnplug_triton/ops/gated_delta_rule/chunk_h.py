@@ -45,7 +45,19 @@ __all__ = ["chunk_fwd_h", "chunk_bwd_dh", "chunk_fwd_h_kernel", "chunk_bwd_dh_ke
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
            for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
 INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
-_KEY = ["DK", "DV", "USE_L2NORM"]
+# Tuned per head dims and per PARALLELISM: the state walk has one program per (sequence·value
+# head, value block), so with few sequences·heads (long sequences at batch 1 or 2) a narrower
+# value block — more programs — can win where a wider one wins at batch 8; the autotuner
+# chooses separately for each bucket (among the same configurations).
+_KEY = ["DK", "DV", "USE_L2NORM", "PARALLELISM"]
+# sequence·value-head pairs below which a launch is tuned as "few" (about an H100/H200's SMs)
+FEW_PROGRAMS = 128
+
+
+def parallelism(pairs: int) -> int:
+    """The PARALLELISM bucket of a launch over ``pairs`` sequence·value-head pairs: 0 for
+    fewer than :data:`FEW_PROGRAMS`, else 1."""
+    return 0 if pairs < FEW_PROGRAMS else 1
 
 
 @triton.jit
@@ -56,13 +68,14 @@ def chunk_fwd_h_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT: tl.constexpr,
     STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+    PARALLELISM: tl.constexpr,
 ):
     """One (sequence·value head, value block): the output and/or per-chunk states.
 
     q and k enter the dots as loaded; their norms and the gates scale the rows and columns of
     the (smaller) products: ``V_new = A(β⊙V − c⊙(K h))`` with ``c = β e^γ / ‖k‖`` (that is
     ``U − W h`` without forming ``W``), ``O = r_q⊙(Q h) + P V_new``,
-    ``h ← e^{γ_C} h + Kᵀ(r_k e^{γ_C−γ} ⊙ V_new)``.
+    ``h ← e^{γ_C} h + Kᵀ(r_k e^{γ_C−γ} ⊙ V_new)``. ``PARALLELISM`` only keys the autotuner.
     """
     pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
     pid_v = tl.program_id(1)
@@ -119,11 +132,13 @@ def chunk_bwd_dh_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     STORE_Y: tl.constexpr, DV_LOCAL: tl.constexpr, PRECISION: tl.constexpr,
+    PARALLELISM: tl.constexpr,
 ):
     """One (sequence·value head, value block): ``dh`` after each chunk, and ``dh0``; with
     ``STORE_Y`` also ``Y = Aᵀ dV_new`` (float32) and ``dv = β ⊙ Y``, which it computes anyway;
     with ``DV_LOCAL`` the within-chunk part ``Pᵀ dO`` of ``dV_new`` is read (float32, from
-    :mod:`.chunk_dv`) instead of computed on the sequential path."""
+    :mod:`.chunk_dv`) instead of computed on the sequential path. ``PARALLELISM`` only keys
+    the autotuner."""
     pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
     pid_v = tl.program_id(1)
     n = pid_nh // HV
@@ -202,7 +217,8 @@ def chunk_fwd_h(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Ten
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            scale, HV, HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm,
            HAS_H0=h0 is not None, OUTPUT=output, STORE_H=store_states,
-           STORE_FINAL=final_state, PRECISION=precision)
+           STORE_FINAL=final_state, PRECISION=precision,
+           PARALLELISM=parallelism(seqs.num_seqs * HV))
     return o, states, final
 
 
@@ -231,6 +247,6 @@ def chunk_bwd_dh(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, a: Tensor, rq: T
            seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, HV,
            HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm, HAS_DHT=dht is not None,
            STORE_DH0=initial_grad, STORE_Y=store_y, DV_LOCAL=dv_local is not None,
-           PRECISION=precision)
+           PRECISION=precision, PARALLELISM=parallelism(seqs.num_seqs * HV))
     return dstates, dh0, y, dv
 
