@@ -16,9 +16,7 @@ Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, fl
   ``torch.topk``; no gradient: the indexer learns from its KL loss only) then
   ``sparse_attention``; in ``fwd+bwd`` also the sparse attention's backward (dq, dk, dv);
 - ``dsa-topk`` and ``dsa-sparse``: the two parts alone (the sparse part on precomputed indices);
-- ``dsa-streaming`` and ``dsa-topk-streaming``: the same with the streaming top-k
-  (``topk.py``, served until session 5) instead; ``topk-local``: the local backend's top-k,
-  what runs without triton;
+- ``topk-local``: the local backend's top-k, what runs without triton;
 - ``dsa-kl`` (``--kl``): the indexer's KL loss against the dense main attention, with its
   gradient (the training-only extra; not part of the DSA total).
 
@@ -26,8 +24,8 @@ Each row gives ``peak MiB``: the memory the call allocates beyond what was alloc
 (torch.cuda.max_memory_allocated). The note under the table states the goal: at T = 32K,
 ``dsa`` forward+backward ≤ 0.35 × SDPA's.
 
-``--sweep`` times the sparse-attention kernels and the top-k under each block configuration
-listed in :data:`SWEEP` instead (forced, not autotuned), to choose the defaults on this card.
+``--sweep`` times the sparse-attention kernels under each block configuration listed in
+:data:`SWEEP` instead (forced, not autotuned), to choose the defaults on this card.
 """
 
 from __future__ import annotations
@@ -63,14 +61,13 @@ def kernels() -> dict[str, Callable] | str:
     try:
         from attnplug_triton.ops.dsa.kl import indexer_kl_loss
         from attnplug_triton.ops.dsa.sparse import sparse_attention
-        from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
         from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
         from attnplug.ops.dsa import dsa_indexer_topk as local_topk  # what runs without triton
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    return {"topk-streaming": dsa_indexer_topk, "topk": dsa_indexer_topk_blocked,
-            "topk-local": local_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
+    return {"topk": dsa_indexer_topk_blocked, "topk-local": local_topk,
+            "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
@@ -114,8 +111,7 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
     impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
     if isinstance(fns, str):
-        impls.update(dict.fromkeys(("dsa", "dsa-streaming", "dsa-topk", "dsa-topk-streaming",
-                                    "topk-local", "dsa-sparse"), fns))
+        impls.update(dict.fromkeys(("dsa", "dsa-topk", "topk-local", "dsa-sparse"), fns))
     else:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
         indices = topk_fn(iq, ik, iw, topk=topk)
@@ -128,14 +124,8 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
-        def dsa_streaming() -> object:
-            o = sparse_fn(q, k, v, fns["topk-streaming"](iq, ik, iw, topk=topk))
-            return o.backward(do) if backward else o
-
         impls["dsa"] = dsa
-        impls["dsa-streaming"] = dsa_streaming
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
-        impls["dsa-topk-streaming"] = lambda: fns["topk-streaming"](iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:
@@ -156,8 +146,7 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
 def goal_note(bench: Bench) -> str:
     """The goal's verdict from the measured rows (T = 32K, forward+backward)."""
-    rows = [r for r in bench.results if r.impl in ("dsa", "dsa-streaming")
-            and r.case.startswith("T=32K")
+    rows = [r for r in bench.results if r.impl == "dsa" and r.case.startswith("T=32K")
             and r.case.endswith("fwd+bwd") and r.ratio is not None]
     if not rows:
         return f"goal (T=32K fwd+bwd dsa <= {GOAL}x SDPA): not measured in this run"
@@ -170,15 +159,14 @@ def goal_note(bench: Bench) -> str:
 SWEEP = {
     "sparse fwd": [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)],
     "sparse bwd": [(32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 8, 2)],
-    "topk": [(32, 64, 16, 1024, 8, 2), (16, 64, 16, 1024, 4, 2), (32, 128, 16, 1024, 8, 2),
-             (32, 64, 32, 1024, 8, 2), (32, 64, 16, 2048, 8, 2)],
 }
 
 
 def sweep(bench: Bench, B: int, T: int, H: int, Hkv: int, D: int, topk: int) -> None:
-    """Time each forced block configuration of the sparse kernels and the small top-k."""
+    """Time each forced block configuration of the sparse kernels (on the small indexer's
+    selection)."""
     from attnplug_triton.ops.dsa import sparse as sp
-    from attnplug_triton.ops.dsa import topk as tk
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
     dev, dtype = "cuda", torch.bfloat16
     q = torch.randn(B, T, H, D, device=dev, dtype=dtype)
@@ -189,7 +177,7 @@ def sweep(bench: Bench, B: int, T: int, H: int, Hkv: int, D: int, topk: int) -> 
     iq = torch.randn(B, T, HI, DI, device=dev, dtype=dtype)
     ik = torch.randn(B, T, DI, device=dev, dtype=dtype)
     iw = torch.randn(B, T, HI, device=dev, dtype=dtype)
-    idx = tk.dsa_indexer_topk(iq, ik, iw, topk=topk)
+    idx = dsa_indexer_topk_blocked(iq, ik, iw, topk=topk)
     scale = D**-0.5
     o, lse = sp.sparse_forward(q, k, v, idx, scale)
     impls: dict[str, Callable[[], object]] = {
@@ -201,9 +189,6 @@ def sweep(bench: Bench, B: int, T: int, H: int, Hkv: int, D: int, topk: int) -> 
         c = sp.SparseConfig(*cfg)
         impls[f"sparse bwd {cfg}"] = lambda c=c: sp.sparse_backward(do, q, k, v, idx, o, lse,
                                                                     scale, c)
-    for cfg in SWEEP["topk"]:
-        c = tk.TopkConfig(*cfg)
-        impls[f"topk {cfg}"] = lambda c=c: tk.dsa_indexer_topk(iq, ik, iw, topk=topk, config=c)
     bench.measure(f"sweep T={T // 1024}K B={B} H={H}/{Hkv}", impls)
 
 

@@ -5,11 +5,11 @@
 
 Three parts, each row printing its errors and a verdict; exit status 1 when any row fails:
 
-1. ``topk``: ``dsa_indexer_topk`` (bf16 and fp32 inputs; indexers 4×64 and 64×128; causal with
-   S > T and not causal) against the float64 scores of the same inputs: every row lists distinct
-   visible keys, as many as it can, and its sorted float64 scores equal the true top-k's to
-   within ``1e-5 × max |score|`` (float32 scores may swap near-equal keys). Also forced
-   narrow configurations (several count passes) and all-equal scores (ties).
+1. ``topk``: ``dsa_indexer_topk_blocked`` (bf16 and fp32 inputs; indexers 4×64 and 64×128;
+   causal with S > T and not causal) against the float64 scores of the same inputs: every row
+   lists distinct visible keys, as many as it can, and its sorted float64 scores equal the true
+   top-k's to within ``1e-5 × max |score|`` (float32 scores may swap near-equal keys). Also
+   all-equal scores (ties).
 2. ``sparse``: ``sparse_attention`` forward and backward (bf16, MQA and GQA, D = 128 and 64,
    indices from the top-k with −1 slots, a row with none) against the dense float64 reference,
    with the reference computed in bf16 as the yardstick; then every block configuration of
@@ -71,22 +71,19 @@ def selection_errors(indices: Tensor, scores: Tensor, topk: int, n_vis: Tensor) 
 
 
 def check_topk(quick: bool) -> list[dict]:
-    from attnplug_triton.ops.dsa.topk import TopkConfig, dsa_indexer_topk
     from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
     from attnplug.ops.dsa import indexer_scores
 
     rows = []
-    cases = [  # (label, B, T, S, HI, DI, dtype, causal, config)
-        ("small bf16", 2, 4096, 4096, 4, 64, torch.bfloat16, True, None),
-        ("deepseek bf16", 1, 4096, 4096, 64, 128, torch.bfloat16, True, None),
-        ("small fp32 S>T", 1, 4000, 4100, 4, 64, torch.float32, True, None),
-        ("small bf16 not causal", 1, 2048, 3000, 8, 64, torch.bfloat16, False, None),
-        ("narrow: cap 64, 4 edges", 1, 4096, 4096, 4, 64, torch.bfloat16, True,
-         TopkConfig(32, 64, 4, 64, 8, 2)),
-        ("ties: all scores 0", 1, 4096, 4096, 4, 64, torch.bfloat16, True, None),
+    cases = [  # (label, B, T, S, HI, DI, dtype, causal)
+        ("small bf16", 2, 4096, 4096, 4, 64, torch.bfloat16, True),
+        ("deepseek bf16", 1, 4096, 4096, 64, 128, torch.bfloat16, True),
+        ("small fp32 S>T", 1, 4000, 4100, 4, 64, torch.float32, True),
+        ("small bf16 not causal", 1, 2048, 3000, 8, 64, torch.bfloat16, False),
+        ("ties: all scores 0", 1, 4096, 4096, 4, 64, torch.bfloat16, True),
     ]
-    for label, B, T, S, HI, DI, dtype, causal, cfg in cases[: 2 if quick else None]:
+    for label, B, T, S, HI, DI, dtype, causal in cases[: 2 if quick else None]:
         q = torch.randn(B, T, HI, DI, device="cuda", dtype=dtype)
         k = torch.randn(B, S, DI, device="cuda", dtype=dtype)
         w = torch.randn(B, T, HI, device="cuda", dtype=dtype)
@@ -96,22 +93,18 @@ def check_topk(quick: bool) -> list[dict]:
         scores = indexer_scores(q.double(), k.double(), w.double(), causal=causal)  # (B, T, S)
         t = torch.arange(T, device="cuda")
         n_vis = (t + S - T + 1).clamp(max=S) if causal else torch.full_like(t, S)
-        methods = {"streaming": (dsa_indexer_topk, {"config": cfg})}
-        if cfg is None:  # the blocked top-k has no streaming configuration to narrow
-            methods["blocked"] = (dsa_indexer_topk_blocked, {})
-        for method, (select, extra) in methods.items():
-            torch.cuda.synchronize()
-            start = time.time()
-            indices = select(q, k, w, topk=topk, causal=causal, **extra)
-            torch.cuda.synchronize()
-            seconds = time.time() - start
-            errs = selection_errors(indices, scores, topk, n_vis)
-            ok = (errs["bad_fill_rows"] == errs["repeat_rows"] == errs["invisible_rows"] == 0
-                  and errs["max_score_gap"] <= 1e-5)
-            detail = " ".join(f"{key}={value:.1e}" if isinstance(value, float)
-                              else f"{key}={value}" for key, value in errs.items())
-            rows.append(report("topk", f"{method} {label} B{B} T{T} S{S} HI{HI} DI{DI}", ok,
-                               f"{detail} ({seconds:.2f} s incl. compile)"))
+        torch.cuda.synchronize()
+        start = time.time()
+        indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal)
+        torch.cuda.synchronize()
+        seconds = time.time() - start
+        errs = selection_errors(indices, scores, topk, n_vis)
+        ok = (errs["bad_fill_rows"] == errs["repeat_rows"] == errs["invisible_rows"] == 0
+              and errs["max_score_gap"] <= 1e-5)
+        detail = " ".join(f"{key}={value:.1e}" if isinstance(value, float)
+                          else f"{key}={value}" for key, value in errs.items())
+        rows.append(report("topk", f"{label} B{B} T{T} S{S} HI{HI} DI{DI}", ok,
+                           f"{detail} ({seconds:.2f} s incl. compile)"))
         del scores
         torch.cuda.empty_cache()
     return rows
@@ -128,7 +121,7 @@ def run_sparse(fn, q, k, v, indices, do, **kwargs) -> list[Tensor]:
 def check_sparse(quick: bool) -> list[dict]:
     from attnplug_triton.ops.dsa import sparse as sp
     from attnplug_triton.ops.dsa.naive import naive_sparse_attention
-    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
     from bench_dsa import SWEEP
 
     rows = []
@@ -146,7 +139,7 @@ def check_sparse(quick: bool) -> list[dict]:
         iq = torch.randn(B, T, 4, 64, device="cuda", dtype=dtype)
         ik = torch.randn(B, T, 64, device="cuda", dtype=dtype)
         iw = torch.randn(B, T, 4, device="cuda", dtype=dtype)
-        indices = dsa_indexer_topk(iq, ik, iw, topk=topk)
+        indices = dsa_indexer_topk_blocked(iq, ik, iw, topk=topk)
         indices[:, T // 2] = -1  # a query with no key: zero output and gradient
         refs = run_sparse(naive_sparse_attention, q.double(), k.double(), v.double(), indices,
                           do.double())

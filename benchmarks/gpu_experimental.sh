@@ -11,9 +11,9 @@
 #       (every variant side by side, fla and SDPA anchors) and each kernel's share of it;
 #   bash benchmarks/gpu_experimental.sh gdn-scaling   issue 5's scaling table: T from 1K to 64K
 #       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
-#   bash benchmarks/gpu_experimental.sh dsa   both top-k methods at real shapes vs float64,
-#       then the benchmark at 4K and 32K (streaming vs blocked vs the local top-k, the DSA
-#       totals against SDPA).
+#   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
+#       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
+#       SDPA).
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in

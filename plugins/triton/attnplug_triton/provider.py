@@ -132,9 +132,7 @@ class TritonSpecProvider(LocalSpecProvider):
         """:func:`attnplug_triton.ops.dsa.topk_blocked.dsa_indexer_topk_blocked`: the indexer's
         scores for a bounded block of queries at a time as sortable keys in Triton, an exact
         top-k of them (indices in no particular order, −1 in unused slots; equal scores: the
-        earlier key). On the H200 it is 5.7× faster than the streaming selection of
-        :mod:`attnplug_triton.ops.dsa.topk` at T = 32K and right where that one was not (fp32,
-        S > T). Triton is imported when the slot is asked for."""
+        earlier key). Triton is imported when the slot is asked for."""
         if not self._serves("dsa_indexer_topk"):
             return super().dsa_indexer_topk()
         from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked

@@ -61,33 +61,21 @@ TOPK_CASES = [
       ((1, 1024, 1024, 64, 128, 256, True, True), torch.bfloat16)] if HAS_CUDA else [])
 
 
-def _topk_function(name: str):
-    """The streaming top-k (``streaming``) or the score-then-select one (``blocked``)."""
-    if name == "streaming":
-        from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
-
-        return dsa_indexer_topk
+@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
+def test_topk_selects_the_keys_with_the_highest_scores(case, dtype) -> None:
     from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
-    return dsa_indexer_topk_blocked
-
-
-TOPK_FUNCTIONS = ["streaming", "blocked"]
-
-
-@pytest.mark.parametrize("method", TOPK_FUNCTIONS)
-@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
-def test_topk_selects_the_keys_with_the_highest_scores(case, dtype, method) -> None:
     B, T, S, HI, DI, topk, causal, relu = case
     q, k, w = _index_inputs(B, T, S, HI, DI, dtype)
-    indices = _topk_function(method)(q, k, w, topk=topk, causal=causal, relu=relu)
+    indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal, relu=relu)
     _assert_top_scores(indices, q, k, w, topk, causal, relu)
 
 
-@pytest.mark.parametrize("method", TOPK_FUNCTIONS)
-def test_topk_takes_every_visible_key_and_pads_with_minus_one(method) -> None:
+def test_topk_takes_every_visible_key_and_pads_with_minus_one() -> None:
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+
     q, k, w = _index_inputs(2, 20, 24, 2, 16)
-    indices = _topk_function(method)(q, k, w, topk=30)
+    indices = dsa_indexer_topk_blocked(q, k, w, topk=30)
     _assert_top_scores(indices, q, k, w, 30, True, True)
 
 
@@ -132,23 +120,6 @@ def test_blocked_topk_takes_queries_in_blocks_and_breaks_ties_by_position() -> N
     first = torch.where(slots < _visible_counts(24, 30, True)[:, None], slots, -1)  # (24, 8)
     chosen = torch.where(indices[0] < 0, 99, indices[0]).sort(-1).values
     assert torch.equal(torch.where(chosen == 99, -1, chosen), first)
-
-
-def test_topk_narrows_many_times_and_breaks_ties_by_position() -> None:
-    from attnplug_triton.ops.dsa.topk import TopkConfig, dsa_indexer_topk
-
-    # Four candidate slots and two thresholds per pass: several narrowing passes per row.
-    tight = TopkConfig(block_m=8, block_n=16, num_edges=2, capacity=4, num_warps=1, num_stages=1)
-    q, k, w = _index_inputs(1, 24, 30, 4, 16)
-    _assert_top_scores(dsa_indexer_topk(q, k, w, topk=8, config=tight), q, k, w, 8, True, True)
-    # Scores on a coarse grid: many keys tie at the k-th score (value ties inside the interval).
-    q, k, w = q.round(), k.round(), torch.ones_like(w)
-    _assert_top_scores(dsa_indexer_topk(q, k, w, topk=8, config=tight), q, k, w, 8, True, True)
-    # All scores 0: the first visible keys, then −1 (the first query sees 7 keys).
-    indices = dsa_indexer_topk(q, k, torch.zeros_like(w), topk=8)  # (1, 24, 8)
-    slots = torch.arange(8, device=DEVICE)
-    first = torch.where(slots < _visible_counts(24, 30, True)[:, None], slots, -1)  # (24, 8)
-    assert torch.equal(indices[0], first)
 
 
 def _selection(B: int, T: int, S: int, topk: int, drop: float) -> torch.Tensor:
@@ -202,11 +173,11 @@ def test_sparse_attention_matches_float64_reference(case, dtype) -> None:
 def test_topk_of_every_visible_key_then_sparse_attention_is_dense_causal(T: int) -> None:
     from attnplug_triton.ops.attention.naive import naive_attention
     from attnplug_triton.ops.dsa.sparse import sparse_attention
-    from attnplug_triton.ops.dsa.topk import dsa_indexer_topk
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
     S, H, Hkv, D = T + 6, 4, 2, 16
     iq, ik, iw = _index_inputs(1, T, S, 2, 16)
-    indices = dsa_indexer_topk(iq, ik, iw, topk=S)  # every visible key, in some order
+    indices = dsa_indexer_topk_blocked(iq, ik, iw, topk=S)  # every visible key, in some order
     q = torch.randn(1, T, H, D, device=DEVICE)
     k = torch.randn(1, S, Hkv, D, device=DEVICE)
     v = torch.randn(1, S, Hkv, D, device=DEVICE)
@@ -343,17 +314,16 @@ def test_provider_serves_the_dsa_kernels() -> None:
     (lambda q, k, w: (q, k, w[..., :1]), "weights must be"),
     (lambda q, k, w: (q.double(), k.double(), w.double()), "float64"),
 ])
-@pytest.mark.parametrize("method", TOPK_FUNCTIONS)
-def test_topk_bad_arguments_are_named(bad, message, method) -> None:
-    topk_fn = _topk_function(method)
+def test_topk_bad_arguments_are_named(bad, message) -> None:
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+
     q, k, w = _index_inputs(1, 5, 5, 2, 16)
     with pytest.raises(ValueError, match=message):
-        topk_fn(*bad(q, k, w), topk=2)
+        dsa_indexer_topk_blocked(*bad(q, k, w), topk=2)
     with pytest.raises(ValueError, match="topk must be a positive int"):
-        topk_fn(q, k, w, topk=0)
-    if method == "blocked":
-        with pytest.raises(ValueError, match="block_bytes must be a positive int"):
-            topk_fn(q, k, w, topk=2, block_bytes=0)
+        dsa_indexer_topk_blocked(q, k, w, topk=0)
+    with pytest.raises(ValueError, match="block_bytes must be a positive int"):
+        dsa_indexer_topk_blocked(q, k, w, topk=2, block_bytes=0)
 
 
 def test_sparse_attention_bad_arguments_are_named() -> None:

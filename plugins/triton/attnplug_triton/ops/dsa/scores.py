@@ -15,7 +15,7 @@ For the same reason index arithmetic runs in int64 (the interpreter checks every
 operation for overflow; on a GPU addresses are 64-bit anyway).
 
 Order keys map float32 to int32 monotonically (``a < b`` iff ``key(a) < key(b)``; −0.0 sorts
-just below +0.0): the top-k kernels bisect and compare keys, never floats.
+just below +0.0): the top-k kernel sorts keys built from them, never floats.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from torch import Tensor
 
 from attnplug_triton.ops.utils import check_runnable
 
-__all__ = ["order_key", "key_value", "load_index_queries", "check_indexer_inputs",
-           "unit_last_stride", "dot_precision"]
+__all__ = ["order_key", "load_index_queries", "check_indexer_inputs", "unit_last_stride",
+           "dot_precision"]
 
 
 @triton.jit
@@ -36,13 +36,6 @@ def order_key(x):
     """The int32 order key of float32 ``x``: flips the magnitude bits of negative numbers."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def key_value(key):
-    """The float32 whose order key is ``key`` (the inverse of :func:`order_key`)."""
-    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -1,22 +1,25 @@
 """The lightning indexer's top-k as score-then-select: a Triton kernel writes every visible
 score of a block of queries as a sortable int64 key, ``torch.topk`` picks the largest.
 
-The alternative to :mod:`.topk`'s streaming selection, which never holds a row's scores but
-recomputes them in four or more passes (H200, T = 32K: 180 ms, most of a DSA step). Here the
-scores are computed once, in the same packed-head tile as :mod:`.scores` describes:
+``dsa_indexer_topk_blocked(q[B,T,HI,DI], k[B,S,DI], weights[B,T,HI], *, topk)`` returns, for
+every query ``t``, the ``topk`` keys with the largest ``Σ_h weights[t,h]·relu(q[t,h]·k[s])``
+among those it sees (DESIGN §8), as ``attnplug.ops.dsa.dsa_indexer_topk`` does. The scores are
+computed once, in the packed-head tile :mod:`.scores` describes:
 
     key[b, t, s] = (order_key(score[t, s]) << 32) | (S − 1 − s)    (int64)
 
 so that comparing keys compares scores first and, between equal scores, prefers the earlier
-position — the streaming kernel's tie rule, exactly, with no float compare. Keys a query
-cannot see (``s > t + S − T`` with ``causal``) are ``INT64_MIN``; tiles wholly above the
-diagonal skip the product. The queries are taken ``query_block`` at a time so the key buffer
+position — an exact tie rule, with no float compare. Keys a query cannot see
+(``s > t + S − T`` with ``causal``) are ``INT64_MIN``; tiles wholly above the diagonal skip the
+product. The queries are taken ``query_block`` at a time so the key buffer
 ``[B, query_block, S]`` (8 bytes a pair) stays within ``block_bytes`` (default 1 GiB); at
 T = S = 32K and B = 1 that is 4096 queries a block, 8 blocks.
 
 Cost: one indexer forward over the causal pairs, 8 bytes written a pair, and ``torch.topk``'s
 radix selection over 64-bit keys (a few reads of the buffer). Memory: the buffer, not
-``O(B·T·S)``; more than the streaming kernel's ``O(B·T·capacity)``.
+``O(B·T·S)``. (It replaced a streaming selection that held no score tensor but recomputed the
+scores in four or more passes: 5.7× slower on the H200 at T = 32K (small indexer) and wrong
+in one fp32 case; removed in session 6.)
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnplug_triton.ops.dsa.scores import dot_precision, load_index_queries, unit_last_stride
-from attnplug_triton.ops.dsa.topk import start_topk
+from attnplug_triton.ops.dsa.scores import (
+    check_indexer_inputs,
+    dot_precision,
+    load_index_queries,
+    unit_last_stride,
+)
 from attnplug_triton.ops.utils import interpreting, next_power_of_2
 
-__all__ = ["dsa_indexer_topk_blocked", "indexer_keys"]
+__all__ = ["dsa_indexer_topk_blocked", "indexer_keys", "start_topk"]
 
 _INT64_MIN = tl.constexpr(-(2**63))
 _KEY_BYTES = 8
@@ -109,6 +116,31 @@ def indexer_keys(q: Tensor, k: Tensor, weights: Tensor, out: Tensor, *, query_st
     return out
 
 
+def _check_topk(owner: str, topk: object) -> int:
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"{owner}: topk must be a positive int; got {topk!r}")
+    return topk
+
+
+def start_topk(owner: str, q: Tensor, k: Tensor, weights: Tensor, topk: object,
+               causal: bool) -> tuple[Tensor, bool]:
+    """Check a top-k call's arguments (``ValueError`` naming them) and allocate its
+    ``[B, T, topk]`` int64 output; ``done`` when no kernel is needed (no query, or no key: all
+    −1)."""
+    check_indexer_inputs(owner, q, k, weights, causal)
+    _check_topk(owner, topk)
+    B, T, HI, DI = q.shape
+    out = torch.empty((B, T, topk), dtype=torch.long, device=q.device)
+    if B * T == 0:
+        return out, True
+    if HI == 0 or DI == 0:
+        raise ValueError(f"{owner}: q must have at least one index head and one channel; got "
+                         f"{tuple(q.shape)}")
+    if k.shape[1] == 0:
+        return out.fill_(-1), True
+    return out, False
+
+
 def dsa_indexer_topk_blocked(
     q: Tensor,
     k: Tensor,
@@ -121,10 +153,19 @@ def dsa_indexer_topk_blocked(
 ) -> Tensor:
     """The ``topk`` keys with the largest indexer score for each query (score-then-select).
 
-    Same arguments, result and tie rule as :func:`attnplug_triton.ops.dsa.topk.dsa_indexer_topk`
-    (``indices[B, T, topk]`` int64, in no particular order, −1 in the slots beyond the number
-    of visible keys; equal scores: the earlier key first). ``block_bytes`` bounds the key
-    buffer (at least one query's row is always taken).
+    Args:
+        q: indexer queries ``[B, T, HI, DI]`` (float16, bfloat16 or float32).
+        k: indexer keys ``[B, S, DI]``, one per position, shared by the ``HI`` heads.
+        weights: per-head weights ``[B, T, HI]``.
+        topk: keys to select per query.
+        causal: only keys ``s <= t + S − T`` are candidates (needs ``S >= T``).
+        relu: apply ReLU to ``q·k`` before weighting.
+        block_bytes: bound on the key buffer (at least one query's row is always taken).
+
+    Returns:
+        ``indices[B, T, topk]`` int64: the selected key positions, in no particular order, then
+        −1 in the slots beyond the number of visible keys. Scores are float32; equal scores are
+        broken by position (the earlier key first).
 
     Raises:
         ValueError: shapes, dtypes, devices, ``topk`` or ``block_bytes`` the kernel does not take.
