@@ -80,21 +80,26 @@ def test_topk_takes_every_visible_key_and_pads_with_minus_one() -> None:
 
 
 @settings(max_examples=12, deadline=None)
-@example(T=20, extra=3, topk=10, causal=True).via("a causal prefix of few queries")
-@example(T=5, extra=0, topk=9, causal=False).via("S < topk: every query")
-@example(T=12, extra=2, topk=12, causal=True).via("S = topk + 2")
+@example(T=20, extra=3, topk=10, causal=True, rows=None).via("a causal prefix of few queries")
+@example(T=5, extra=0, topk=9, causal=False, rows=None).via("S < topk: every query")
+@example(T=12, extra=2, topk=12, causal=True, rows=None).via("S = topk + 2")
+@example(T=20, extra=1, topk=9, causal=True, rows=3).via("early blocks narrower than topk")
 @given(T=st.integers(1, 20), extra=st.integers(0, 12), topk=st.integers(1, 36),
-       causal=st.booleans())
+       causal=st.booleans(), rows=st.sampled_from([1, 3, 7, None]))
 def test_blocked_topk_rows_that_see_few_keys_list_them_in_order(T: int, extra: int, topk: int,
-                                                                 causal: bool) -> None:
-    """Whatever T, S ≥ T and topk: a query seeing fewer than topk keys gets exactly them, in
-    position order, then −1 (counted on the host, so a wrong count shows here); the others
-    their topk best-scoring visible keys."""
+                                                                 causal: bool,
+                                                                 rows: int | None) -> None:
+    """Whatever T, S ≥ T, topk and query block (``rows`` queries a block; causally each block
+    scores only the keys its last query sees, fewer than topk in early blocks): a query seeing
+    fewer than topk keys gets exactly them, in position order, then −1 (counted on the host,
+    so a wrong count shows here); the others their topk best-scoring visible keys."""
     from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
 
     S = T + extra
     q, k, w = _index_inputs(1, T, S, 2, 16)
-    indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal)
+    block_bytes = (1 << 30) if rows is None else rows * S * 8
+    indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal,
+                                       block_bytes=block_bytes)
     _assert_top_scores(indices, q, k, w, topk, causal, True)
     visible = _visible_counts(T, S, causal)
     slots = torch.arange(topk, device=DEVICE)

@@ -13,7 +13,9 @@ position — an exact tie rule, with no float compare. Keys a query cannot see
 (``s > t + S − T`` with ``causal``) are ``INT64_MIN``; tiles wholly above the diagonal skip the
 product. The queries are taken ``query_block`` at a time so the key buffer
 ``[B, query_block, S]`` (8 bytes a pair) stays within ``block_bytes`` (default 1 GiB); at
-T = S = 32K and B = 1 that is 4096 queries a block, 8 blocks.
+T = S = 32K and B = 1 that is 4096 queries a block, 8 blocks. Causally a block's buffer holds
+only the keys up to what its last query sees (``width = start + n + S − T``), so the blocks
+before the last are narrower: about half the pairs of full rows at T = S.
 
 Cost: one indexer forward over the causal pairs, 8 bytes written a pair, and ``torch.topk``'s
 radix selection over 64-bit keys (a few reads of the buffer). Memory: the buffer, not
@@ -47,18 +49,19 @@ _KEY_BYTES = 8
 def indexer_keys_kernel(
     Q, K, W, OUT,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_wb, stride_wt, stride_wh,
-    stride_ob, stride_ot, T, S, HI, DI, Q0, TQ,
+    stride_ob, stride_ot, T, S, HI, DI, Q0, TQ, WIDTH,
     CAUSAL: tl.constexpr, RELU: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The ``[BLOCK_M, BLOCK_N]`` tile of keys of queries ``Q0 + pid_m·BLOCK_M + i`` (rows of
-    ``OUT`` counted from ``Q0``) and key positions ``pid_n·BLOCK_N + j``, batch element b."""
+    ``OUT`` counted from ``Q0``) and key positions ``pid_n·BLOCK_N + j < WIDTH``, batch
+    element b."""
     b = tl.program_id(2).to(tl.int64)
     t0 = Q0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     t = t0 + tl.arange(0, BLOCK_M).to(tl.int64)  # (BM,) queries
     s = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BN,)
     out = OUT + b * stride_ob + (t - Q0)[:, None] * stride_ot + s[None, :]
-    in_buffer = (t < Q0 + TQ)[:, None] & (s < S)[None, :]  # the buffer's rows are queries < T
+    in_buffer = (t < Q0 + TQ)[:, None] & (s < WIDTH)[None, :]  # rows: queries < T; WIDTH <= S
     seen = in_buffer
     if CAUSAL:
         seen = seen & (s[None, :] <= t[:, None] + (S - T))
@@ -96,19 +99,20 @@ def _blocks(hp: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 def indexer_keys(q: Tensor, k: Tensor, weights: Tensor, out: Tensor, *, query_start: int,
                  causal: bool, relu: bool) -> Tensor:
-    """Fill ``out[B, n, S]`` (int64) with the keys of queries ``query_start ..
-    query_start + n`` (checked inputs, unit last strides); returns ``out``."""
+    """Fill ``out[B, n, W]`` (int64) with the keys of queries ``query_start ..
+    query_start + n`` and positions ``< W`` (``W <= S``; checked inputs, unit last strides);
+    returns ``out``."""
     B, T, HI, DI = q.shape
     S = k.shape[1]
-    n = out.shape[1]
+    n, width = out.shape[1:]
     hp = next_power_of_2(HI)
     block_m, block_n, warps = _blocks(hp, q.dtype)
     if block_m * hp < 16:  # the dot needs 16 rows
         block_m = 16 // hp
-    grid = (triton.cdiv(n, block_m), triton.cdiv(S, block_n), B)
+    grid = (triton.cdiv(n, block_m), triton.cdiv(width, block_n), B)
     indexer_keys_kernel[grid](
         q, k, weights, out, *q.stride()[:3], *k.stride()[:2], *weights.stride(),
-        out.stride(0), out.stride(1), T, S, HI, DI, query_start, n,
+        out.stride(0), out.stride(1), T, S, HI, DI, query_start, n, width,
         CAUSAL=bool(causal), RELU=bool(relu), HP=hp, BLOCK_D=max(16, next_power_of_2(DI)),
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=1 if interpreting() else 2,
@@ -179,13 +183,18 @@ def dsa_indexer_topk_blocked(
     q, k = unit_last_stride(q), unit_last_stride(k)
     B, T = q.shape[:2]
     S = k.shape[1]
-    take = min(topk, S)
     block = max(1, min(T, block_bytes // (B * S * _KEY_BYTES)))
-    keys = torch.empty((B, block, S), dtype=torch.long, device=q.device)
+    keys = torch.empty(B * block * S, dtype=torch.long, device=q.device)
     for start in range(0, T, block):
         n = min(block, T - start)
-        part = indexer_keys(q, k, weights, keys[:, :n], query_start=start, causal=causal,
-                            relu=relu)  # (B, n, S)
+        # causally, no query of the block sees past its last query's keys: the selection runs
+        # over those columns only (at T = S about half the keys of a row-complete buffer)
+        width = min(S, start + n + S - T) if causal else S
+        part = indexer_keys(q, k, weights, keys[:B * n * width].view(B, n, width),
+                            query_start=start, causal=causal, relu=relu)  # (B, n, width)
+        # take < topk only where every query of the block sees fewer than topk keys: such
+        # rows are all rewritten below
+        take = min(topk, width)
         best = torch.topk(part, take, dim=-1, sorted=False).values  # (B, n, take)
         pos = (S - 1) - (best & 0xFFFFFFFF)
         out[:, start:start + n, :take] = torch.where(best == _INT64_MIN.value, -1, pos)
