@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Where the GPU time goes, one call (run on the GPU machine from the repo root after TE is
 # installed there if the te rows are wanted; results under $OUT):
-#   1. the triton short-convolution kernel's tests on the GPU (real shapes, bf16; both
-#      backwards) and the gated delta rule's real-shape tests (incl. the experimental fused
-#      dq/dk finish), then benchmarks/bench_conv.py: the GDN layer's depthwise causal conv,
-#      conv1d vs two rewrites vs the kernels (one-pass and the experimental two-pass backward);
+#   1. the triton short-convolution kernel's tests on the GPU (real shapes, bf16; the served
+#      two-pass backward and the earlier one-pass one) and the gated delta rule's real-shape
+#      tests (the project's shape and the example's grouped value heads), then
+#      benchmarks/bench_conv.py: the GDN layer's depthwise causal conv, conv1d vs two rewrites
+#      vs the kernels;
 #   2. benchmarks/profile_step.py: each layer part's forward/backward share of a training step
-#      of the GPU-sized example hybrid, per backend, and the top CUDA kernels — as configured,
-#      then triton and local with the grouped experts (moe_grouped_gemm) and the experimental
-#      kernels (the two-pass convolution backward, the fused dq/dk finish) on.
+#      of the GPU-sized example hybrid (grouped experts), per backend, the top CUDA kernels
+#      and the torch ops behind them, grouped by input shapes.
 # Each step has its own time limit; together under the 10-minute call (each GDN kernel's time:
-# `bench_gated_delta_rule.py --parts stages`, in `gpu_experimental.sh gdn-bench`).
+# `bench_gated_delta_rule.py --parts stages`, in `gpu_experimental.sh gdn-bench`). Many files
+# come back from $OUT: tar them into one (`cd $OUT && tar czf /tmp/o.tgz . && ...`).
 set -u
 OUT=${OUT:-runs/profile}
 mkdir -p "$OUT"
@@ -20,12 +21,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/triton 
   > "$OUT/install.log" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 source benchmarks/gpu_step.sh
-STEP_TAIL=5 step conv_tests 120 python3 -m pytest -q plugins/triton/tests/test_triton_causal_conv1d.py
-# the gated delta rule at real shapes: the project's, and the example's grouped value heads with
-# dq, dk finished in torch and in the experimental one-kernel finish
+# autotuning every small shape makes this the slow step (about 170 s for 85 tests on an H200)
+STEP_TAIL=5 step conv_tests 200 python3 -m pytest -q plugins/triton/tests/test_triton_causal_conv1d.py
 STEP_TAIL=5 step gdn_real_shapes 150 python3 -m pytest -q -rs \
   plugins/triton/tests/test_triton_gated_delta_rule.py -k real_shape
 STEP_TAIL=24 step bench_conv 90 python3 benchmarks/bench_conv.py --out "$OUT/conv"
-step profile_step 200 python3 benchmarks/profile_step.py --top 20 --json "$OUT/profile_step.json"
-step profile_batched 150 env ATTNPLUG_TRITON_EXPERIMENTAL=1 python3 benchmarks/profile_step.py \
-  --backends triton local --set moe_grouped_gemm=true --top 20 --json "$OUT/profile_batched.json"
+step profile_step 150 python3 benchmarks/profile_step.py --backends triton local --top 30 \
+  --json "$OUT/profile_step.json"
