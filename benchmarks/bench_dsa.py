@@ -16,6 +16,9 @@ Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, fl
   ``torch.topk``; no gradient: the indexer learns from its KL loss only) then
   ``sparse_attention``; in ``fwd+bwd`` also the sparse attention's backward (dq, dk, dv);
 - ``dsa-topk`` and ``dsa-sparse``: the two parts alone (the sparse part on precomputed indices);
+- ``dsa-threshold`` and ``dsa-topk-threshold``: the same with the experimental threshold top-k
+  (``dsa_indexer_topk_threshold``: float32 scores, ``torch.topk`` for each row's threshold, then
+  a selection kernel);
 - ``topk-local``: the local backend's top-k, what runs without triton;
 - ``dsa-kl`` (``--kl``): the indexer's KL loss against the dense main attention, with its
   gradient (the training-only extra; not part of the DSA total).
@@ -61,13 +64,16 @@ def kernels() -> dict[str, Callable] | str:
     try:
         from attnplug_triton.ops.dsa.kl import indexer_kl_loss
         from attnplug_triton.ops.dsa.sparse import sparse_attention
-        from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+        from attnplug_triton.ops.dsa.topk_blocked import (
+            dsa_indexer_topk_blocked,
+            dsa_indexer_topk_threshold,
+        )
 
         from attnplug.ops.dsa import dsa_indexer_topk as local_topk  # what runs without triton
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    return {"topk": dsa_indexer_topk_blocked, "topk-local": local_topk,
-            "sparse": sparse_attention, "kl": indexer_kl_loss}
+    return {"topk": dsa_indexer_topk_blocked, "topk-threshold": dsa_indexer_topk_threshold,
+            "topk-local": local_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
@@ -111,7 +117,8 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
     impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
     if isinstance(fns, str):
-        impls.update(dict.fromkeys(("dsa", "dsa-topk", "topk-local", "dsa-sparse"), fns))
+        impls.update(dict.fromkeys(("dsa", "dsa-threshold", "dsa-topk", "dsa-topk-threshold",
+                                    "topk-local", "dsa-sparse"), fns))
     else:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
         indices = topk_fn(iq, ik, iw, topk=topk)
@@ -124,8 +131,14 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
+        def dsa_threshold() -> object:
+            o = sparse_fn(q, k, v, fns["topk-threshold"](iq, ik, iw, topk=topk))
+            return o.backward(do) if backward else o
+
         impls["dsa"] = dsa
+        impls["dsa-threshold"] = dsa_threshold
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
+        impls["dsa-topk-threshold"] = lambda: fns["topk-threshold"](iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:

@@ -71,7 +71,10 @@ def selection_errors(indices: Tensor, scores: Tensor, topk: int, n_vis: Tensor) 
 
 
 def check_topk(quick: bool) -> list[dict]:
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+    from attnplug_triton.ops.dsa.topk_blocked import (
+        dsa_indexer_topk_blocked,
+        dsa_indexer_topk_threshold,
+    )
 
     from attnplug.ops.dsa import indexer_scores
 
@@ -93,18 +96,25 @@ def check_topk(quick: bool) -> list[dict]:
         scores = indexer_scores(q.double(), k.double(), w.double(), causal=causal)  # (B, T, S)
         t = torch.arange(T, device="cuda")
         n_vis = (t + S - T + 1).clamp(max=S) if causal else torch.full_like(t, S)
-        torch.cuda.synchronize()
-        start = time.time()
-        indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal)
-        torch.cuda.synchronize()
-        seconds = time.time() - start
-        errs = selection_errors(indices, scores, topk, n_vis)
-        ok = (errs["bad_fill_rows"] == errs["repeat_rows"] == errs["invisible_rows"] == 0
-              and errs["max_score_gap"] <= 1e-5)
-        detail = " ".join(f"{key}={value:.1e}" if isinstance(value, float)
-                          else f"{key}={value}" for key, value in errs.items())
-        rows.append(report("topk", f"{label} B{B} T{T} S{S} HI{HI} DI{DI}", ok,
-                           f"{detail} ({seconds:.2f} s incl. compile)"))
+        # the served keys method, and the experimental threshold one (also with query blocks
+        # of 1000 rows, so that causal blocks are narrower than full rows)
+        methods = [("keys", dsa_indexer_topk_blocked, {}),
+                   ("threshold", dsa_indexer_topk_threshold, {}),
+                   ("threshold blocks", dsa_indexer_topk_threshold,
+                    {"block_bytes": 1000 * B * S * 4})]
+        for method, fn, options in methods:
+            torch.cuda.synchronize()
+            start = time.time()
+            indices = fn(q, k, w, topk=topk, causal=causal, **options)
+            torch.cuda.synchronize()
+            seconds = time.time() - start
+            errs = selection_errors(indices, scores, topk, n_vis)
+            ok = (errs["bad_fill_rows"] == errs["repeat_rows"] == errs["invisible_rows"] == 0
+                  and errs["max_score_gap"] <= 1e-5)
+            detail = " ".join(f"{key}={value:.1e}" if isinstance(value, float)
+                              else f"{key}={value}" for key, value in errs.items())
+            rows.append(report("topk", f"{method} {label} B{B} T{T} S{S} HI{HI} DI{DI}", ok,
+                               f"{detail} ({seconds:.2f} s incl. compile)"))
         del scores
         torch.cuda.empty_cache()
     return rows

@@ -61,45 +61,57 @@ TOPK_CASES = [
       ((1, 1024, 1024, 64, 128, 256, True, True), torch.bfloat16)] if HAS_CUDA else [])
 
 
-@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
-def test_topk_selects_the_keys_with_the_highest_scores(case, dtype) -> None:
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+TOPK_METHODS = ["blocked", "threshold"]
 
+
+def _topk_method(name: str):
+    """The served score-then-select top-k (``blocked``: 64-bit keys) or the experimental
+    ``threshold`` one (float32 scores, a threshold, then a selection kernel)."""
+    from attnplug_triton.ops.dsa import topk_blocked
+
+    return (topk_blocked.dsa_indexer_topk_blocked if name == "blocked"
+            else topk_blocked.dsa_indexer_topk_threshold)
+
+
+@pytest.mark.parametrize("method", TOPK_METHODS)
+@pytest.mark.parametrize("case,dtype", TOPK_CASES, ids=str)
+def test_topk_selects_the_keys_with_the_highest_scores(case, dtype, method) -> None:
     B, T, S, HI, DI, topk, causal, relu = case
     q, k, w = _index_inputs(B, T, S, HI, DI, dtype)
-    indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal, relu=relu)
+    indices = _topk_method(method)(q, k, w, topk=topk, causal=causal, relu=relu)
     _assert_top_scores(indices, q, k, w, topk, causal, relu)
 
 
-def test_topk_takes_every_visible_key_and_pads_with_minus_one() -> None:
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
-
+@pytest.mark.parametrize("method", TOPK_METHODS)
+def test_topk_takes_every_visible_key_and_pads_with_minus_one(method) -> None:
     q, k, w = _index_inputs(2, 20, 24, 2, 16)
-    indices = dsa_indexer_topk_blocked(q, k, w, topk=30)
+    indices = _topk_method(method)(q, k, w, topk=30)
     _assert_top_scores(indices, q, k, w, 30, True, True)
 
 
 @settings(max_examples=12, deadline=None)
-@example(T=20, extra=3, topk=10, causal=True, rows=None).via("a causal prefix of few queries")
-@example(T=5, extra=0, topk=9, causal=False, rows=None).via("S < topk: every query")
-@example(T=12, extra=2, topk=12, causal=True, rows=None).via("S = topk + 2")
-@example(T=20, extra=1, topk=9, causal=True, rows=3).via("early blocks narrower than topk")
+@example(T=20, extra=3, topk=10, causal=True, rows=None,
+         method="blocked").via("a causal prefix of few queries")
+@example(T=5, extra=0, topk=9, causal=False, rows=None,
+         method="threshold").via("S < topk: every query")
+@example(T=12, extra=2, topk=12, causal=True, rows=None, method="blocked").via("S = topk + 2")
+@example(T=20, extra=1, topk=9, causal=True, rows=3,
+         method="threshold").via("early blocks narrower than topk")
 @given(T=st.integers(1, 20), extra=st.integers(0, 12), topk=st.integers(1, 36),
-       causal=st.booleans(), rows=st.sampled_from([1, 3, 7, None]))
+       causal=st.booleans(), rows=st.sampled_from([1, 3, 7, None]),
+       method=st.sampled_from(TOPK_METHODS))
 def test_blocked_topk_rows_that_see_few_keys_list_them_in_order(T: int, extra: int, topk: int,
                                                                  causal: bool,
-                                                                 rows: int | None) -> None:
+                                                                 rows: int | None,
+                                                                 method: str) -> None:
     """Whatever T, S ≥ T, topk and query block (``rows`` queries a block; causally each block
     scores only the keys its last query sees, fewer than topk in early blocks): a query seeing
     fewer than topk keys gets exactly them, in position order, then −1 (counted on the host,
     so a wrong count shows here); the others their topk best-scoring visible keys."""
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
-
     S = T + extra
     q, k, w = _index_inputs(1, T, S, 2, 16)
-    block_bytes = (1 << 30) if rows is None else rows * S * 8
-    indices = dsa_indexer_topk_blocked(q, k, w, topk=topk, causal=causal,
-                                       block_bytes=block_bytes)
+    block_bytes = (1 << 30) if rows is None else rows * S * (8 if method == "blocked" else 4)
+    indices = _topk_method(method)(q, k, w, topk=topk, causal=causal, block_bytes=block_bytes)
     _assert_top_scores(indices, q, k, w, topk, causal, True)
     visible = _visible_counts(T, S, causal)
     slots = torch.arange(topk, device=DEVICE)
@@ -108,13 +120,14 @@ def test_blocked_topk_rows_that_see_few_keys_list_them_in_order(T: int, extra: i
     assert torch.equal(indices[0, few], expected)
 
 
-def test_blocked_topk_takes_queries_in_blocks_and_breaks_ties_by_position() -> None:
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
-
-    # A buffer of 3 query rows (3 · S · 8 bytes): 24 queries in 8 blocks, same selection.
+@pytest.mark.parametrize("method", TOPK_METHODS)
+def test_blocked_topk_takes_queries_in_blocks_and_breaks_ties_by_position(method) -> None:
+    dsa_indexer_topk_blocked = _topk_method(method)
+    # A buffer of 3 query rows (3 · S · 8 or 4 bytes): 24 queries in 8 blocks, same selection.
     q, k, w = _index_inputs(1, 24, 30, 4, 16)
     whole = dsa_indexer_topk_blocked(q, k, w, topk=8)
-    parts = dsa_indexer_topk_blocked(q, k, w, topk=8, block_bytes=3 * 30 * 8)
+    parts = dsa_indexer_topk_blocked(q, k, w, topk=8,
+                                     block_bytes=3 * 30 * (8 if method == "blocked" else 4))
     assert torch.equal(whole.sort(-1).values, parts.sort(-1).values)
     _assert_top_scores(parts, q, k, w, 8, True, True)
     # Coarse scores: many ties at the k-th score; then all 0: the first visible keys, −1 after.
@@ -319,9 +332,9 @@ def test_provider_serves_the_dsa_kernels() -> None:
     (lambda q, k, w: (q, k, w[..., :1]), "weights must be"),
     (lambda q, k, w: (q.double(), k.double(), w.double()), "float64"),
 ])
-def test_topk_bad_arguments_are_named(bad, message) -> None:
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
-
+@pytest.mark.parametrize("method", TOPK_METHODS)
+def test_topk_bad_arguments_are_named(bad, message, method) -> None:
+    dsa_indexer_topk_blocked = _topk_method(method)
     q, k, w = _index_inputs(1, 5, 5, 2, 16)
     with pytest.raises(ValueError, match=message):
         dsa_indexer_topk_blocked(*bad(q, k, w), topk=2)

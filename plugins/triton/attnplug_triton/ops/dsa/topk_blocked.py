@@ -39,7 +39,8 @@ from attnplug_triton.ops.dsa.scores import (
 )
 from attnplug_triton.ops.utils import interpreting, next_power_of_2
 
-__all__ = ["dsa_indexer_topk_blocked", "indexer_keys", "start_topk"]
+__all__ = ["dsa_indexer_topk_blocked", "dsa_indexer_topk_threshold", "indexer_keys",
+           "start_topk"]
 
 _INT64_MIN = tl.constexpr(-(2**63))
 _KEY_BYTES = 8
@@ -52,10 +53,11 @@ def indexer_keys_kernel(
     stride_ob, stride_ot, T, S, HI, DI, Q0, TQ, WIDTH,
     CAUSAL: tl.constexpr, RELU: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SCORES: tl.constexpr = False,
 ):
     """The ``[BLOCK_M, BLOCK_N]`` tile of keys of queries ``Q0 + pid_m·BLOCK_M + i`` (rows of
     ``OUT`` counted from ``Q0``) and key positions ``pid_n·BLOCK_N + j < WIDTH``, batch
-    element b."""
+    element b. ``SCORES``: the float32 scores themselves instead (−inf where not seen)."""
     b = tl.program_id(2).to(tl.int64)
     t0 = Q0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     t = t0 + tl.arange(0, BLOCK_M).to(tl.int64)  # (BM,) queries
@@ -70,7 +72,10 @@ def indexer_keys_kernel(
     else:
         skip = False
     if skip:
-        tl.store(out, tl.full([BLOCK_M, BLOCK_N], _INT64_MIN, tl.int64), mask=in_buffer)
+        if SCORES:
+            tl.store(out, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=in_buffer)
+        else:
+            tl.store(out, tl.full([BLOCK_M, BLOCK_N], _INT64_MIN, tl.int64), mask=in_buffer)
     else:
         q, w = load_index_queries(Q, W, b, t0, T, HI, DI, stride_qb, stride_qt, stride_qh,
                                   stride_wb, stride_wt, stride_wh,
@@ -82,10 +87,50 @@ def indexer_keys_kernel(
         if RELU:
             x = tl.maximum(x, 0.0)
         score = tl.sum(tl.reshape(x * w[:, None], (BLOCK_M, HP, BLOCK_N)), 1)  # (BM, BN)
-        bits = score.to(tl.int32, bitcast=True)
-        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order keys, as order_key()
-        key = (key32.to(tl.int64) << 32) | (S - 1 - s)[None, :]
-        tl.store(out, tl.where(seen, key, _INT64_MIN), mask=in_buffer)
+        if SCORES:
+            tl.store(out, tl.where(seen, score, float("-inf")), mask=in_buffer)
+        else:
+            bits = score.to(tl.int32, bitcast=True)
+            key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order keys, as order_key()
+            key = (key32.to(tl.int64) << 32) | (S - 1 - s)[None, :]
+            tl.store(out, tl.where(seen, key, _INT64_MIN), mask=in_buffer)
+
+
+@triton.jit
+def select_kernel(SC, THR, OUT, stride_sb, stride_st, stride_ob, stride_ot, N, WIDTH, TOPK,
+                  BLOCK: tl.constexpr):
+    """Row ``i`` of batch element ``b`` of the scores ``SC[B, N, WIDTH]`` given its threshold
+    ``THR[b, i]`` (the TOPK-th largest score): the positions of every score above it, then of
+    the earliest ones equal to it up to TOPK in all, in position order; −1 in the slots left
+    (a row that sees fewer than TOPK keys has threshold −inf: its visible keys, then −1)."""
+    i = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    row = SC + b * stride_sb + i * stride_st
+    out = OUT + b * stride_ob + i * stride_ot
+    thr = tl.load(THR + b * N + i)
+    offs = tl.arange(0, BLOCK)
+    above = tl.full([], 0, tl.int32)
+    for start in range(0, WIDTH, BLOCK):
+        s = start + offs
+        x = tl.load(row + s, mask=s < WIDTH, other=float("-inf"))
+        above += tl.sum((x > thr).to(tl.int32), 0)
+    # equal scores to take, the earliest first; none at −inf (keys the row cannot see)
+    ties = tl.where(thr > float("-inf"), TOPK - above, 0)
+    taken = tl.full([], 0, tl.int32)
+    tied = tl.full([], 0, tl.int32)
+    for start in range(0, WIDTH, BLOCK):
+        s = start + offs
+        x = tl.load(row + s, mask=s < WIDTH, other=float("-inf"))
+        eq = (x == thr) & (s < WIDTH)
+        eq_rank = tied + tl.cumsum(eq.to(tl.int32), 0) - 1
+        sel = (x > thr) | (eq & (eq_rank < ties))
+        slot = taken + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(out + slot, s.to(tl.int64), mask=sel)
+        taken += tl.sum(sel.to(tl.int32), 0)
+        tied += tl.sum(eq.to(tl.int32), 0)
+    for start in range(0, TOPK, BLOCK):
+        j = start + offs
+        tl.store(out + j, tl.full([BLOCK], -1, tl.int64), mask=(j >= taken) & (j < TOPK))
 
 
 def _blocks(hp: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -99,9 +144,9 @@ def _blocks(hp: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 def indexer_keys(q: Tensor, k: Tensor, weights: Tensor, out: Tensor, *, query_start: int,
                  causal: bool, relu: bool) -> Tensor:
-    """Fill ``out[B, n, W]`` (int64) with the keys of queries ``query_start ..
-    query_start + n`` and positions ``< W`` (``W <= S``; checked inputs, unit last strides);
-    returns ``out``."""
+    """Fill ``out[B, n, W]`` with the keys (``out`` int64) or the float32 scores (``out``
+    float32; −inf where not seen) of queries ``query_start .. query_start + n`` and positions
+    ``< W`` (``W <= S``; checked inputs, unit last strides); returns ``out``."""
     B, T, HI, DI = q.shape
     S = k.shape[1]
     n, width = out.shape[1:]
@@ -115,7 +160,8 @@ def indexer_keys(q: Tensor, k: Tensor, weights: Tensor, out: Tensor, *, query_st
         out.stride(0), out.stride(1), T, S, HI, DI, query_start, n, width,
         CAUSAL=bool(causal), RELU=bool(relu), HP=hp, BLOCK_D=max(16, next_power_of_2(DI)),
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=1 if interpreting() else 2,
+        SCORES=out.dtype == torch.float32, num_warps=warps,
+        num_stages=1 if interpreting() else 2,
     )
     return out
 
@@ -208,4 +254,49 @@ def dsa_indexer_topk_blocked(
         n_vis = (t + (S - T + 1)).clamp(max=S) if causal else torch.full_like(t, S)  # (n_few,)
         slots = torch.arange(topk, device=q.device)
         out[:, :n_few] = torch.where(slots < n_vis[:, None], slots, -1)  # (B, n_few, topk)
+    return out
+
+
+def dsa_indexer_topk_threshold(
+    q: Tensor,
+    k: Tensor,
+    weights: Tensor,
+    *,
+    topk: int,
+    causal: bool = True,
+    relu: bool = True,
+    block_bytes: int = 1 << 30,
+) -> Tensor:
+    """:func:`dsa_indexer_topk_blocked`'s selection through float32 scores and a threshold
+    (experimental: not yet timed on a GPU).
+
+    Per block of queries the kernel writes the float32 scores (4 bytes a pair where the keys
+    take 8), ``torch.topk`` over them gives each row's ``topk``-th largest score — a radix
+    selection over 32-bit values instead of 64-bit keys — and :func:`select_kernel` writes the
+    positions above that threshold and the earliest ones equal to it. Same arguments and
+    selection rule (the ``topk`` largest scores; equal scores: the earlier key), indices in
+    position order, −1 after a row's visible keys.
+    """
+    owner = "dsa_indexer_topk_threshold"
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+        raise ValueError(f"{owner}: block_bytes must be a positive int; got {block_bytes!r}")
+    out, done = start_topk(owner, q, k, weights, topk, causal)
+    if done:
+        return out
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    block = max(1, min(T, block_bytes // (B * S * 4)))
+    scores = torch.empty(B * block * S, dtype=torch.float32, device=q.device)
+    select_block = 16 if interpreting() else 1024
+    for start in range(0, T, block):
+        n = min(block, T - start)
+        width = min(S, start + n + S - T) if causal else S
+        part = indexer_keys(q, k, weights, scores[:B * n * width].view(B, n, width),
+                            query_start=start, causal=causal, relu=relu)  # (B, n, width)
+        threshold = torch.topk(part, min(topk, width), dim=-1, sorted=False).values.amin(-1)
+        rows = out[:, start:start + n]  # (B, n, topk)
+        select_kernel[(n, B)](part, threshold.contiguous(), rows, part.stride(0), part.stride(1),
+                              rows.stride(0), rows.stride(1), n, width, topk,
+                              BLOCK=select_block, num_warps=1 if interpreting() else 4)
     return out
