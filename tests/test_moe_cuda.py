@@ -79,3 +79,33 @@ def test_moe_layer_matches_float64_at_a_gpu_size() -> None:
     # bf16 routing can pick another expert where two logits nearly tie: a few tokens differ
     assert rel_rms(y, y64) < 3e-2
     assert rel_rms(x.grad, x64.grad) < 3e-2
+
+
+@pytest.mark.parametrize("shared", [None, 512])
+def test_experts_with_host_counts_get_them_on_the_host_and_the_same_result(shared) -> None:
+    """Sequential experts (``host_counts``) on CUDA are handed the counts as a CPU tensor
+    (copied while the GPU still has the shared expert queued); outputs and gradients equal
+    those of the same layer handing them the device tensor."""
+    cfg = config(hidden_size=256, moe_ffn_hidden_size=128, moe_grouped_gemm=False,
+                 moe_shared_expert_intermediate_size=shared)
+    provider = LocalSpecProvider()
+    torch.manual_seed(0)
+    layer = build_module(_get_moe_module_spec(cfg, provider), config=cfg, layer_number=1).cuda()
+    assert isinstance(layer.experts, SequentialExperts) and layer.experts.host_counts
+    devices = []
+    layer.experts.register_forward_pre_hook(lambda m, args: devices.append(args[1].device.type))
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = layer(x)
+    y.backward(dy)
+    assert devices == ["cpu"]
+    grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer.experts.host_counts = False  # the device tensor instead
+    y_device = layer(x)
+    y_device.backward(dy)
+    assert devices == ["cpu", "cuda"]
+    assert torch.equal(y, y_device)
+    for got, ref in zip(grads, [x.grad] + [p.grad for p in layer.parameters()], strict=True):
+        assert torch.equal(got, ref)

@@ -6,7 +6,10 @@ by default the top-k logits are softmaxed (weights renormalised over the chosen 
 used as they are. Tokens are dispatched by a stable argsort of their expert ids, the experts
 see contiguous per-expert slices, and the results are gathered back per token and summed with
 the routing weights in float32. Dispatch and combine are permutation gathers both ways (no
-atomic accumulation: deterministic), and nothing in the layer waits on the host.
+atomic accumulation: deterministic), and nothing in the layer waits on the host — except, for
+experts that need the per-expert counts there (``host_counts``: the sequential experts, TE's
+grouped linears), on the copy of the counts alone, with the dispatch and the shared expert
+already queued behind it so that the GPU stays busy meanwhile.
 
 Load balancing (``moe_router_load_balancing_type="aux_loss"``, Switch/GShard), recorded as the
 auxiliary loss ``"moe_load_balancing"`` in training mode with grad enabled::
@@ -48,7 +51,13 @@ class SequentialExperts(nn.Module):
     config.moe_ffn_size``; gated linear unit and activation as in the config).
     ``forward(x[N, hidden], tokens_per_expert[E]) -> [N, hidden]``: the rows of ``x`` are sorted
     by expert, expert ``e`` owning the next ``tokens_per_expert[e]`` rows.
+
+    ``host_counts = True``: the counts are needed on the host (row splits), so the MoE layer
+    passes them as a CPU tensor, copied while the GPU still has work queued behind the copy
+    (see :class:`MoELayer`); experts without the attribute get the device tensor.
     """
+
+    host_counts = True
 
     def __init__(self, num_local_experts: int, *, config: TransformerConfig) -> None:
         super().__init__()
@@ -133,6 +142,8 @@ class BatchedExperts(SequentialExperts):
     host synchronisation: on the CPU, or on the padded path, which synchronises anyway).
     """
 
+    # the grouped GEMMs take the counts on the device (no host synchronisation)
+    host_counts = False
     # padded rows computed / rows owned, above which the padded path runs experts one by one
     MAX_PADDING = 2.0
     # rows: each expert's group starts at a multiple of this in the grouped GEMM's buffer
@@ -214,6 +225,20 @@ class BatchedExperts(SequentialExperts):
         h = glu(h, self.activation_func) if self.gated else self.activation_func(h)
         y = torch._grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offs)  # (rows, hidden)
         return _FromSlots.apply(y, slot)  # (N, hidden)
+
+
+def _counts_to_host(counts: torch.Tensor,
+                    experts: nn.Module) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``counts`` as the experts take them: on the host for experts with ``host_counts``
+    (a non-blocking copy into pinned memory and an event after it, which the caller waits
+    on when the counts are needed), else as they are; ``(counts, event or None)``."""
+    if not getattr(experts, "host_counts", False) or counts.device.type != "cuda":
+        return counts, None
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 class _ToSlots(torch.autograd.Function):
@@ -406,14 +431,20 @@ class MoELayer(AuxLossMixin, nn.Module):
         # counted without bincount, which synchronises with the host on a GPU
         tokens_per_expert = torch.zeros(E, dtype=torch.int64, device=flat_experts.device)
         tokens_per_expert.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))  # (E,)
-        expert_out = self.experts(_Dispatch.apply(tokens, order, inverse, k),
-                                  tokens_per_expert)  # (N·k, h), expert order
+        counts, ready = _counts_to_host(tokens_per_expert, self.experts)
+        dispatched = _Dispatch.apply(tokens, order, inverse, k)  # (N·k, h)
+        # the shared expert is queued before the routed ones: with host counts, the GPU runs it
+        # (and the dispatch) while the host waits for the counts
+        shared = None if self.shared_experts is None else self.shared_experts(hidden_states)
+        if ready is not None:
+            ready.synchronize()  # the counts' copy only, not the work queued after it
+        expert_out = self.experts(dispatched, counts)  # (N·k, h), expert order
         per_token = _Permute.apply(expert_out, inverse, order).view(B * T, k, h)  # (N, k, h)
         # the weighted sum in the router's dtype (float32), as Megatron-Core's unpermute does
         combined = _Combine.apply(weights.to(logits.dtype), per_token)  # (N, h)
         out = combined.to(hidden_states.dtype).view(B, T, h)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states)
+        if shared is not None:
+            out = out + shared
         if self._wants_aux_loss():
             self.record_aux_loss(MOE_AUX_LOSS,
                                  self._load_balancing_loss(logits, tokens_per_expert))

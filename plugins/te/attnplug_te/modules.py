@@ -255,9 +255,13 @@ class TEGroupedExperts(nn.Module):
     ``weight{e}`` ``[hidden, ffn]`` — the local experts' ``fc1_weight[e]`` / ``fc2_weight[e]``;
     the gated linear unit and activation are the config's, as in the local experts.
     ``forward(x[N, hidden], tokens_per_expert[E]) -> [N, hidden]``, the rows of ``x`` sorted by
-    expert. ``tokens_per_expert`` is read on the host (``.tolist()``, one device sync per call):
-    TE takes the split sizes as host integers and would copy them itself.
+    expert. TE takes the split sizes as host integers, so ``host_counts`` asks the MoE layer for
+    ``tokens_per_expert`` on the host: it copies the counts while the GPU still has the
+    dispatch and the shared expert queued, where a ``.tolist()`` here would drain the GPU's
+    queue (a device tensor still works: then it is that synchronisation).
     """
+
+    host_counts = True
 
     def __init__(self, num_local_experts: int, *, config: TransformerConfig) -> None:
         super().__init__()
@@ -277,7 +281,7 @@ class TEGroupedExperts(nn.Module):
                                            init_method=output_layer_init_method(config), **common)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        splits = [int(c) for c in tokens_per_expert.tolist()]  # host sync
+        splits = [int(c) for c in tokens_per_expert.tolist()]  # host sync if on the device
         if len(splits) != self.num_local_experts or sum(splits) != x.shape[0]:
             raise ValueError(
                 f"{type(self).__name__}: tokens_per_expert={splits} must have "
