@@ -24,7 +24,9 @@ What the layers do with each slot (the contract a third-party backend implements
 - ``grouped_mlp_modules(moe_use_grouped_gemm)``: an experts class built as
   ``cls(num_local_experts, *, config)``; ``forward(x[N, hidden], tokens_per_expert[E]) ->
   y[N, hidden]`` where the rows of ``x`` are sorted by expert and ``tokens_per_expert`` (int64,
-  on any device) says how many rows each expert owns.
+  on any device) says how many rows each expert owns. A class attribute ``host_counts = True``
+  asks for it on the host (a CPU tensor, copied without draining the GPU's queue); otherwise
+  it comes on the tokens' device, where reading it on the host synchronises.
 - ``activation_func()``: a function ``act(x) -> y`` that replaces ``config.activation_func`` in
   MLPs, or ``None`` to use the config's.
 - ``gated_delta_rule()``, ``dsa_indexer_topk()``, ``sparse_attention()``: kernels (DESIGN §8).
