@@ -8,7 +8,7 @@ import os
 import torch
 
 __all__ = ["MAX_HEAD_DIM", "check_qkv", "SUPPORTED_DTYPES", "interpreting", "next_power_of_2",
-           "check_runnable", "sm_count"]
+           "check_runnable", "sm_count", "unit_last_stride"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # the flash attention kernels' largest head dim (D and Dv)
@@ -17,6 +17,12 @@ MAX_HEAD_DIM = 256  # the flash attention kernels' largest head dim (D and Dv)
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride in its last dim, as the kernels index it densely (a copy only
+    when it has none; a last dim of size 1 needs none)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def next_power_of_2(n: int) -> int:

@@ -35,6 +35,7 @@ from attnplug_triton.ops.utils import (
     check_runnable,
     interpreting,
     next_power_of_2,
+    unit_last_stride,
 )
 
 __all__ = [
@@ -156,11 +157,6 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor) -> None:
     check_runnable(owner, {"q": q, "k": k, "v": v})
 
 
-def _inner_stride(x: Tensor) -> Tensor:
-    """``x`` with a unit stride in its last dim (a copy only when it has none)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _check_offsets(*tensors: Tensor) -> None:
     # The kernels index within one batch element in int32.
     for x in tensors:
@@ -249,7 +245,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(_inner_stride(do), q, k, v, o, lse, ctx.softmax_scale)
+        dq, dk, dv = attention_backward(unit_last_stride(do), q, k, v, o, lse, ctx.softmax_scale)
         return dq, dk, dv, None
 
 
@@ -277,7 +273,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *,
               and softmax_scale > 0):
         raise ValueError(f"flash_attention: softmax_scale={softmax_scale!r} is not accepted: "
                          "expected a finite number > 0 or None")
-    q, k, v = _inner_stride(q), _inner_stride(k), _inner_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     _check_offsets(q, k, v)
     if q.numel() == 0 or v.numel() == 0:
         B, T, H, _ = q.shape

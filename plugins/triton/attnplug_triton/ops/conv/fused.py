@@ -35,7 +35,7 @@ from torch import Tensor
 
 from attnplug.ops.causal_conv1d import causal_conv1d as reference_causal_conv1d
 from attnplug.ops.causal_conv1d import check_causal_conv1d_args
-from attnplug_triton.ops.utils import check_runnable, interpreting
+from attnplug_triton.ops.utils import check_runnable, interpreting, unit_last_stride
 
 __all__ = ["causal_conv1d", "causal_conv1d_one_pass", "causal_conv1d_fwd_kernel",
            "causal_conv1d_dpre_kernel", "causal_conv1d_bwd_kernel"]
@@ -123,9 +123,9 @@ def causal_conv1d_bwd_kernel(
     BT: tl.constexpr, BC: tl.constexpr,
 ):
     """``dx`` of one ``(BT rows, BC channels)`` block and its share of ``dw``. With ``SILU``
-    from ``dy``, ``pre`` recomputed at ``K`` row offsets (the served one-pass backward);
-    without, ``dy`` is the gradient before the activation (the two-pass backward's second
-    pass reads ``dpre`` here)."""
+    from ``dy``, ``pre`` recomputed at ``K`` row offsets (the one-pass backward); without,
+    ``dy`` is the gradient before the activation (the served two-pass backward's second pass
+    reads ``dpre`` here)."""
     pid_t = tl.program_id(0)
     rows = pid_t * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -211,11 +211,6 @@ def chosen_configs() -> list[str]:
             for key, config in getattr(tuner, "cache", {}).items()]
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` with unit channel stride (the kernels index channels densely)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class CausalConv1dFunction(torch.autograd.Function):
     """Autograd over the kernels; ``initial_state`` may be None. ``two_pass``: the two-pass
     backward and autotuned blocks (served); else the single-pass backward with fixed blocks."""
@@ -223,9 +218,9 @@ class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, initial_state: Tensor | None,
                 silu: bool, two_pass: bool) -> Tensor:
-        x = _rows(x)
+        x = unit_last_stride(x)
         w = weight.contiguous()
-        s = None if initial_state is None else _rows(initial_state.to(x.dtype))
+        s = None if initial_state is None else unit_last_stride(initial_state.to(x.dtype))
         B, T, C = x.shape
         K = w.shape[1]
         y = x.new_empty((B, T, C))
@@ -245,7 +240,7 @@ class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, w, s = ctx.saved_tensors
-        dy = _rows(dy)
+        dy = unit_last_stride(dy)
         B, T, C = x.shape
         K = w.shape[1]
         state = (x if s is None else s, 0 if s is None else s.stride(0),

@@ -43,9 +43,14 @@ from attnplug_triton.ops.dsa.scores import (
     check_indexer_inputs,
     dot_precision,
     load_index_queries,
+)
+from attnplug_triton.ops.utils import (
+    MAX_HEAD_DIM,
+    check_runnable,
+    interpreting,
+    next_power_of_2,
     unit_last_stride,
 )
-from attnplug_triton.ops.utils import MAX_HEAD_DIM, check_runnable, interpreting, next_power_of_2
 
 __all__ = ["KLConfig", "default_kl_config", "indexer_kl_loss"]
 

@@ -27,8 +27,7 @@ from torch import Tensor
 
 from attnplug_triton.ops.utils import check_runnable
 
-__all__ = ["order_key", "load_index_queries", "check_indexer_inputs", "unit_last_stride",
-           "dot_precision"]
+__all__ = ["order_key", "load_index_queries", "check_indexer_inputs", "dot_precision"]
 
 
 @triton.jit
@@ -73,11 +72,6 @@ def check_indexer_inputs(owner: str, q: Tensor, k: Tensor, weights: Tensor, caus
     if q.dtype != k.dtype:
         raise ValueError(f"{owner}: q and k must share one dtype; got {q.dtype}, {k.dtype}")
     check_runnable(owner, {"q": q, "k": k, "weights": weights})
-
-
-def unit_last_stride(x: Tensor) -> Tensor:
-    """``x`` with a unit stride in its last dim (a copy only when it has none)."""
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -33,12 +33,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnplug_triton.ops.dsa.scores import dot_precision, unit_last_stride
+from attnplug_triton.ops.dsa.scores import dot_precision
 from attnplug_triton.ops.utils import (
     check_qkv,
     check_runnable,
     interpreting,
     next_power_of_2,
+    unit_last_stride,
 )
 
 __all__ = ["SparseConfig", "default_sparse_config", "sparse_attention", "sparse_forward",

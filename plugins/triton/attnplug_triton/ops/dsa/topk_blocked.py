@@ -35,9 +35,8 @@ from attnplug_triton.ops.dsa.scores import (
     check_indexer_inputs,
     dot_precision,
     load_index_queries,
-    unit_last_stride,
 )
-from attnplug_triton.ops.utils import interpreting, next_power_of_2
+from attnplug_triton.ops.utils import interpreting, next_power_of_2, unit_last_stride
 
 __all__ = ["dsa_indexer_topk_blocked", "dsa_indexer_topk_threshold", "indexer_keys",
            "start_topk"]

@@ -20,7 +20,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnplug_triton.ops.utils import check_runnable, interpreting, next_power_of_2
+from attnplug_triton.ops.utils import (
+    check_runnable,
+    interpreting,
+    next_power_of_2,
+    unit_last_stride,
+)
 
 __all__ = ["CHUNK", "MAX_DIM", "Sequences", "check_args", "sequences", "launch", "force_config",
            "chosen_configs", "precision", "block", "token_major", "load_rows", "store_rows",
@@ -118,7 +123,7 @@ def sequences(owner: str, B: int, T: int, cu_seqlens: Tensor | None,
 
 def token_major(x: Tensor) -> Tensor:
     """``x[B, T, ...]`` as ``[B·T, ...]`` with a unit last stride (a view when possible)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = unit_last_stride(x)
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 

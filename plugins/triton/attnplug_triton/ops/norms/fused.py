@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnplug_triton.ops.utils import check_runnable, next_power_of_2, sm_count
+from attnplug_triton.ops.utils import check_runnable, next_power_of_2, sm_count, unit_last_stride
 
 __all__ = ["MAX_WIDTH", "fused_norm"]
 
@@ -134,8 +134,7 @@ def _launch_shape(width: int) -> tuple[int, int, int]:
 
 def _rows_view(t: Tensor, width: int) -> Tensor:
     """``t`` as ``[N, width]`` rows with a unit inner stride (copied only when needed)."""
-    rows = t.reshape(-1, width)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return unit_last_stride(t.reshape(-1, width))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor | None, eps: float,
