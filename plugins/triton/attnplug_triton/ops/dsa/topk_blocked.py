@@ -26,6 +26,8 @@ in one fp32 case; removed in session 6.)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +44,6 @@ __all__ = ["dsa_indexer_topk_blocked", "dsa_indexer_topk_threshold", "indexer_ke
            "start_topk"]
 
 _INT64_MIN = tl.constexpr(-(2**63))
-_KEY_BYTES = 8
 
 
 @triton.jit
@@ -190,6 +191,36 @@ def start_topk(owner: str, q: Tensor, k: Tensor, weights: Tensor, topk: object,
     return out, False
 
 
+def _query_blocks(owner: str, q: Tensor, k: Tensor, weights: Tensor, *, topk: object,
+                  causal: bool, relu: bool, block_bytes: object,
+                  dtype: torch.dtype) -> tuple[Tensor, Iterator[tuple[int, Tensor]] | None]:
+    """Check a top-k call's arguments and allocate its output; ``(out, blocks)``, ``blocks``
+    yielding ``(start, part[B, n, width])`` per block of queries ``start .. start + n``: their
+    keys (``dtype`` int64) or float32 scores, in one reused buffer of at most ``block_bytes``.
+    Causally no query of a block sees past its last query's keys, so ``width`` stops there
+    (at T = S about half the pairs of full rows). ``blocks`` is None when ``out`` is complete
+    without a kernel (no query, or no key)."""
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+        raise ValueError(f"{owner}: block_bytes must be a positive int; got {block_bytes!r}")
+    out, done = start_topk(owner, q, k, weights, topk, causal)
+    if done:
+        return out, None
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    block = max(1, min(T, block_bytes // (B * S * dtype.itemsize)))
+    buffer = torch.empty(B * block * S, dtype=dtype, device=q.device)
+
+    def blocks() -> Iterator[tuple[int, Tensor]]:
+        for start in range(0, T, block):
+            n = min(block, T - start)
+            width = min(S, start + n + S - T) if causal else S
+            yield start, indexer_keys(q, k, weights, buffer[:B * n * width].view(B, n, width),
+                                      query_start=start, causal=causal, relu=relu)
+
+    return out, blocks()
+
+
 def dsa_indexer_topk_blocked(
     q: Tensor,
     k: Tensor,
@@ -219,30 +250,20 @@ def dsa_indexer_topk_blocked(
     Raises:
         ValueError: shapes, dtypes, devices, ``topk`` or ``block_bytes`` the kernel does not take.
     """
-    owner = "dsa_indexer_topk_blocked"
-    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
-        raise ValueError(f"{owner}: block_bytes must be a positive int; got {block_bytes!r}")
-    out, done = start_topk(owner, q, k, weights, topk, causal)
-    if done:
+    out, blocks = _query_blocks("dsa_indexer_topk_blocked", q, k, weights, topk=topk,
+                                causal=causal, relu=relu, block_bytes=block_bytes,
+                                dtype=torch.long)
+    if blocks is None:
         return out
-    q, k = unit_last_stride(q), unit_last_stride(k)
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    block = max(1, min(T, block_bytes // (B * S * _KEY_BYTES)))
-    keys = torch.empty(B * block * S, dtype=torch.long, device=q.device)
-    for start in range(0, T, block):
-        n = min(block, T - start)
-        # causally, no query of the block sees past its last query's keys: the selection runs
-        # over those columns only (at T = S about half the keys of a row-complete buffer)
-        width = min(S, start + n + S - T) if causal else S
-        part = indexer_keys(q, k, weights, keys[:B * n * width].view(B, n, width),
-                            query_start=start, causal=causal, relu=relu)  # (B, n, width)
+    T, S = q.shape[1], k.shape[1]
+    for start, part in blocks:  # (B, n, width) keys
         # take < topk only where every query of the block sees fewer than topk keys: such
         # rows are all rewritten below
-        take = min(topk, width)
+        take = min(topk, part.shape[2])
         best = torch.topk(part, take, dim=-1, sorted=False).values  # (B, n, take)
         pos = (S - 1) - (best & 0xFFFFFFFF)
-        out[:, start:start + n, :take] = torch.where(best == _INT64_MIN.value, -1, pos)
+        out[:, start:start + part.shape[1], :take] = torch.where(best == _INT64_MIN.value, -1,
+                                                                 pos)
     # Queries that see fewer than ``topk`` keys take them all, in position order, then −1: the
     # slots of the ones they cannot see must come last, which an unsorted top-k does not give.
     # They are the first ``n_few`` queries (a query sees min(t + S − T + 1, S) keys causally, S
@@ -276,23 +297,14 @@ def dsa_indexer_topk_threshold(
     selection rule (the ``topk`` largest scores; equal scores: the earlier key), indices in
     position order, −1 after a row's visible keys.
     """
-    owner = "dsa_indexer_topk_threshold"
-    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
-        raise ValueError(f"{owner}: block_bytes must be a positive int; got {block_bytes!r}")
-    out, done = start_topk(owner, q, k, weights, topk, causal)
-    if done:
+    out, blocks = _query_blocks("dsa_indexer_topk_threshold", q, k, weights, topk=topk,
+                                causal=causal, relu=relu, block_bytes=block_bytes,
+                                dtype=torch.float32)
+    if blocks is None:
         return out
-    q, k = unit_last_stride(q), unit_last_stride(k)
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    block = max(1, min(T, block_bytes // (B * S * 4)))
-    scores = torch.empty(B * block * S, dtype=torch.float32, device=q.device)
     select_block = 16 if interpreting() else 1024
-    for start in range(0, T, block):
-        n = min(block, T - start)
-        width = min(S, start + n + S - T) if causal else S
-        part = indexer_keys(q, k, weights, scores[:B * n * width].view(B, n, width),
-                            query_start=start, causal=causal, relu=relu)  # (B, n, width)
+    for start, part in blocks:  # (B, n, width) scores
+        B, n, width = part.shape
         threshold = torch.topk(part, min(topk, width), dim=-1, sorted=False).values.amin(-1)
         rows = out[:, start:start + n]  # (B, n, topk)
         select_kernel[(n, B)](part, threshold.contiguous(), rows, part.stride(0), part.stride(1),
