@@ -122,18 +122,17 @@ def test_blocked_topk_rows_that_see_few_keys_list_them_in_order(T: int, extra: i
 
 @pytest.mark.parametrize("method", TOPK_METHODS)
 def test_blocked_topk_takes_queries_in_blocks_and_breaks_ties_by_position(method) -> None:
-    dsa_indexer_topk_blocked = _topk_method(method)
+    topk_fn = _topk_method(method)
     # A buffer of 3 query rows (3 · S · 8 or 4 bytes): 24 queries in 8 blocks, same selection.
     q, k, w = _index_inputs(1, 24, 30, 4, 16)
-    whole = dsa_indexer_topk_blocked(q, k, w, topk=8)
-    parts = dsa_indexer_topk_blocked(q, k, w, topk=8,
-                                     block_bytes=3 * 30 * (8 if method == "blocked" else 4))
+    whole = topk_fn(q, k, w, topk=8)
+    parts = topk_fn(q, k, w, topk=8, block_bytes=3 * 30 * (8 if method == "blocked" else 4))
     assert torch.equal(whole.sort(-1).values, parts.sort(-1).values)
     _assert_top_scores(parts, q, k, w, 8, True, True)
     # Coarse scores: many ties at the k-th score; then all 0: the first visible keys, −1 after.
     q, k, w = q.round(), k.round(), torch.ones_like(w)
-    _assert_top_scores(dsa_indexer_topk_blocked(q, k, w, topk=8), q, k, w, 8, True, True)
-    indices = dsa_indexer_topk_blocked(q, k, torch.zeros_like(w), topk=8)  # (1, 24, 8)
+    _assert_top_scores(topk_fn(q, k, w, topk=8), q, k, w, 8, True, True)
+    indices = topk_fn(q, k, torch.zeros_like(w), topk=8)  # (1, 24, 8)
     slots = torch.arange(8, device=DEVICE)
     first = torch.where(slots < _visible_counts(24, 30, True)[:, None], slots, -1)  # (24, 8)
     chosen = torch.where(indices[0] < 0, 99, indices[0]).sort(-1).values
@@ -334,14 +333,14 @@ def test_provider_serves_the_dsa_kernels() -> None:
 ])
 @pytest.mark.parametrize("method", TOPK_METHODS)
 def test_topk_bad_arguments_are_named(bad, message, method) -> None:
-    dsa_indexer_topk_blocked = _topk_method(method)
+    topk_fn = _topk_method(method)
     q, k, w = _index_inputs(1, 5, 5, 2, 16)
     with pytest.raises(ValueError, match=message):
-        dsa_indexer_topk_blocked(*bad(q, k, w), topk=2)
+        topk_fn(*bad(q, k, w), topk=2)
     with pytest.raises(ValueError, match="topk must be a positive int"):
-        dsa_indexer_topk_blocked(q, k, w, topk=0)
+        topk_fn(q, k, w, topk=0)
     with pytest.raises(ValueError, match="block_bytes must be a positive int"):
-        dsa_indexer_topk_blocked(q, k, w, topk=2, block_bytes=0)
+        topk_fn(q, k, w, topk=2, block_bytes=0)
 
 
 def test_sparse_attention_bad_arguments_are_named() -> None:

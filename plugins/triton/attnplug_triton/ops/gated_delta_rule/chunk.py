@@ -101,7 +101,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
-                fused_group_grads: bool = False) -> tuple[Tensor, Tensor | None]:
+                fused_group_grads: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
