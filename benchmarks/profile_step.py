@@ -162,7 +162,8 @@ def profile_backend(name: str, config: Any, args: argparse.Namespace,
             step()
             torch.cuda.synchronize()
         averages = prof.key_averages()
-        kernel_names = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        kernel_names = {e.name for e in kernels}
         kernel_rows = [e for e in averages if e.key in kernel_names]
         kernel_rows.sort(key=lambda e: -e.self_device_time_total)
         row["top_kernels"] = "\n".join(
@@ -178,7 +179,6 @@ def profile_backend(name: str, config: Any, args: argparse.Namespace,
             f"{str(e.input_shapes)[:120]}" for e in ops[:args.top])
         # how many kernels a step launches and how long they keep the GPU busy: far fewer
         # busy milliseconds than the step's means the host (launches, syncs) is the limit
-        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         row["kernel_launches"] = len(kernels)
         row["kernel_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
     return row
