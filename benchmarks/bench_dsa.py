@@ -12,13 +12,14 @@ to the same selected rows). Indexers: ``small`` (4 heads × 64) and ``deepseek``
 Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, flash backend):
 
 - ``dsa``: the DSA total as the triton backend serves it — the indexer's scores and top-k
-  (``dsa_indexer_topk_blocked``: scores once into a bounded int64 key buffer, then
-  ``torch.topk``; no gradient: the indexer learns from its KL loss only) then
-  ``sparse_attention``; in ``fwd+bwd`` also the sparse attention's backward (dq, dk, dv);
+  (``dsa_indexer_topk_threshold``: float32 scores for a bounded block of queries, ``torch.topk``
+  for each row's threshold, then a selection kernel; no gradient: the indexer learns from its
+  KL loss only) then ``sparse_attention``; in ``fwd+bwd`` also the sparse attention's backward
+  (dq, dk, dv);
 - ``dsa-topk`` and ``dsa-sparse``: the two parts alone (the sparse part on precomputed indices);
-- ``dsa-threshold`` and ``dsa-topk-threshold``: the same with the experimental threshold top-k
-  (``dsa_indexer_topk_threshold``: float32 scores, ``torch.topk`` for each row's threshold, then
-  a selection kernel);
+- ``dsa-keys`` and ``dsa-topk-keys``: the same with the top-k through 64-bit keys
+  (``dsa_indexer_topk_blocked``: sortable score-and-position keys, ``torch.topk`` over them;
+  served until session 7);
 - ``topk-local``: the local backend's top-k, what runs without triton;
 - ``dsa-kl`` (``--kl``): the indexer's KL loss against the dense main attention, with its
   gradient (the training-only extra; not part of the DSA total).
@@ -72,7 +73,7 @@ def kernels() -> dict[str, Callable] | str:
         from attnplug.ops.dsa import dsa_indexer_topk as local_topk  # what runs without triton
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    return {"topk": dsa_indexer_topk_blocked, "topk-threshold": dsa_indexer_topk_threshold,
+    return {"topk": dsa_indexer_topk_threshold, "topk-keys": dsa_indexer_topk_blocked,
             "topk-local": local_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
@@ -117,7 +118,7 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
     impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
     if isinstance(fns, str):
-        impls.update(dict.fromkeys(("dsa", "dsa-threshold", "dsa-topk", "dsa-topk-threshold",
+        impls.update(dict.fromkeys(("dsa", "dsa-keys", "dsa-topk", "dsa-topk-keys",
                                     "topk-local", "dsa-sparse"), fns))
     else:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
@@ -131,14 +132,14 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
-        def dsa_threshold() -> object:
-            o = sparse_fn(q, k, v, fns["topk-threshold"](iq, ik, iw, topk=topk))
+        def dsa_keys() -> object:
+            o = sparse_fn(q, k, v, fns["topk-keys"](iq, ik, iw, topk=topk))
             return o.backward(do) if backward else o
 
         impls["dsa"] = dsa
-        impls["dsa-threshold"] = dsa_threshold
+        impls["dsa-keys"] = dsa_keys
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
-        impls["dsa-topk-threshold"] = lambda: fns["topk-threshold"](iq, ik, iw, topk=topk)
+        impls["dsa-topk-keys"] = lambda: fns["topk-keys"](iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:
@@ -179,7 +180,7 @@ def sweep(bench: Bench, B: int, T: int, H: int, Hkv: int, D: int, topk: int) -> 
     """Time each forced block configuration of the sparse kernels (on the small indexer's
     selection)."""
     from attnplug_triton.ops.dsa import sparse as sp
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_threshold
 
     dev, dtype = "cuda", torch.bfloat16
     q = torch.randn(B, T, H, D, device=dev, dtype=dtype)
@@ -190,7 +191,7 @@ def sweep(bench: Bench, B: int, T: int, H: int, Hkv: int, D: int, topk: int) -> 
     iq = torch.randn(B, T, HI, DI, device=dev, dtype=dtype)
     ik = torch.randn(B, T, DI, device=dev, dtype=dtype)
     iw = torch.randn(B, T, HI, device=dev, dtype=dtype)
-    idx = dsa_indexer_topk_blocked(iq, ik, iw, topk=topk)
+    idx = dsa_indexer_topk_threshold(iq, ik, iw, topk=topk)
     scale = D**-0.5
     o, lse = sp.sparse_forward(q, k, v, idx, scale)
     impls: dict[str, Callable[[], object]] = {

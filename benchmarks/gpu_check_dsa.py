@@ -5,11 +5,11 @@
 
 Three parts, each row printing its errors and a verdict; exit status 1 when any row fails:
 
-1. ``topk``: ``dsa_indexer_topk_blocked`` (bf16 and fp32 inputs; indexers 4×64 and 64×128;
-   causal with S > T and not causal) against the float64 scores of the same inputs: every row
-   lists distinct visible keys, as many as it can, and its sorted float64 scores equal the true
-   top-k's to within ``1e-5 × max |score|`` (float32 scores may swap near-equal keys). Also
-   all-equal scores (ties).
+1. ``topk``: ``dsa_indexer_topk_threshold`` (served) and ``dsa_indexer_topk_blocked`` (bf16
+   and fp32 inputs; indexers 4×64 and 64×128; causal with S > T and not causal) against the
+   float64 scores of the same inputs: every row lists distinct visible keys, as many as it can,
+   and its sorted float64 scores equal the true top-k's to within ``1e-5 × max |score|``
+   (float32 scores may swap near-equal keys). Also all-equal scores (ties).
 2. ``sparse``: ``sparse_attention`` forward and backward (bf16, MQA and GQA, D = 128 and 64,
    indices from the top-k with −1 slots, a row with none) against the dense float64 reference,
    with the reference computed in bf16 as the yardstick; then every block configuration of
@@ -131,7 +131,7 @@ def run_sparse(fn, q, k, v, indices, do, **kwargs) -> list[Tensor]:
 def check_sparse(quick: bool) -> list[dict]:
     from attnplug_triton.ops.dsa import sparse as sp
     from attnplug_triton.ops.dsa.naive import naive_sparse_attention
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_threshold
     from bench_dsa import SWEEP
 
     rows = []
@@ -149,7 +149,7 @@ def check_sparse(quick: bool) -> list[dict]:
         iq = torch.randn(B, T, 4, 64, device="cuda", dtype=dtype)
         ik = torch.randn(B, T, 64, device="cuda", dtype=dtype)
         iw = torch.randn(B, T, 4, device="cuda", dtype=dtype)
-        indices = dsa_indexer_topk_blocked(iq, ik, iw, topk=topk)
+        indices = dsa_indexer_topk_threshold(iq, ik, iw, topk=topk)
         indices[:, T // 2] = -1  # a query with no key: zero output and gradient
         refs = run_sparse(naive_sparse_attention, q.double(), k.double(), v.double(), indices,
                           do.double())

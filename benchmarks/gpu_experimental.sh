@@ -13,10 +13,12 @@
 #       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
-#       SDPA);
+#       SDPA), and how much of the sparse backward its dk/dv atomics take
+#       (probe_sparse_atomics.py);
 #   bash benchmarks/gpu_experimental.sh dsa-step   a training step of a DSA model (examples/
 #       dsa.toml at bench_backends.py's GPU size: 16 layers, hidden 2048, T = 4096, topk 2048,
-#       MoE everywhere) with the triton DSA kernels against local's.
+#       MoE everywhere) with the triton DSA kernels against local's, and triton as served by
+#       default (local's DSA);
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
@@ -54,11 +56,19 @@ case ${1:-} in
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
     step dsa_bench 300 python3 benchmarks/bench_dsa.py --seqlens 4096 32768 --out "$OUT/dsa_bench"
+    STEP_GREP= step dsa_atomics 90 python3 benchmarks/probe_sparse_atomics.py \
+      --out "$OUT/dsa_atomics"
     ;;
   dsa-step)
+    # triton with its DSA kernels (experimental) and local; then triton as served by default
+    # (DSA slots from local, the rest from triton)
+    DSA_ARGS=(--config examples/dsa.toml --set dsa_indexer_topk=2048 --set dsa_indexer_head_dim=64
+              --set moe_layer_freq=1 --steps 4)
     STEP_GREP="ms/step|local|skipped|Error" step dsa_step 400 env ATTNPLUG_TRITON_EXPERIMENTAL=1 \
-      python3 benchmarks/bench_backends.py \
-      --config examples/dsa.toml --set dsa_indexer_topk=2048 --set dsa_indexer_head_dim=64 \
-      --set moe_layer_freq=1 --backends triton local --steps 4 --json "$OUT/dsa_step.json"
+      python3 benchmarks/bench_backends.py "${DSA_ARGS[@]}" --backends triton local \
+      --json "$OUT/dsa_step.json"
+    STEP_GREP="ms/step|skipped|Error" step dsa_step_default 200 python3 \
+      benchmarks/bench_backends.py "${DSA_ARGS[@]}" --backends triton \
+      --json "$OUT/dsa_step_default.json"
     ;;
 esac

@@ -129,15 +129,18 @@ class TritonSpecProvider(LocalSpecProvider):
         return gated_delta_rule
 
     def dsa_indexer_topk(self) -> Callable:
-        """:func:`attnplug_triton.ops.dsa.topk_blocked.dsa_indexer_topk_blocked`: the indexer's
-        scores for a bounded block of queries at a time as sortable keys in Triton, an exact
-        top-k of them (indices in no particular order, −1 in unused slots; equal scores: the
-        earlier key). Triton is imported when the slot is asked for."""
+        """:func:`attnplug_triton.ops.dsa.topk_blocked.dsa_indexer_topk_threshold`: the
+        indexer's float32 scores for a bounded block of queries at a time in Triton, each row's
+        ``topk``-th largest score by ``torch.topk``, then a selection kernel (indices in position
+        order, −1 in unused slots; equal scores: the earlier key). On the H200 it took 13.1 ms
+        at T = 32K with the small indexer where the 64-bit-key selection took 19.9 ms
+        (benchmarks/results/2026-11-28-h200-session7.md). Triton is imported when the slot is
+        asked for."""
         if not self._serves("dsa_indexer_topk"):
             return super().dsa_indexer_topk()
-        from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+        from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_threshold
 
-        return dsa_indexer_topk_blocked
+        return dsa_indexer_topk_threshold
 
     def sparse_attention(self) -> Callable:
         """:func:`attnplug_triton.ops.dsa.sparse.sparse_attention`: attention over each query's

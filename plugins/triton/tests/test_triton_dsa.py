@@ -65,7 +65,7 @@ TOPK_METHODS = ["blocked", "threshold"]
 
 
 def _topk_method(name: str):
-    """The served score-then-select top-k (``blocked``: 64-bit keys) or the experimental
+    """The score-then-select top-k through 64-bit keys (``blocked``) or the served
     ``threshold`` one (float32 scores, a threshold, then a selection kernel)."""
     from attnplug_triton.ops.dsa import topk_blocked
 
@@ -314,11 +314,11 @@ def test_triton_dsa_layer_matches_the_local_one() -> None:
 def test_provider_serves_the_dsa_kernels() -> None:
     from attnplug_triton.ops.dsa.kl import indexer_kl_loss
     from attnplug_triton.ops.dsa.sparse import sparse_attention
-    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_blocked
+    from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_threshold
     from attnplug_triton.provider import TritonSpecProvider
 
     provider = TritonSpecProvider(experimental_kernels=True)
-    assert provider.dsa_indexer_topk() is dsa_indexer_topk_blocked
+    assert provider.dsa_indexer_topk() is dsa_indexer_topk_threshold
     assert provider.sparse_attention() is sparse_attention
     assert provider.dsa_indexer_loss() is indexer_kl_loss
     assert provider.served_by("dsa_indexer_loss") == "triton"

@@ -1,5 +1,8 @@
 """The lightning indexer's top-k as score-then-select: a Triton kernel writes every visible
-score of a block of queries as a sortable int64 key, ``torch.topk`` picks the largest.
+score of a block of queries, ``torch.topk`` picks the largest. Two selections of the same keys:
+:func:`dsa_indexer_topk_threshold` (served by the triton backend: float32 scores, a threshold
+per row, a selection kernel; see its docstring) and :func:`dsa_indexer_topk_blocked`, which this
+docstring describes (int64 keys that order ties by position).
 
 ``dsa_indexer_topk_blocked(q[B,T,HI,DI], k[B,S,DI], weights[B,T,HI], *, topk)`` returns, for
 every query ``t``, the ``topk`` keys with the largest ``Σ_h weights[t,h]·relu(q[t,h]·k[s])``
@@ -287,8 +290,9 @@ def dsa_indexer_topk_threshold(
     relu: bool = True,
     block_bytes: int = 1 << 30,
 ) -> Tensor:
-    """:func:`dsa_indexer_topk_blocked`'s selection through float32 scores and a threshold
-    (experimental: not yet timed on a GPU).
+    """:func:`dsa_indexer_topk_blocked`'s selection through float32 scores and a threshold:
+    the one the triton backend serves (on the H200 at T = 32K, B = 1: 13.1 ms with the 4 × 64
+    indexer, 63 ms with DeepSeek's 64 × 128, against 19.9 and 70 ms for the 64-bit keys).
 
     Per block of queries the kernel writes the float32 scores (4 bytes a pair where the keys
     take 8), ``torch.topk`` over them gives each row's ``topk``-th largest score — a radix
