@@ -17,8 +17,8 @@
 #       (probe_sparse_atomics.py);
 #   bash benchmarks/gpu_experimental.sh dsa-step   a training step of a DSA model (examples/
 #       dsa.toml at bench_backends.py's GPU size: 16 layers, hidden 2048, T = 4096, topk 2048,
-#       MoE everywhere) with the triton DSA kernels against local's, and triton as served by
-#       default (local's DSA);
+#       MoE everywhere), triton (its DSA kernels served by default since session 7) against
+#       local;
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
@@ -60,15 +60,9 @@ case ${1:-} in
       --out "$OUT/dsa_atomics"
     ;;
   dsa-step)
-    # triton with its DSA kernels (experimental) and local; then triton as served by default
-    # (DSA slots from local, the rest from triton)
-    DSA_ARGS=(--config examples/dsa.toml --set dsa_indexer_topk=2048 --set dsa_indexer_head_dim=64
-              --set moe_layer_freq=1 --steps 4)
-    STEP_GREP="ms/step|local|skipped|Error" step dsa_step 400 env ATTNPLUG_TRITON_EXPERIMENTAL=1 \
-      python3 benchmarks/bench_backends.py "${DSA_ARGS[@]}" --backends triton local \
+    STEP_GREP="ms/step|local|skipped|Error" step dsa_step 400 python3 \
+      benchmarks/bench_backends.py --config examples/dsa.toml --set dsa_indexer_topk=2048 \
+      --set dsa_indexer_head_dim=64 --set moe_layer_freq=1 --steps 4 --backends triton local \
       --json "$OUT/dsa_step.json"
-    STEP_GREP="ms/step|skipped|Error" step dsa_step_default 200 python3 \
-      benchmarks/bench_backends.py "${DSA_ARGS[@]}" --backends triton \
-      --json "$OUT/dsa_step_default.json"
     ;;
 esac

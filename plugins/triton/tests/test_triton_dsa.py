@@ -285,7 +285,7 @@ def test_triton_dsa_layer_matches_the_local_one() -> None:
     cfg = _dsa_config()  # topk >= T: the selection is tested above, not here (ties at 0)
     layers = [build_module(get_dsa_module_spec_for_backend(cfg, provider), config=cfg,
                            layer_number=1).to(DEVICE)
-              for provider in (LocalSpecProvider(), TritonSpecProvider(experimental_kernels=True))]
+              for provider in (LocalSpecProvider(), TritonSpecProvider())]
     layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(2, 12, 32, device=DEVICE)
     outs = [layer(x) for layer in layers]
@@ -311,18 +311,18 @@ def test_triton_dsa_layer_matches_the_local_one() -> None:
         assert_matches("indexer grad", got, want, FP32)
 
 
-def test_provider_serves_the_dsa_kernels() -> None:
+def test_provider_serves_the_dsa_kernels_by_default() -> None:
     from attnplug_triton.ops.dsa.kl import indexer_kl_loss
     from attnplug_triton.ops.dsa.sparse import sparse_attention
     from attnplug_triton.ops.dsa.topk_blocked import dsa_indexer_topk_threshold
     from attnplug_triton.provider import TritonSpecProvider
 
-    provider = TritonSpecProvider(experimental_kernels=True)
+    provider = TritonSpecProvider()
     assert provider.dsa_indexer_topk() is dsa_indexer_topk_threshold
     assert provider.sparse_attention() is sparse_attention
     assert provider.dsa_indexer_loss() is indexer_kl_loss
-    assert provider.served_by("dsa_indexer_loss") == "triton"
-    assert TritonSpecProvider(experimental_kernels=False).served_by("dsa_indexer_loss") == "local"
+    for slot in ("dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"):
+        assert provider.served_by(slot) == "triton"  # by default, since session 7
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -100,6 +100,39 @@ def test_chunk_matches_the_float64_reference(case) -> None:
     _check(triton_gdr, x, case[0], torch.float32, case[7], **kwargs)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["sequential o", "split o"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_both_forward_outputs_match_the_float64_reference(case, split: bool) -> None:
+    """Output and final state of either forward, forced: the sequential kernel writing o (the
+    default with many sequence·value-head pairs) and the parallel output kernel (the default
+    with few, as every test shape here has)."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    x, kwargs = _case_inputs(case, 2)
+    with_h0 = case[7]
+    with torch.no_grad():
+        got = triton_gdr(*(x[n] for n in NAMES[:5]), initial_state=x["h0"] if with_h0 else None,
+                         output_final_state=True, split_output=split, **kwargs)
+        want = naive_recurrent_gated_delta_rule(
+            *(x[n].double() for n in NAMES[:5]),
+            initial_state=x["h0"].double() if with_h0 else None, output_final_state=True,
+            **kwargs)
+    for name, out, ref in zip(("o", "final"), got, want, strict=True):
+        assert_matches(f"split={split} {case[0]} {name}", out, ref, torch.float32)
+
+
+def test_the_output_is_split_by_default_only_with_few_pairs(monkeypatch) -> None:
+    from attnplug_triton.ops.gated_delta_rule import chunk
+    from attnplug_triton.ops.gated_delta_rule.chunk_h import FEW_PROGRAMS
+
+    assert chunk.SPLIT_OUTPUT is None
+    assert chunk.splits_output(1) and chunk.splits_output(FEW_PROGRAMS - 1)
+    assert not chunk.splits_output(FEW_PROGRAMS) and not chunk.splits_output(4 * FEW_PROGRAMS)
+    for forced in (False, True):
+        monkeypatch.setattr(chunk, "SPLIT_OUTPUT", forced)
+        assert chunk.splits_output(1) is forced and chunk.splits_output(10**6) is forced
+
+
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
 
 
@@ -287,7 +320,7 @@ def test_the_autotuner_never_sees_a_configuration_miscompiled_at_that_key_dim(dk
 @pytest.mark.parametrize("keep", [False, True])
 def test_kept_states_spare_the_backward_its_state_pass(monkeypatch, keep: bool) -> None:
     """With ``keep_states`` the state kernel runs once (forward), without it twice; with no
-    gradient wanted nothing is kept."""
+    gradient wanted nothing is kept (the output written by the state kernel, not split)."""
     from attnplug_triton.ops.gated_delta_rule import chunk
 
     calls = []
@@ -296,12 +329,13 @@ def test_kept_states_spare_the_backward_its_state_pass(monkeypatch, keep: bool) 
                         lambda *a, **kw: calls.append(kw["store_states"]) or real(*a, **kw))
     torch.manual_seed(0)
     x = _inputs(1, 70, 1, 2, 16, 16, 1, True, torch.float32)
-    _run(functools.partial(chunk.chunk_gated_delta_rule, keep_states=keep), x,
+    _run(functools.partial(chunk.chunk_gated_delta_rule, keep_states=keep, split_output=False), x,
          lambda t: t.clone(), True, use_qk_l2norm=True)
     assert calls == ([True] if keep else [False, True])
     calls.clear()
     with torch.no_grad():
-        chunk.chunk_gated_delta_rule(*(x[n] for n in NAMES[:5]), keep_states=keep)
+        chunk.chunk_gated_delta_rule(*(x[n] for n in NAMES[:5]), keep_states=keep,
+                                     split_output=False)
     assert calls == [False]
 
 

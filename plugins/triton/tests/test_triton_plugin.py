@@ -108,10 +108,9 @@ def test_provider_serves_attention_and_norms_and_inherits_the_rest() -> None:
     assert provider.causal_conv1d() is causal_conv1d
     assert TritonSpecProvider(experimental_kernels=True).causal_conv1d() is causal_conv1d
     assert provider.served_by("gated_delta_rule") == provider.served_by("causal_conv1d") == "triton"
-    for slot in set(KERNEL_SLOTS) - {"gated_delta_rule", "causal_conv1d"}:
-        # DSA: local unless experimental kernels are enabled
-        assert getattr(provider, slot)() is getattr(local, slot)()
-        assert provider.served_by(slot) == "local"
+    for slot in set(KERNEL_SLOTS) - {"gated_delta_rule", "causal_conv1d"}:  # the DSA kernels
+        assert getattr(provider, slot)() is not getattr(local, slot)()
+        assert provider.served_by(slot) == "triton"
         assert TritonSpecProvider(experimental_kernels=True).served_by(slot) == "triton"
     assert provider.served_by("core_attention") == provider.served_by("layer_norm") == "triton"
     assert provider.served_by("linear") == "local"

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from attnplug_triton.ops.gated_delta_rule.chunk_bwd import chunk_bwd
 from attnplug_triton.ops.gated_delta_rule.chunk_dv import chunk_bwd_dv_local
-from attnplug_triton.ops.gated_delta_rule.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from attnplug_triton.ops.gated_delta_rule.chunk_h import FEW_PROGRAMS, chunk_bwd_dh, chunk_fwd_h
 from attnplug_triton.ops.gated_delta_rule.chunk_o import chunk_fwd_o
 from attnplug_triton.ops.gated_delta_rule.common import (
     Sequences,
@@ -65,13 +65,17 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
-           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS"]
+           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
-# parallel kernel (:mod:`.chunk_o`). Same values; which is faster is the GPU benchmark's
-# question (benchmarks/bench_gated_delta_rule.py, rows triton and triton-split).
-SPLIT_OUTPUT = False
+# parallel kernel (:mod:`.chunk_o`); None (since session 7) splits when the launch has fewer
+# than ``chunk_h.FEW_PROGRAMS`` sequence·value-head pairs. Same values. On the H200 (64K tokens,
+# HV = 16, K = V = 128, bf16): split forward 2.54 vs 2.94 ms at B = 2 × T = 32K (32 pairs),
+# 3.48 vs 5.13 at B = 1 × 64K (16 pairs); no gain at 128 pairs or more (1.083 vs 1.077 at
+# B = 8 × 4K; 2.08 vs 2.00 at B = 32 × 2K) — bench_gated_delta_rule.py, rows triton and
+# triton-split.
+SPLIT_OUTPUT: bool | None = None
 # The backward's default: False recomputes the chunk states (one more pass of the state kernel;
 # activation memory stays the inputs plus A); True keeps the forward's, in the inputs' dtype —
 # ``tokens / 64 · HV · K · V`` elements per call, more than q, k and v together at K = V = 128.
@@ -145,6 +149,14 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None, None
 
 
+def splits_output(pairs: int) -> bool:
+    """Whether the forward computes its output in the parallel kernel by default, for a launch
+    over ``pairs`` sequence·value-head pairs: :data:`SPLIT_OUTPUT` when set, else for fewer
+    than ``FEW_PROGRAMS`` pairs (the sequential kernel then has too few programs to fill the
+    GPU, and the parallel one has a program per chunk)."""
+    return pairs < FEW_PROGRAMS if SPLIT_OUTPUT is None else bool(SPLIT_OUTPUT)
+
+
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
     dtypes = {x.dtype for x in tensors}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -172,7 +184,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     qt, kt, vt = (token_major(x.to(dtype)) for x in (q, k, v))  # (B·T, heads, dim)
     gt, bt = (token_major(x.float()).contiguous() for x in (g, beta))  # (B·T, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
-    split = SPLIT_OUTPUT if split_output is None else bool(split_output)
+    split = (splits_output(seqs.num_seqs * HV) if split_output is None
+             else bool(split_output))
     keep = KEEP_STATES if keep_states is None else bool(keep_states)
     dv_dh = DV_FROM_DH if dv_from_dh is None else bool(dv_from_dh)
     local = LOCAL_DV if local_dv is None else bool(local_dv)
@@ -203,7 +216,8 @@ def chunk_gated_delta_rule(
         cu_seqlens: ``[N + 1]`` integer offsets of packed sequences; requires B == 1.
         use_qk_l2norm: L2-normalise q and k per head (``x / sqrt(Σx² + 1e-6)``) first.
         split_output: compute the output in a parallel kernel from stored chunk states
-            instead of in the sequential one; ``None`` takes :data:`SPLIT_OUTPUT`.
+            instead of in the sequential one; ``None`` takes :data:`SPLIT_OUTPUT` (whose
+            ``None`` splits when fewer than ``FEW_PROGRAMS`` sequence·value-head pairs).
         keep_states: keep the forward's chunk states for the backward instead of recomputing
             them (memory for time); ``None`` takes :data:`KEEP_STATES`.
         dv_from_dh: the backward's dh kernel stores ``Aᵀ dV_new`` and dv, sparing a pass;

@@ -40,7 +40,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 )
 
 __all__ = ["chunk_fwd_h", "chunk_bwd_dh", "chunk_fwd_h_kernel", "chunk_bwd_dh_kernel",
-           "CONFIGS"]
+           "CONFIGS", "FEW_PROGRAMS"]
 
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
            for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
