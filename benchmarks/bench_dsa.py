@@ -20,6 +20,9 @@ Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, fl
 - ``dsa-keys`` and ``dsa-topk-keys``: the same with the top-k through 64-bit keys
   (``dsa_indexer_topk_blocked``: sortable score-and-position keys, ``torch.topk`` over them;
   served until session 7);
+- ``dsa-radix`` and ``dsa-topk-radix``: the same with the experimental radix top-k
+  (``dsa_indexer_topk_radix``: each row's threshold by a radix selection inside the selection
+  kernel, no ``torch.topk``);
 - ``topk-local``: the local backend's top-k, what runs without triton;
 - ``dsa-kl`` (``--kl``): the indexer's KL loss against the dense main attention, with its
   gradient (the training-only extra; not part of the DSA total).
@@ -67,6 +70,7 @@ def kernels() -> dict[str, Callable] | str:
         from attnplug_triton.ops.dsa.sparse import sparse_attention
         from attnplug_triton.ops.dsa.topk_blocked import (
             dsa_indexer_topk_blocked,
+            dsa_indexer_topk_radix,
             dsa_indexer_topk_threshold,
         )
 
@@ -74,6 +78,7 @@ def kernels() -> dict[str, Callable] | str:
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
     return {"topk": dsa_indexer_topk_threshold, "topk-keys": dsa_indexer_topk_blocked,
+            "topk-radix": dsa_indexer_topk_radix,
             "topk-local": local_topk, "sparse": sparse_attention, "kl": indexer_kl_loss}
 
 
@@ -118,7 +123,8 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
 
     impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
     if isinstance(fns, str):
-        impls.update(dict.fromkeys(("dsa", "dsa-keys", "dsa-topk", "dsa-topk-keys",
+        impls.update(dict.fromkeys(("dsa", "dsa-keys", "dsa-radix", "dsa-topk", "dsa-topk-keys",
+                                    "dsa-topk-radix",
                                     "topk-local", "dsa-sparse"), fns))
     else:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
@@ -136,10 +142,16 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
             o = sparse_fn(q, k, v, fns["topk-keys"](iq, ik, iw, topk=topk))
             return o.backward(do) if backward else o
 
+        def dsa_radix() -> object:
+            o = sparse_fn(q, k, v, fns["topk-radix"](iq, ik, iw, topk=topk))
+            return o.backward(do) if backward else o
+
         impls["dsa"] = dsa
         impls["dsa-keys"] = dsa_keys
+        impls["dsa-radix"] = dsa_radix
         impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
         impls["dsa-topk-keys"] = lambda: fns["topk-keys"](iq, ik, iw, topk=topk)
+        impls["dsa-topk-radix"] = lambda: fns["topk-radix"](iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:

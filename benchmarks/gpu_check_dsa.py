@@ -5,7 +5,8 @@
 
 Three parts, each row printing its errors and a verdict; exit status 1 when any row fails:
 
-1. ``topk``: ``dsa_indexer_topk_threshold`` (served) and ``dsa_indexer_topk_blocked`` (bf16
+1. ``topk``: ``dsa_indexer_topk_threshold`` (served), ``dsa_indexer_topk_blocked`` and the
+   experimental ``dsa_indexer_topk_radix`` (bf16
    and fp32 inputs; indexers 4×64 and 64×128; causal with S > T and not causal) against the
    float64 scores of the same inputs: every row lists distinct visible keys, as many as it can,
    and its sorted float64 scores equal the true top-k's to within ``1e-5 × max |score|``
@@ -73,6 +74,7 @@ def selection_errors(indices: Tensor, scores: Tensor, topk: int, n_vis: Tensor) 
 def check_topk(quick: bool) -> list[dict]:
     from attnplug_triton.ops.dsa.topk_blocked import (
         dsa_indexer_topk_blocked,
+        dsa_indexer_topk_radix,
         dsa_indexer_topk_threshold,
     )
 
@@ -96,12 +98,14 @@ def check_topk(quick: bool) -> list[dict]:
         scores = indexer_scores(q.double(), k.double(), w.double(), causal=causal)  # (B, T, S)
         t = torch.arange(T, device="cuda")
         n_vis = (t + S - T + 1).clamp(max=S) if causal else torch.full_like(t, S)
-        # the served keys method, and the experimental threshold one (also with query blocks
-        # of 1000 rows, so that causal blocks are narrower than full rows)
+        # the keys method, the served threshold one (also with query blocks of 1000 rows, so
+        # that causal blocks are narrower than full rows) and the experimental radix one
         methods = [("keys", dsa_indexer_topk_blocked, {}),
                    ("threshold", dsa_indexer_topk_threshold, {}),
                    ("threshold blocks", dsa_indexer_topk_threshold,
-                    {"block_bytes": 1000 * B * S * 4})]
+                    {"block_bytes": 1000 * B * S * 4}),
+                   ("radix", dsa_indexer_topk_radix, {}),
+                   ("radix blocks", dsa_indexer_topk_radix, {"block_bytes": 1000 * B * S * 4})]
         for method, fn, options in methods:
             torch.cuda.synchronize()
             start = time.time()

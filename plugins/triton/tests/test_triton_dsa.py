@@ -61,16 +61,18 @@ TOPK_CASES = [
       ((1, 1024, 1024, 64, 128, 256, True, True), torch.bfloat16)] if HAS_CUDA else [])
 
 
-TOPK_METHODS = ["blocked", "threshold"]
+TOPK_METHODS = ["blocked", "threshold", "radix"]
 
 
 def _topk_method(name: str):
-    """The score-then-select top-k through 64-bit keys (``blocked``) or the served
-    ``threshold`` one (float32 scores, a threshold, then a selection kernel)."""
+    """The score-then-select top-k through 64-bit keys (``blocked``), the served ``threshold``
+    one (float32 scores, ``torch.topk`` for a threshold, then a selection kernel) or the
+    experimental ``radix`` one (the threshold by a radix selection in the selection kernel)."""
     from attnplug_triton.ops.dsa import topk_blocked
 
-    return (topk_blocked.dsa_indexer_topk_blocked if name == "blocked"
-            else topk_blocked.dsa_indexer_topk_threshold)
+    return {"blocked": topk_blocked.dsa_indexer_topk_blocked,
+            "threshold": topk_blocked.dsa_indexer_topk_threshold,
+            "radix": topk_blocked.dsa_indexer_topk_radix}[name]
 
 
 @pytest.mark.parametrize("method", TOPK_METHODS)
@@ -97,6 +99,8 @@ def test_topk_takes_every_visible_key_and_pads_with_minus_one(method) -> None:
 @example(T=12, extra=2, topk=12, causal=True, rows=None, method="blocked").via("S = topk + 2")
 @example(T=20, extra=1, topk=9, causal=True, rows=3,
          method="threshold").via("early blocks narrower than topk")
+@example(T=20, extra=1, topk=9, causal=True, rows=3,
+         method="radix").via("radix: early blocks narrower than topk")
 @given(T=st.integers(1, 20), extra=st.integers(0, 12), topk=st.integers(1, 36),
        causal=st.booleans(), rows=st.sampled_from([1, 3, 7, None]),
        method=st.sampled_from(TOPK_METHODS))
@@ -118,6 +122,52 @@ def test_blocked_topk_rows_that_see_few_keys_list_them_in_order(T: int, extra: i
     few = visible < topk
     expected = torch.where(slots < visible[few, None], slots, -1)
     assert torch.equal(indices[0, few], expected)
+
+
+_SCORE_VALUES = [float("-inf"), -3.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.25, 1.0, 2.0, 1e30]
+
+
+def _oracle_selection(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Per row of ``scores [n, width]``: the positions of the ``topk`` largest scores other than
+    −inf (equal scores, −0.0 and +0.0 among them: the earlier first), in position order, then
+    −1 — by Python's sort."""
+    out = []
+    for row in scores.tolist():
+        ranked = sorted((s for s, x in enumerate(row) if x != float("-inf")),
+                        key=lambda s: (-row[s], s))
+        chosen = sorted(ranked[:topk])
+        out.append(chosen + [-1] * (topk - len(chosen)))
+    return torch.tensor(out, dtype=torch.long)
+
+
+@settings(max_examples=25, deadline=None)
+@example(rows=[[-0.0, 0.0, -0.0, 0.0]], topk=3).via("signed zeros tie")
+@example(rows=[[float("-inf")] * 5], topk=2).via("nothing visible")
+@example(rows=[[1.0, float("-inf"), 2.0]], topk=5).via("fewer visible than topk")
+@given(rows=st.lists(st.lists(st.sampled_from(_SCORE_VALUES) | st.floats(-1e3, 1e3, width=32),
+                              min_size=1, max_size=40), min_size=1, max_size=4),
+       topk=st.integers(1, 45))
+def test_radix_selection_matches_a_sorted_selection(rows: list[list[float]], topk: int) -> None:
+    """The radix selection kernel on any float32 scores (negative, ±0, tiny, huge, −inf for
+    keys not seen, many ties): exactly the positions a full sort would pick, in order; and the
+    same as the ``torch.topk`` threshold's selection kernel."""
+    from attnplug_triton.ops.dsa import topk_blocked as tb
+    from attnplug_triton.ops.utils import interpreting
+
+    width = max(len(r) for r in rows)
+    scores = torch.tensor([r + [float("-inf")] * (width - len(r)) for r in rows],
+                          dtype=torch.float32, device=DEVICE)[None]  # (1, n, width)
+    n, block = scores.shape[1], 16 if interpreting() else 1024
+    got = torch.empty(1, n, topk, dtype=torch.long, device=DEVICE)
+    tb.radix_select_kernel[(n, 1)](scores, got, scores.stride(0), scores.stride(1),
+                                   got.stride(0), got.stride(1), width, topk, BLOCK=block)
+    assert torch.equal(got[0].cpu(), _oracle_selection(scores[0].cpu(), topk))
+    threshold = torch.topk(scores, min(topk, width), dim=-1).values.amin(-1)
+    by_threshold = torch.empty_like(got)
+    tb.select_kernel[(n, 1)](scores, threshold.contiguous(), by_threshold, scores.stride(0),
+                             scores.stride(1), by_threshold.stride(0), by_threshold.stride(1), n,
+                             width, topk, BLOCK=block)
+    assert torch.equal(got, by_threshold)
 
 
 @pytest.mark.parametrize("method", TOPK_METHODS)

@@ -43,8 +43,8 @@ from attnplug_triton.ops.dsa.scores import (
 )
 from attnplug_triton.ops.utils import interpreting, next_power_of_2, unit_last_stride
 
-__all__ = ["dsa_indexer_topk_blocked", "dsa_indexer_topk_threshold", "indexer_keys",
-           "start_topk"]
+__all__ = ["dsa_indexer_topk_blocked", "dsa_indexer_topk_threshold", "dsa_indexer_topk_radix",
+           "indexer_keys", "start_topk"]
 
 _INT64_MIN = tl.constexpr(-(2**63))
 
@@ -118,7 +118,64 @@ def select_kernel(SC, THR, OUT, stride_sb, stride_st, stride_ob, stride_ot, N, W
         x = tl.load(row + s, mask=s < WIDTH, other=float("-inf"))
         above += tl.sum((x > thr).to(tl.int32), 0)
     # equal scores to take, the earliest first; none at −inf (keys the row cannot see)
-    ties = tl.where(thr > float("-inf"), TOPK - above, 0)
+    _write_selected(row, out, thr, tl.where(thr > float("-inf"), TOPK - above, 0), WIDTH, TOPK,
+                    BLOCK)
+
+
+@triton.jit
+def radix_select_kernel(SC, OUT, stride_sb, stride_st, stride_ob, stride_ot, WIDTH, TOPK,
+                        BLOCK: tl.constexpr):
+    """:func:`select_kernel`'s selection with the threshold found in the same program: row
+    ``i`` of batch element ``b`` of the scores ``SC[B, N, WIDTH]``; a radix selection of the
+    ``min(TOPK, WIDTH)``-th largest score over the scores' order keys, 8 bits a pass from the
+    top (four histogram passes over the row), then one pass writing the positions above it and
+    the earliest equal ones, in position order, then −1. −0.0 counts as +0.0 (float
+    equality, as :func:`select_kernel` compares)."""
+    i = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    row = SC + b * stride_sb + i * stride_st
+    out = OUT + b * stride_ob + i * stride_ot
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    # invariant: the threshold's key starts with ``prefix`` (the bits under ``known``), and
+    # ``need`` of the keys starting so are at or above it
+    need = tl.minimum(TOPK, WIDTH)
+    prefix = tl.full([], 0, tl.uint32)
+    known = tl.full([], 0, tl.uint32)
+    for step in tl.static_range(4):
+        shift = 24 - 8 * step
+        hist = tl.zeros([256], dtype=tl.int32)
+        for start in range(0, WIDTH, BLOCK):
+            s = start + offs
+            x = tl.load(row + s, mask=s < WIDTH, other=float("-inf"))
+            key = _order_key(x)
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256,
+                                 mask=(s < WIDTH) & ((key & known) == prefix))
+        # keys at or above each digit, counted from the top; the threshold's digit is the
+        # largest with at least ``need`` of them
+        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
+        need -= tl.sum(tl.where(bins == digit, at_or_above - hist, 0), 0)
+        prefix = prefix | (digit.to(tl.uint32) << shift)
+        known = known | (tl.full([], 255, tl.uint32) << shift)
+    thr = tl.where((prefix >> 31) == 1, prefix & 0x7FFFFFFF, ~prefix).to(tl.float32,
+                                                                          bitcast=True)
+    # ``need`` equal scores to take, the earliest first; none at −inf (keys the row cannot see)
+    _write_selected(row, out, thr, tl.where(thr > float("-inf"), need, 0), WIDTH, TOPK, BLOCK)
+
+
+@triton.jit
+def _order_key(x):
+    """float32 → uint32 keys ordered as the floats (−0.0 taken as +0.0)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _write_selected(row, out, thr, ties, WIDTH, TOPK, BLOCK: tl.constexpr):
+    """Write into ``out`` the positions of the row's scores above ``thr`` and of the first
+    ``ties`` equal to it, in position order, then −1 up to ``TOPK`` slots."""
+    offs = tl.arange(0, BLOCK)
     taken = tl.full([], 0, tl.int32)
     tied = tl.full([], 0, tl.int32)
     for start in range(0, WIDTH, BLOCK):
@@ -314,4 +371,36 @@ def dsa_indexer_topk_threshold(
         select_kernel[(n, B)](part, threshold.contiguous(), rows, part.stride(0), part.stride(1),
                               rows.stride(0), rows.stride(1), n, width, topk,
                               BLOCK=select_block, num_warps=1 if interpreting() else 4)
+    return out
+
+
+def dsa_indexer_topk_radix(
+    q: Tensor,
+    k: Tensor,
+    weights: Tensor,
+    *,
+    topk: int,
+    causal: bool = True,
+    relu: bool = True,
+    block_bytes: int = 1 << 30,
+) -> Tensor:
+    """:func:`dsa_indexer_topk_threshold`'s selection with each row's threshold found by a
+    radix selection in the selection kernel itself (:func:`radix_select_kernel`: four 256-bin
+    histogram passes over the row's float32 order keys, then the selection pass) instead of
+    by ``torch.topk`` — one kernel a block of queries after the scores, no sort. Experimental:
+    right under the interpreter, not yet run on a GPU. Same arguments, selection rule and
+    output as :func:`dsa_indexer_topk_threshold`.
+    """
+    out, blocks = _query_blocks("dsa_indexer_topk_radix", q, k, weights, topk=topk,
+                                causal=causal, relu=relu, block_bytes=block_bytes,
+                                dtype=torch.float32)
+    if blocks is None:
+        return out
+    select_block = 16 if interpreting() else 1024
+    for start, part in blocks:  # (B, n, width) scores
+        B, n, width = part.shape
+        rows = out[:, start:start + n]  # (B, n, topk)
+        radix_select_kernel[(n, B)](part, rows, part.stride(0), part.stride(1), rows.stride(0),
+                                    rows.stride(1), width, topk, BLOCK=select_block,
+                                    num_warps=1 if interpreting() else 4)
     return out
