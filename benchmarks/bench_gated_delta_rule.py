@@ -12,15 +12,18 @@ L2-normalised inside the kernels, g and β float32 as the GDN layer passes them)
   (``sdpa``: the backend torch picks; ``sdpa-flash``: its flash backend), fla's too (it refuses
   its backward on Hopper with Triton 3.4–3.7.0; the table then records its error);
 - ``gdn_scaling``: T from 1K to 64K with the tokens per step fixed (``--tokens``, B = tokens / T),
-  forward and forward+backward, anchor SDPA, fla's forward alongside (the served triton kernels
-  and ``triton-split``, whose parallel output kernel may pay off where B·HV is small);
+  forward and forward+backward, anchor SDPA, fla's forward alongside (by default the served
+  triton kernels — which split the output below 128 sequence·value-head pairs — and
+  ``triton-seq``, the output always on the sequential path; ``--scaling-impls`` picks other
+  rows);
 - ``stages`` (not by default): each kernel launch of one triton forward+backward with its GPU
   time (torch.profiler), to show which stage dominates.
 
-attnplug's rows: ``triton`` (the defaults), ``triton-split`` (the forward's output from stored
-chunk states in a parallel kernel), ``triton-keep`` (the backward reuses the forward's states),
-``triton-dvpass`` (dv in a backward pass of its own instead of from the dh kernel, the default
-since session 5), ``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel)
+attnplug's rows: ``triton`` (the defaults), ``triton-split`` / ``triton-seq`` (the forward's
+output from stored chunk states in a parallel kernel / always in the sequential one),
+``triton-keep`` (the backward reuses the forward's states), ``triton-dvpass`` (dv in a
+backward pass of its own instead of from the dh kernel, the default since session 5),
+``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -196,7 +199,8 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
         if not backward and name in ("triton-keep", "triton-dvpass", "triton-localdv"):
             continue  # these change only the backward
         timings[name] = timed(fn, inputs, do)
-    if not isinstance(impls["triton"], str) and not isinstance(impls["fla"], str):
+    if "fla" in impls and not isinstance(impls["triton"], str) and not isinstance(impls["fla"],
+                                                                                  str):
         try:
             extra["triton"] = {"max |Δo| vs fla": max_difference(impls["triton"], impls["fla"],
                                                                   inputs)}
@@ -263,6 +267,10 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
         print(f"  {i:2d}  {times[len(times) // 2] / 1e3:8.3f} ms  {label[:100]}")
 
 
+IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
+              "triton-localdv", "triton-all", "fla")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--batch", type=int, default=8)
@@ -274,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per step in the scaling table (default 64K)")
     parser.add_argument("--scaling-seqlens", type=int, nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--scaling-impls", nargs="+", default=["triton", "triton-seq", "fla"],
+                        choices=list(IMPL_NAMES),
+                        help="rows of the scaling table (triton always)")
     parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling", "stages"],
                         default=["fwd", "fwd+bwd", "scaling"],
                         help="stages: each kernel's time in one forward+backward (profiler)")
@@ -285,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     B, T, H, D = args.batch, args.seqlen, args.heads, args.head_dim
     # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV) side by side
     impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
+             "triton-seq": triton_gdn(split_output=False),
              "triton-keep": triton_gdn(keep_states=True),
              "triton-dvpass": triton_gdn(dv_from_dh=False),
              "triton-localdv": triton_gdn(local_dv=True),
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         benches.append(bench)
     if "scaling" in args.parts:
         bench = Bench("gdn_scaling", anchor="sdpa", **common)
+        scaling_rows = dict.fromkeys(["triton", *args.scaling_impls])  # triton always, first
         bench.note(f"{args.tokens} tokens per step, B = tokens / T, H={H}, K=V={D}, "
                    f"{args.dtype}")
         for seqlen in args.scaling_seqlens:
@@ -317,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 mode = "fwd+bwd" if backward else "fwd"
                 run_case(bench, f"T={seqlen} B={batch} {mode}", batch, seqlen, H, D, dtype,
                          backward,
-                         {name: impls[name] for name in ("triton", "triton-split", "fla")},
+                         {name: impls[name] for name in scaling_rows},
                          bandwidth)
                 torch.cuda.empty_cache()
         benches.append(bench)

@@ -11,6 +11,8 @@
 #       (every variant side by side, fla and SDPA anchors) and each kernel's share of it;
 #   bash benchmarks/gpu_experimental.sh gdn-scaling   issue 5's scaling table: T from 1K to 64K
 #       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
+#   bash benchmarks/gpu_experimental.sh gdn-few   the scaling table's few-pairs cases (T = 32K
+#       at B = 2, 64K at B = 1) with every backward variant, to choose the backward there;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -22,8 +24,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | dsa | dsa-step) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|dsa|dsa-step" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | dsa | dsa-step) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|dsa|dsa-step" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -52,6 +54,11 @@ case ${1:-} in
   gdn-scaling)
     step gdn_scaling 540 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
       --out "$OUT/gdn_scaling"
+    ;;
+  gdn-few)
+    step gdn_few 400 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
+      --scaling-seqlens 32768 65536 --scaling-impls triton triton-seq triton-keep \
+      triton-localdv triton-all fla --out "$OUT/gdn_few"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
