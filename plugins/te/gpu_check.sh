@@ -31,6 +31,19 @@ import transformer_engine.pytorch as te
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformer_engine "
       f"{transformer_engine.__version__}, cuDNN {te.get_cudnn_version()}, "
       f"device {torch.cuda.get_device_name()}")
+# Whether GroupedLinear could take the experts' row counts on the device (TE's grouped-tensor
+# path: no host synchronisation per MoE layer; needs cuBLASLt >= 13.4 on Hopper), which would
+# let TEGroupedExperts drop host_counts.
+try:
+    import transformer_engine_torch as tex
+    from transformer_engine.pytorch.module.grouped_linear import (
+        is_module_grouped_tensor_path_supported,
+    )
+
+    print(f"cuBLASLt {tex.get_cublasLt_version()}; GroupedLinear grouped-tensor path (device "
+          f"m_splits) for bf16: {is_module_grouped_tensor_path_supported(None, torch.bfloat16)}")
+except (ImportError, AttributeError) as exc:
+    print(f"GroupedLinear grouped-tensor path: not in this TE ({exc})")
 PY
   python3 -m attnplug backends
   # Which DotProductAttention backend TE picks for the tests' bf16 causal case (NVTE_DEBUG log).
