@@ -74,6 +74,9 @@ def build_parser(*, with_train_arguments: bool = False) -> argparse.ArgumentPars
     plan.add_argument("--vp-stage", type=_non_negative, default=None, metavar="M",
                       help="only this virtual pipeline stage (default: every stage)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--backend", metavar="NAME",
+                      help="override [model] backend (as train --backend does), to compare "
+                           "what each backend serves")
     plan.add_argument("--as-pattern", action="store_true",
                       help="print only the hybrid_layer_pattern equivalent to the config "
                            "(a pattern config: its own, normalised)")
@@ -191,6 +194,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     from attnplug.plan import describe_plan
 
     config = TransformerConfig.from_toml(args.config)
+    if args.backend is not None:
+        import attrs
+
+        config = attrs.evolve(config, backend=args.backend)
     if args.as_pattern:
         return _print_pattern(args, config)
     plan = describe_plan(config, pp_rank=args.pp_rank, vp_stage=args.vp_stage)

@@ -112,6 +112,21 @@ def test_plan_json_is_describe_plan_for_every_stage(tmp_path, capsys):
     assert all(set(served) == {"class", "backend"} for served in layer["slots"].values())
 
 
+def test_plan_backend_overrides_the_config_and_names_a_bad_one(tmp_path, capsys, monkeypatch):
+    path = write_config(tmp_path, DENSE.replace("[model]", '[model]\nbackend = "nope"'))
+    status, _, err = run_main(capsys, "plan", str(path))
+    assert_one_line_error(status, err, "unknown backend 'nope'", "'local'")
+    status, out, err = run_main(capsys, "plan", str(path), "--backend", "local", "--json")
+    assert status == 0, err
+    plan = json.loads(out)
+    assert plan["backend"] == "local"
+    assert {served["backend"] for layer in plan["layers"]
+            for served in layer["slots"].values()} == {"attnplug", "local"}  # core + kernels
+    status, _, err = run_main(capsys, "plan", str(write_config(tmp_path, DENSE)), "--backend",
+                              "loca")
+    assert_one_line_error(status, err, "unknown backend 'loca'")
+
+
 def test_plan_with_a_pp_rank_shows_only_that_stage(tmp_path, capsys):
     path = write_config(tmp_path, DENSE)
     status, out, _ = run_main(capsys, "plan", str(path), "--pp-rank", "1", "--json")
