@@ -23,7 +23,8 @@ attnplug's rows: ``triton`` (the defaults), ``triton-split`` / ``triton-seq`` (t
 output from stored chunk states in a parallel kernel / always in the sequential one),
 ``triton-keep`` (the backward reuses the forward's states), ``triton-dvpass`` (dv in a
 backward pass of its own instead of from the dh kernel, the default since session 5),
-``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel)
+``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel),
+``triton-splitdk`` (the backward's dk pass as two passes with fewer live tiles)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -55,13 +56,15 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 # -- implementations --------------------------------------------------------------------------
-def triton_gdn(split_output: bool = False, keep_states: bool = False,
-               dv_from_dh: bool = False, local_dv: bool = False) -> GDN | str:
-    """attnplug's chunked Triton kernels (the forward's output inside the state kernel, or with
-    ``split_output`` from stored states in a parallel kernel; with ``keep_states`` the backward
-    reuses the forward's states; with ``dv_from_dh`` the dh kernel writes dv; with ``local_dv``
-    the dh kernel's within-chunk term comes from a parallel kernel), or why they cannot run
-    here."""
+def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None,
+               dv_from_dh: bool | None = None, local_dv: bool | None = None,
+               split_dk: bool | None = None) -> GDN | str:
+    """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
+    given and the served default when None (so ``triton_gdn()`` is what the backend runs):
+    ``split_output`` (the forward's output from stored states in a parallel kernel),
+    ``keep_states`` (the backward reuses the forward's states), ``dv_from_dh`` (the dh kernel
+    writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
+    ``split_dk`` (the dk pass as two); or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -70,7 +73,8 @@ def triton_gdn(split_output: bool = False, keep_states: bool = False,
     def run(q, k, v, g, beta):
         return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
                                       split_output=split_output, keep_states=keep_states,
-                                      dv_from_dh=dv_from_dh, local_dv=local_dv)
+                                      dv_from_dh=dv_from_dh, local_dv=local_dv,
+                                      split_dk=split_dk)
 
     return run
 
@@ -196,7 +200,8 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
     for name, fn in impls.items():
         if backward and name == "fla" and bench.name == "gdn_scaling":
             continue  # fla's backward refuses on Hopper; the fwd+bwd table records that once
-        if not backward and name in ("triton-keep", "triton-dvpass", "triton-localdv"):
+        if not backward and name in ("triton-keep", "triton-dvpass", "triton-localdv",
+                                     "triton-splitdk"):
             continue  # these change only the backward
         timings[name] = timed(fn, inputs, do)
     if "fla" in impls and not isinstance(impls["triton"], str) and not isinstance(impls["fla"],
@@ -231,8 +236,9 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     pass, chunk_bwd's three passes) are numbered in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    on = variant == "all"
-    fn = triton_gdn(split_output=on, keep_states=on, dv_from_dh=on, local_dv=on)
+    # the served defaults, or every variant on (triton-all)
+    fn = (triton_gdn(split_output=True, keep_states=True, dv_from_dh=True, local_dv=True)
+          if variant == "all" else triton_gdn())
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -255,7 +261,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = " (every variant on)" if on else ""
+    which = " (every variant on)" if variant == "all" else " (served defaults)"
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
           f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
@@ -268,7 +274,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
-              "triton-localdv", "triton-all", "fla")
+              "triton-localdv", "triton-splitdk", "triton-all", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,12 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = DTYPES[args.dtype]
     B, T, H, D = args.batch, args.seqlen, args.heads, args.head_dim
-    # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV) side by side
+    # the variants of chunk.py (SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV, SPLIT_DK) side
+    # by side; "triton" is the served defaults
     impls = {"triton": triton_gdn(), "triton-split": triton_gdn(split_output=True),
              "triton-seq": triton_gdn(split_output=False),
              "triton-keep": triton_gdn(keep_states=True),
              "triton-dvpass": triton_gdn(dv_from_dh=False),
              "triton-localdv": triton_gdn(local_dv=True),
+             "triton-splitdk": triton_gdn(split_dk=True),
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
              "fla": fla_gdn()}

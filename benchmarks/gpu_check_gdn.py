@@ -171,7 +171,8 @@ def check_configs() -> list[dict]:
     kernels = {"kkt_solve": kkt_solve.CONFIGS, "chunk_fwd_h_o": chunk_h.CONFIGS,
                "chunk_fwd_h_h": chunk_h.CONFIGS, "chunk_bwd_dh": chunk_h.CONFIGS,
                "chunk_bwd_dq": chunk_bwd.CONFIGS, "chunk_bwd_dv": chunk_bwd.CONFIGS,
-               "chunk_bwd_dk": chunk_bwd.CONFIGS, "chunk_fwd_o": chunk_o.CONFIGS}
+               "chunk_bwd_dk": chunk_bwd.CONFIGS, "chunk_bwd_dk_stats": chunk_bwd.CONFIGS,
+               "chunk_bwd_dk_sum": chunk_bwd.CONFIGS, "chunk_fwd_o": chunk_o.CONFIGS}
     rows = []
     dtype = torch.bfloat16
     for dim in (128, 64):
@@ -182,9 +183,11 @@ def check_configs() -> list[dict]:
             for config in configs:
                 label = (f"D{dim} {kernel} {config.kwargs} warps={config.num_warps} "
                          f"stages={config.num_stages}")
-                # chunk_fwd_o runs in the split forward only
+                # chunk_fwd_o runs in the split forward only, the dk stats/sum passes with
+                # split_dk only
                 fn = functools.partial(chunk_gated_delta_rule,
-                                       split_output=kernel == "chunk_fwd_o")
+                                       split_output=kernel == "chunk_fwd_o",
+                                       split_dk=kernel.startswith("chunk_bwd_dk_"))
                 with force_config(kernel, config):
                     try:
                         outs = run(fn, x, lambda t: t.clone(), None)
@@ -197,7 +200,8 @@ def check_configs() -> list[dict]:
 # Each probe process forces one kernel family's launches to one configuration (the other kernels
 # at their first); "autotune" forces nothing, as a user's run.
 PROBE_FAMILIES = {
-    "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"),
+    "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk", "chunk_bwd_dk_stats",
+                  "chunk_bwd_dk_sum"),  # the last two with --probe-variants (split_dk)
     "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_bwd_dh",
                 "chunk_bwd_dh_y", "chunk_bwd_dh_y_l"),
     "kkt_solve": ("kkt_solve",),
@@ -227,8 +231,9 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
     configuration, every other kernel at its first (chunk_bwd: its first not pruned at this
     dim; none forced for ``autotune``), fwd+bwd at
     B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
-    against float64; with ``variants``, the split forward, kept states, dv from the dh kernel
-    and the local dv kernel (chunk.py's SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH, LOCAL_DV).
+    against float64; with ``variants``, the split forward, kept states, dv from the dh kernel,
+    the local dv kernel and the two-pass dk (chunk.py's SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH,
+    LOCAL_DV, SPLIT_DK).
     Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 
@@ -259,7 +264,8 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))
         fn = functools.partial(chunk_gated_delta_rule, split_output=variants,
-                               keep_states=variants, dv_from_dh=variants, local_dv=variants)
+                               keep_states=variants, dv_from_dh=variants, local_dv=variants,
+                               split_dk=variants)
         outs = run(fn, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
     errs = errors(outs, refs)  # the parent judges them (row())

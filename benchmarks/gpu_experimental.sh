@@ -58,7 +58,7 @@ case ${1:-} in
   gdn-few)
     step gdn_few 400 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
       --scaling-seqlens 32768 65536 --scaling-impls triton triton-seq triton-keep \
-      triton-localdv triton-all fla --out "$OUT/gdn_few"
+      triton-localdv triton-splitdk triton-all fla --out "$OUT/gdn_few"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

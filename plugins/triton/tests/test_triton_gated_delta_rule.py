@@ -133,6 +133,29 @@ def test_the_output_is_split_by_default_only_with_few_pairs(monkeypatch) -> None
         assert chunk.splits_output(1) is forced and chunk.splits_output(10**6) is forced
 
 
+# every case with y from the dh kernel (the default); three with y from the dv pass
+SPLIT_DK_CASES = [(c, True) for c in CASES] + [
+    (c, False) for c in CASES if c[0] in ("T=37 strided", "cu_seqlens", "HV=3H K=48 V=40")]
+
+
+@pytest.mark.parametrize(("case", "dv_from_dh"), SPLIT_DK_CASES,
+                         ids=[f"{c[0]}-{'dh' if dh else 'dv pass'}" for c, dh in SPLIT_DK_CASES])
+def test_split_dk_matches_float64_and_the_single_dk_pass(case, dv_from_dh: bool) -> None:
+    """The dk pass as two (stats, then sum through a float32 scratch): every output and
+    gradient against float64, and against the single pass's to float32 rounding."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    x, kwargs = _case_inputs(case, 3)
+    with_h0 = case[7]
+    two = functools.partial(triton_gdr, split_dk=True, dv_from_dh=dv_from_dh)
+    _check(two, x, f"split_dk {case[0]}", torch.float32, with_h0, **kwargs)
+    got = _run(two, x, lambda t: t.clone(), with_h0, **kwargs)
+    one = _run(functools.partial(triton_gdr, split_dk=False, dv_from_dh=dv_from_dh), x,
+               lambda t: t.clone(), with_h0, **kwargs)
+    for name, want in one.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
+
+
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
 
 

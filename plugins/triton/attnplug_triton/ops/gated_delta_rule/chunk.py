@@ -65,7 +65,8 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
-           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "splits_output"]
+           "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
+           "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -94,6 +95,12 @@ LOCAL_DV = False
 # kernel (:mod:`.group_grads`). True since session 6: right on the H200 at the GPU-sized
 # example's heads (T=4096, H=16, HV=32, K=V=128, bf16 against float64).
 FUSED_GROUP_GRADS = True
+# The backward's dk: False in one pass of chunk_bwd_kernel (which spills 1–2 KB a thread on
+# sm_90 at every configuration); True in two (dg, dβ and dk's closing terms, then dk's loop
+# terms), each with fewer live tiles, V_new recomputed once more and a float32 [tokens, HV, K]
+# scratch between them. Experimental (session 7): right under the interpreter, not yet run on
+# a GPU (benchmarks/gpu_check_gdn.py --parts probe, bench_gated_delta_rule.py triton-splitdk).
+SPLIT_DK = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -105,7 +112,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
-                fused_group_grads: bool) -> tuple[Tensor, Tensor | None]:
+                fused_group_grads: bool, split_dk: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
@@ -121,6 +128,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.fused_group_grads = fused_group_grads
+        ctx.split_dk = split_dk
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -144,9 +152,11 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         del dv_local
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec, y=y, dv=dv,
-                                          fused_group_grads=ctx.fused_group_grads)
+                                          fused_group_grads=ctx.fused_group_grads,
+                                          split_dk=ctx.split_dk)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None, None
+        return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
+                None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -166,8 +176,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               scale: float | None, initial_state: Tensor | None, output_final_state: bool,
               use_qk_l2norm: bool, split_output: bool | None = None,
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
-              local_dv: bool | None = None,
-              fused_group_grads: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              local_dv: bool | None = None, fused_group_grads: bool | None = None,
+              split_dk: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -190,9 +200,10 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     dv_dh = DV_FROM_DH if dv_from_dh is None else bool(dv_from_dh)
     local = LOCAL_DV if local_dv is None else bool(local_dv)
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
+    two_dk = SPLIT_DK if split_dk is None else bool(split_dk)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
-                                                 dv_dh, local, fused)
+                                                 dv_dh, local, fused, two_dk)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -202,7 +213,7 @@ def chunk_gated_delta_rule(
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
     split_output: bool | None = None, keep_states: bool | None = None,
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
-    fused_group_grads: bool | None = None,
+    fused_group_grads: bool | None = None, split_dk: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -226,6 +237,8 @@ def chunk_gated_delta_rule(
             ``None`` takes :data:`LOCAL_DV`.
         fused_group_grads: with grouped value heads, finish dq and dk (group sum, L2 norm's
             backward, cast) in one kernel; ``None`` takes :data:`FUSED_GROUP_GRADS`.
+        split_dk: the backward's dk pass as two passes with fewer live tiles; ``None`` takes
+            :data:`SPLIT_DK`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -240,4 +253,4 @@ def chunk_gated_delta_rule(
                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
                      split_output=split_output, keep_states=keep_states,
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
-                     fused_group_grads=fused_group_grads)
+                     fused_group_grads=fused_group_grads, split_dk=split_dk)

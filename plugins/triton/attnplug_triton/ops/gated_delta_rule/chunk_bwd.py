@@ -21,6 +21,12 @@ pressure, checked by compiling for sm_90):
   by a reverse cumulative sum inside the chunk, plus the chunk total ``γ_C``'s gradient on every
   row; ``dβ`` likewise.
 
+The dk pass holds the most tiles at once (the ``(64, K)`` accumulator, ``dPᵀ``, ``dA``, q, k,
+``A``, ``Pᵀ``) and spills on sm_90 (1–2 KB a thread at every configuration, Triton 3.6); with
+``split_dk`` it runs as two passes instead: the stats pass (3) makes ``dPᵀ``, ``dA``, dg, dβ and
+dk's closing terms (into a float32 scratch), the sum pass (4) only dk's two loop products plus
+that scratch — V_new recomputed once more, fewer live tiles in each.
+
 With one value head per key head (``FINALIZE``) the L2 norm's backward runs here and dq, dk are
 written once in the inputs' dtype; with grouped heads the passes write float32 gradients of the
 normalised q̂, k̂ per value head, summed over the group afterwards.
@@ -82,16 +88,20 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
 @triton.jit
 def chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, chunk_seq, cu, chunk_off,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dkp_ptr, chunk_seq, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
     PASS: tl.constexpr,
 ):
     """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
-    and dβ from that Y (``PASS`` 2)."""
+    and dβ from that Y (``PASS`` 2) — or the same in two passes: dg, dβ and the closing terms
+    of dk into the float32 scratch ``dkp`` (``PASS`` 3), then dk's loop terms plus ``dkp``
+    (``PASS`` 4)."""
     DQ_PASS: tl.constexpr = PASS == 0
     DV_PASS: tl.constexpr = PASS == 1
+    DK_STATS: tl.constexpr = PASS == 3  # no dk accumulation in the loop
+    DK_SUM: tl.constexpr = PASS == 4  # only dk's accumulation in the loop
     c = tl.program_id(0)
     hv = tl.program_id(1)
     hk = hv // GROUP
@@ -114,7 +124,7 @@ def chunk_bwd_kernel(
     c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
     c_end = rk * e_end  # K̂⊙e^{γ_C−γ} = c_end ⊙ K
     a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
-    if not DQ_PASS:
+    if not DQ_PASS and not DK_SUM:
         pt = intra_chunk_pt(k, q, rk, rqs, gam, PRECISION).to(dt)  # (C, C) Pᵀ
 
     dqk = tl.zeros([64, BK], tl.float32)  # dq pass: Σ dO hᵀ; dk pass: the gradient of k̂
@@ -155,36 +165,45 @@ def chunk_bwd_kernel(
         state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
         state_ok = k_ok[:, None] & v_ok[None, :]
         v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok).to(tl.float32)
-        do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
+        if not DK_SUM:
+            do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
         h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
         # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
         kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
         x = v * beta[:, None] - kh * c_w[:, None]
         v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
-        dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
+        if not DK_SUM:
+            dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
         if DQ_PASS:
             dqk = tl.dot(do, tl.trans(h), dqk, input_precision=PRECISION)
         else:
             # ordered so that each (C, BV) tile dies soon after it is made
             dh = tl.load(dhs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
-            kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
-            dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
-            # row sums with q or K̂ of the (C, K) gradients, taken as (C, V) products:
-            # K̂ ⊙ V_new dhᵀ is V_new ⊙ (K̂ dh), q ⊙ dO hᵀ is dO ⊙ (q h), K̂ ⊙ Y hᵀ is Y ⊙ (K̂ h)
-            t_end += tl.sum(v_new.to(tl.float32) * kdh, 1) * c_end
-            # dA = dU (β⊙V)ᵀ + dW (β⊙e^γ⊙K̂)ᵀ = dV_new Xᵀ: X is a dot result, kept float32
-            da = tl.dot(dv_new, tl.trans(x), da, input_precision=PRECISION)
-            # K̂ in the state update, V_new dhᵀ
-            dqk = tl.dot((v_new.to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh), dqk,
-                         input_precision=PRECISION)
-            dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
+            if not DK_SUM:
+                kdh = tl.dot(k, dh, input_precision=PRECISION)  # (C, BV)
+                dv_new = tl.dot(pt, do, input_precision=PRECISION) + kdh * c_end[:, None]
+                # row sums with q or K̂ of the (C, K) gradients, taken as (C, V) products:
+                # K̂ ⊙ V_new dhᵀ is V_new ⊙ (K̂ dh), q ⊙ dO hᵀ is dO ⊙ (q h), K̂ ⊙ Y hᵀ is
+                # Y ⊙ (K̂ h)
+                t_end += tl.sum(v_new.to(tl.float32) * kdh, 1) * c_end
+                # dA = dU (β⊙V)ᵀ + dW (β⊙e^γ⊙K̂)ᵀ = dV_new Xᵀ: X is a dot result, kept float32
+                da = tl.dot(dv_new, tl.trans(x), da, input_precision=PRECISION)
+            if not DK_STATS:
+                # K̂ in the state update, V_new dhᵀ
+                dqk = tl.dot((v_new.to(tl.float32) * e_end[:, None]).to(dt), tl.trans(dh), dqk,
+                             input_precision=PRECISION)
+            if not DK_SUM:
+                dgc_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 0)
             y = load_rows(y_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Aᵀ dV_new
-            dbeta += tl.sum(v * y, 1)
-            t_w -= tl.sum(y * kh, 1) * rk
-            # K̂ in W, −Aᵀ dV_new hᵀ
-            dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
-                         input_precision=PRECISION)
-            t_q += tl.sum(do.to(tl.float32) * tl.dot(q, h, input_precision=PRECISION), 1)
+            if not DK_SUM:
+                dbeta += tl.sum(v * y, 1)
+                t_w -= tl.sum(y * kh, 1) * rk
+            if not DK_STATS:
+                # K̂ in W, −Aᵀ dV_new hᵀ
+                dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
+                             input_precision=PRECISION)
+            if not DK_SUM:
+                t_q += tl.sum(do.to(tl.float32) * tl.dot(q, h, input_precision=PRECISION), 1)
 
     # q, k and the gates again (from cache) rather than kept in registers through the loop
     gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
@@ -203,6 +222,13 @@ def chunk_bwd_kernel(
                 q_hat = q.to(tl.float32) * rq[:, None]
                 dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
         store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
+    elif DK_SUM:  # the loop's terms and the closing ones of the stats pass
+        dqk += load_rows(dkp_ptr + hv * DK, rows, r_ok, HV * DK, offs_k, k_ok)
+        if FINALIZE:
+            if USE_L2NORM:
+                k_hat = k.to(tl.float32) * rk[:, None]
+                dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
+        store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
     else:
         dgam = t_q * rqs * eg - t_end + t_w * beta * eg
         dbeta += t_w * eg
@@ -228,11 +254,14 @@ def chunk_bwd_kernel(
         gate = rows.to(tl.int64) * HV + hv
         tl.store(dg_ptr + gate, dg, mask=r_ok)
         tl.store(dbeta_ptr + gate, dbeta, mask=r_ok)
-        if FINALIZE:
-            if USE_L2NORM:
-                k_hat = k.to(tl.float32) * rk[:, None]
-                dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
-        store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
+        if DK_STATS:  # dk's closing terms, for the sum pass
+            store_rows(dkp_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
+        else:
+            if FINALIZE:
+                if USE_L2NORM:
+                    k_hat = k.to(tl.float32) * rk[:, None]
+                    dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
+            store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
 
 
 def _l2norm_backward(x: Tensor, dy: Tensor) -> Tensor:
@@ -247,13 +276,15 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
               rq: Tensor | None, rk: Tensor | None, do: Tensor,
               states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
               use_qk_l2norm: bool, precision: str, y: Tensor | None = None,
-              dv: Tensor | None = None, fused_group_grads: bool = False
-              ) -> tuple[Tensor, ...]:
+              dv: Tensor | None = None, fused_group_grads: bool = False,
+              split_dk: bool = False) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
     inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
     and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped.
     With grouped value heads, ``fused_group_grads`` sums dq, dk over each group and applies the
-    L2 norm's backward in one kernel (:mod:`.group_grads`) instead of in torch."""
+    L2 norm's backward in one kernel (:mod:`.group_grads`) instead of in torch. ``split_dk``
+    runs the dk pass as two (``PASS`` 3 then 4, a float32 ``[tokens, HV, K]`` scratch between
+    them), each with fewer live tiles than the single one."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -264,6 +295,10 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     dg = g.new_empty((tokens, HV))
     dbeta = g.new_empty((tokens, HV))
     passes = [("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)]
+    dk_part = None
+    if split_dk:
+        passes[2:] = [("chunk_bwd_dk_stats", 3), ("chunk_bwd_dk_sum", 4)]
+        dk_part = g.new_empty((tokens, HV, K))  # dk's closing terms, float32
     if y is None:
         dv = v.new_empty((tokens, HV, V))
         y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
@@ -273,8 +308,9 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
         launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
                ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
                q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
-               seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0), q.stride(1), k.stride(0),
-               k.stride(1), v.stride(0), v.stride(1), scale, HV, group, DK=K, DV=V,
+               y if dk_part is None else dk_part, seqs.chunk_seq, seqs.cu, seqs.chunk_off,
+               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
                PRECISION=precision, PASS=which, prune=prune)
     if not finalize and fused_group_grads:
