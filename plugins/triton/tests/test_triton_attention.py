@@ -81,6 +81,53 @@ def test_matches_the_local_backend() -> None:
     assert_matches("o", flash_attention(q, k, v), causal_attention(q, k, v), torch.float32)
 
 
+DESC_CASES = [(shape, torch.float16) for shape in SHAPES] + (
+    [(shape, torch.bfloat16) for shape in GPU_SHAPES] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("shape,dtype", DESC_CASES, ids=lambda x: str(x))
+def test_kv_descriptors_forward_matches_the_pointer_forward_and_float64(shape, dtype) -> None:
+    """The experimental forward with K/V through tensor descriptors (TMA on Hopper): o and the
+    log-sum-exp as the pointer kernel's (same products, same order) and o against float64 —
+    padded head dims, S > T, GQA/MQA, one token."""
+    from attnplug_triton.ops.attention import fused
+    from attnplug_triton.ops.attention.naive import naive_attention
+
+    q, k, v, _ = _inputs(*shape, dtype)
+    meta = fused._meta(q, k, v)
+    if HAS_CUDA and torch.cuda.get_device_capability() < (9, 0):
+        assert fused._kv_descriptors(k, v, meta) is None  # no TMA before Hopper
+        pytest.skip("tensor descriptors need a Hopper GPU or the interpreter")
+    assert fused._kv_descriptors(k, v, meta) is not None
+    scale = shape[5] ** -0.5
+    o_desc, lse_desc = fused.attention_forward(q, k, v, scale, kv_desc=True)
+    o_ptrs, lse_ptrs = fused.attention_forward(q, k, v, scale, kv_desc=False)
+    torch.testing.assert_close(o_desc, o_ptrs, rtol=0, atol=2e-3 if HAS_CUDA else 0)
+    torch.testing.assert_close(lse_desc, lse_ptrs, rtol=1e-6, atol=1e-6)
+    ref = naive_attention(q.double(), k.double(), v.double())
+    assert_matches(f"o {shape} {dtype} (descriptors)", o_desc, ref, dtype)
+
+
+def test_kv_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
+    """float32 (the tf32x3 path), strides that are not multiples of 16 bytes: the pointer
+    kernel; with ``KV_DESCRIPTORS`` on, flash_attention's forward and backward still match
+    float64."""
+    from attnplug_triton.ops.attention import fused
+    from attnplug_triton.ops.attention.naive import naive_attention
+
+    q, k, v, do = _inputs(1, 20, 24, 4, 2, 16, 16, torch.float32)
+    assert fused._kv_descriptors(k, v, fused._meta(q, k, v)) is None  # float32
+    q, k, v, do = (x.half() for x in (q, k, v, do))
+    assert fused._kv_descriptors(k, v, fused._meta(q, k, v)) is not None
+    odd = torch.randn(1, 24, 2, 20, device=DEVICE, dtype=torch.float16)[..., :12]  # 40-byte rows
+    assert fused._kv_descriptors(odd, odd, fused._meta(q[..., :12], odd, odd)) is None
+    monkeypatch.setattr(fused, "KV_DESCRIPTORS", True)
+    outs = _run(fused.flash_attention, q, k, v, do)
+    refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
+    for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):
+        assert_matches(f"{name} (descriptors on)", out, ref, torch.float16)
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda q, k, v: (q, k[:, :, :, :8], v), "k must be"),
     (lambda q, k, v: (q, k[:, :3], v[:, :3]), "S >= T"),

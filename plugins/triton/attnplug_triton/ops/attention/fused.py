@@ -104,26 +104,41 @@ def _size_class(d: int, dv: int) -> int:
     return max(64, next_power_of_2(max(d, dv)))
 
 
-_TUNERS: dict[tuple[str, int], Any] = {}
+# The forward's K and V tiles through tensor descriptors (TMA loads on Hopper) instead of
+# pointers, where the tensors allow it (:func:`_kv_descriptors`). Experimental (session 7):
+# right under the interpreter and compiled for sm_90, not yet run on a GPU; the question for
+# ``bench_attention.py`` (row ``triton-tma``) is whether it closes part of the gap to cuDNN.
+KV_DESCRIPTORS = False
+
+_TUNERS: dict[tuple[str, int, bool], Any] = {}
 
 
-def _autotuned(name: str, size: int) -> Any:
-    """The autotuner of kernel ``name`` for head-dim class ``size`` (made once, then kept)."""
-    if (name, size) not in _TUNERS:
+def _set_kv_blocks(nargs: dict[str, Any]) -> None:
+    """Autotuner pre-hook: the K/V descriptors' block shapes follow the config's BLOCK_N."""
+    for name, width in (("K", "BLOCK_D"), ("V", "BLOCK_DV")):
+        nargs[name].block_shape = [1, nargs["BLOCK_N"], 1, nargs[width]]
+
+
+def _autotuned(name: str, size: int, kv_desc: bool = False) -> Any:
+    """The autotuner of kernel ``name`` for head-dim class ``size`` (made once, then kept);
+    ``kv_desc``: the forward with K/V descriptors (their block shapes set per config)."""
+    if (name, size, kv_desc) not in _TUNERS:
         kernel, table = _KERNELS[name]
         configs = [
             triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-                          num_warps=c.num_warps, num_stages=c.num_stages)
+                          num_warps=c.num_warps, num_stages=c.num_stages,
+                          pre_hook=_set_kv_blocks if kv_desc else None)
             for c in table[size]
         ]
-        _TUNERS[name, size] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
-    return _TUNERS[name, size]
+        _TUNERS[name, size, kv_desc] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
+    return _TUNERS[name, size, kv_desc]
 
 
 def chosen_configs() -> list[str]:
     """What the autotuners chose so far, one line per kernel, head-dim class and tuning key."""
-    return [f"{name} (head dims <= {size}) key={key}: {config}"
-            for (name, size), tuner in _TUNERS.items()
+    return [f"{name}{' (K/V descriptors)' if desc else ''} (head dims <= {size}) key={key}: "
+            f"{config}"
+            for (name, size, desc), tuner in _TUNERS.items()
             for key, config in getattr(tuner, "cache", {}).items()]
 
 
@@ -137,14 +152,17 @@ def _launch(name: str, grid: Callable[[int, int], tuple[int, int]], args: tuple,
         config = _INTERPRETER_CONFIG
     elif config is None and meta["PRECISION"] == "tf32x3":
         config = FP32_CONFIG
+    kv_desc = bool(meta.get("KV_DESC"))
     if config is not None:
         kernel = _KERNELS[name][0]
+        if kv_desc:
+            _set_kv_blocks({"K": args[1], "V": args[2], "BLOCK_N": config.block_n, **meta})
         kernel[grid(config.block_m, config.block_n)](
             *args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return
-    tuned = _autotuned(name, _size_class(meta["D"], meta["DV"]))
+    tuned = _autotuned(name, _size_class(meta["D"], meta["DV"]), kv_desc)
     tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
@@ -180,12 +198,33 @@ def _buckets(T: int, S: int, group: int) -> tuple[int, int]:
     return next_power_of_2(T * group), next_power_of_2(S)
 
 
+def _kv_descriptors(k: Tensor, v: Tensor, meta: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Tensor descriptors over ``k[B,S,Hkv,D]`` and ``v`` (block shapes set at launch), or None
+    where TMA cannot take them: float32 (the tf32x3 path), a GPU before Hopper, a base not
+    16-byte aligned or a stride that is not a multiple of 16 bytes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if meta["PRECISION"] == "tf32x3":
+        return None
+    if not interpreting() and torch.cuda.get_device_capability(k.device) < (9, 0):
+        return None
+    for x in (k, v):
+        if x.data_ptr() % 16 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
+            return None
+    blocks = ([1, 16, 1, meta["BLOCK_D"]], [1, 16, 1, meta["BLOCK_DV"]])  # reset at launch
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block)
+                 for x, block in zip((k, v), blocks, strict=True))
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
-                      config: BlockConfig | None = None) -> tuple[Tensor, Tensor]:
+                      config: BlockConfig | None = None,
+                      kv_desc: bool | None = None) -> tuple[Tensor, Tensor]:
     """The forward kernel: ``o[B,T,H,Dv]`` and ``lse[B·Hkv, T·H/Hkv]`` (float32, base 2).
 
     ``q``, ``k``, ``v`` must already be checked and have a unit last stride; ``config`` forces
-    one block configuration (for tests) instead of autotuning.
+    one block configuration (for tests) instead of autotuning; ``kv_desc`` loads K and V
+    through tensor descriptors where :func:`_kv_descriptors` allows (``None``: as
+    :data:`KV_DESCRIPTORS` says).
     """
     B, T, H, _ = q.shape
     S, Hkv, Dv = v.shape[1], v.shape[2], v.shape[3]
@@ -193,7 +232,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
     rows = T * meta["GROUP"]
     o = torch.empty((B, T, H, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * Hkv, rows), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+    descriptors = (_kv_descriptors(k, v, meta)
+                   if (KV_DESCRIPTORS if kv_desc is None else kv_desc) else None)
+    if descriptors is not None:
+        meta["KV_DESC"] = True
+    kv = descriptors or (k, v)
+    args = (q, *kv, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             T, S, Hkv, softmax_scale * _LOG2_E, *_buckets(T, S, meta["GROUP"]))
     _launch("fwd", lambda bm, bn: (triton.cdiv(rows, bm), B * Hkv), args, meta, config)
     return o, lse

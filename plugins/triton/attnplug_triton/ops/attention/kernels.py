@@ -62,13 +62,21 @@ def _store_tile(ptrs, tile, row_ok, col_ok, COL_MASK: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, lo, hi, offset, S,
                stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-               PAD_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over the key blocks ``[lo, hi)``; ``MASKED`` applies the causal rule."""
+               PAD_DV: tl.constexpr, PRECISION: tl.constexpr, K=None, V=None, b=0, g=0,
+               BLOCK_D: tl.constexpr = 16, BLOCK_DV: tl.constexpr = 16,
+               KV_DESC: tl.constexpr = False):
+    """Online softmax over the key blocks ``[lo, hi)``; ``MASKED`` applies the causal rule.
+    ``KV_DESC``: the K and V tiles come through the tensor descriptors ``K``, ``V`` (``[B, S,
+    Hkv, D]``, blocks ``[1, BLOCK_N, 1, BLOCK_D]``; positions and channels outside read as
+    zeros) at batch ``b``, key/value head ``g``, instead of through the pointers."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # (BN,) key positions
         key_ok = cols < S
-        k = _load_tile(k_ptrs + start_n * stride_ks, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
+        if KV_DESC:
+            k = K.load([b, start_n, g, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _load_tile(k_ptrs + start_n * stride_ks, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
         if MASKED:
             visible = (cols[None, :] <= t_idx[:, None] + offset) & key_ok[None, :]
@@ -77,7 +85,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, lo, hi, offset, 
         p = tl.math.exp2(qk - m_new[:, None])  # (BM, BN)
         alpha = tl.math.exp2(m_i - m_new)  # (BM,)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + start_n * stride_vs, key_ok, dv_ok, MASKED, PAD_DV)  # (BN, BDV)
+        if KV_DESC:
+            v = V.load([b, start_n, g, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _load_tile(v_ptrs + start_n * stride_vs, key_ok, dv_ok, MASKED, PAD_DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -92,9 +103,11 @@ def attention_fwd_kernel(
     ROWS_BUCKET, KEYS_BUCKET,  # autotuning keys only
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_DESC: tl.constexpr = False,
 ):
-    """o and lse for one block of ``BLOCK_M`` packed rows of one (batch, key/value head)."""
+    """o and lse for one block of ``BLOCK_M`` packed rows of one (batch, key/value head).
+    ``KV_DESC``: ``K`` and ``V`` are tensor descriptors (TMA on Hopper) rather than pointers;
+    their stride arguments are then unused."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -113,8 +126,11 @@ def attention_fwd_kernel(
 
     q_ptrs = (Q + b * stride_qb + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
               + offs_d[None, :])
-    k_ptrs = K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :]
+    if not KV_DESC:
+        k_ptrs = (K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks
+                  + offs_d[None, :])
+        v_ptrs = (V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs
+                  + offs_dv[None, :])
     q = _load_tile(q_ptrs, row_ok, d_ok, True, BLOCK_D != D)  # (BM, BD)
 
     offset = S - T
@@ -125,12 +141,24 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, 0, full_end,
-                               offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
-                               BLOCK_N, False, BLOCK_D != D, BLOCK_DV != DV, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, full_end,
-                               mask_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
-                               BLOCK_N, True, BLOCK_D != D, BLOCK_DV != DV, PRECISION)
+    if KV_DESC:  # the K/V tiles through the descriptors (pointer arguments unused)
+        b32 = (pid_bh // HKV).to(tl.int32)  # descriptor coordinates are 32-bit
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, None, None, offs_n, t_idx, 0, full_end,
+                                   offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
+                                   BLOCK_N, False, BLOCK_D != D, BLOCK_DV != DV, PRECISION,
+                                   K, V, b32, g, BLOCK_D, BLOCK_DV, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, None, None, offs_n, t_idx, full_end,
+                                   mask_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok,
+                                   dv_ok, BLOCK_N, True, BLOCK_D != D, BLOCK_DV != DV,
+                                   PRECISION, K, V, b32, g, BLOCK_D, BLOCK_DV, True)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, 0, full_end,
+                                   offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
+                                   BLOCK_N, False, BLOCK_D != D, BLOCK_DV != DV, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_n, t_idx, full_end,
+                                   mask_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok,
+                                   dv_ok, BLOCK_N, True, BLOCK_D != D, BLOCK_DV != DV,
+                                   PRECISION)
     acc = acc / l_i[:, None]  # (BM, BDV); every row sees key 0, so l_i > 0
     o_ptrs = (O + b * stride_ob + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
               + offs_dv[None, :])
