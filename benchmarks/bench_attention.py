@@ -8,8 +8,8 @@ implementation reads the same ``[B, T, H, D]`` tensors.
 
     python3 benchmarks/bench_attention.py --out runs/bench-attention
 
-``triton-tma`` is the experimental forward with K/V through tensor descriptors
-(``attnplug_triton.ops.attention.fused.KV_DESCRIPTORS``).
+``triton-tma`` is the experimental kernels with their loop tiles through tensor descriptors
+(``attnplug_triton.ops.attention.fused.TENSOR_DESCRIPTORS``).
 
 Before timing, each case compares the Triton kernel's output (and gradients) with SDPA's and
 prints the largest difference, so a fast wrong kernel shows in the same table.
@@ -51,24 +51,23 @@ def sdpa_default(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return o.transpose(1, 2)  # (B, T, H, D)
 
 
-def triton_flash(kv_desc: bool = False) -> Attention | str:
-    """attnplug's Triton kernel (with ``kv_desc`` the experimental forward that loads K and V
-    through tensor descriptors, TMA on Hopper; the backward is the same), or why it cannot
-    run here."""
+def triton_flash(desc: bool = False) -> Attention | str:
+    """attnplug's Triton kernels (with ``desc`` the experimental ones that load their loop
+    tiles through tensor descriptors, TMA on Hopper), or why they cannot run here."""
     try:
         from attnplug_triton.ops.attention import fused
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    if not kv_desc:
+    if not desc:
         return fused.flash_attention
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        saved = fused.KV_DESCRIPTORS
-        fused.KV_DESCRIPTORS = True
+        saved = fused.TENSOR_DESCRIPTORS
+        fused.TENSOR_DESCRIPTORS = True
         try:
             return fused.flash_attention(q, k, v)
         finally:
-            fused.KV_DESCRIPTORS = saved
+            fused.TENSOR_DESCRIPTORS = saved
 
     return run
 
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "sdpa-flash": sdpa_flash,
         "sdpa-default": sdpa_default,
         "triton": triton_flash(),
-        "triton-tma": triton_flash(kv_desc=True),
+        "triton-tma": triton_flash(desc=True),
         "te": te_attention(H, Hkv, D),
     }
     bench = Bench("attention", anchor="sdpa-flash", out=args.out, warmup=args.warmup,

@@ -86,32 +86,40 @@ DESC_CASES = [(shape, torch.float16) for shape in SHAPES] + (
 
 
 @pytest.mark.parametrize("shape,dtype", DESC_CASES, ids=lambda x: str(x))
-def test_kv_descriptors_forward_matches_the_pointer_forward_and_float64(shape, dtype) -> None:
-    """The experimental forward with K/V through tensor descriptors (TMA on Hopper): o and the
-    log-sum-exp as the pointer kernel's (same products, same order) and o against float64 —
-    padded head dims, S > T, GQA/MQA, one token."""
+def test_descriptor_kernels_match_the_pointer_kernels_and_float64(shape, dtype) -> None:
+    """The experimental kernels with their loop tiles through tensor descriptors (TMA on
+    Hopper): o, the log-sum-exp, dq, dk and dv as the pointer kernels' (same products, same
+    order) and against float64 — padded head dims, S > T, GQA/MQA, one token."""
     from attnplug_triton.ops.attention import fused
     from attnplug_triton.ops.attention.naive import naive_attention
 
-    q, k, v, _ = _inputs(*shape, dtype)
+    q, k, v, do = _inputs(*shape, dtype)
     meta = fused._meta(q, k, v)
     if HAS_CUDA and torch.cuda.get_device_capability() < (9, 0):
         assert fused._kv_descriptors(k, v, meta) is None  # no TMA before Hopper
         pytest.skip("tensor descriptors need a Hopper GPU or the interpreter")
     assert fused._kv_descriptors(k, v, meta) is not None
     scale = shape[5] ** -0.5
-    o_desc, lse_desc = fused.attention_forward(q, k, v, scale, kv_desc=True)
-    o_ptrs, lse_ptrs = fused.attention_forward(q, k, v, scale, kv_desc=False)
-    torch.testing.assert_close(o_desc, o_ptrs, rtol=0, atol=2e-3 if HAS_CUDA else 0)
+    o_desc, lse_desc = fused.attention_forward(q, k, v, scale, desc=True)
+    o_ptrs, lse_ptrs = fused.attention_forward(q, k, v, scale, desc=False)
+    exact = 2e-3 if HAS_CUDA else 0.0
+    torch.testing.assert_close(o_desc, o_ptrs, rtol=0, atol=exact)
     torch.testing.assert_close(lse_desc, lse_ptrs, rtol=1e-6, atol=1e-6)
-    ref = naive_attention(q.double(), k.double(), v.double())
-    assert_matches(f"o {shape} {dtype} (descriptors)", o_desc, ref, dtype)
+    assert fused._qo_descriptors(q, do, meta, None) is not None
+    grads_desc = fused.attention_backward(do, q, k, v, o_ptrs, lse_ptrs, scale, desc=True)
+    grads_ptrs = fused.attention_backward(do, q, k, v, o_ptrs, lse_ptrs, scale, desc=False)
+    refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
+    for name, got, want, ref in zip(("o", "dq", "dk", "dv"), (o_desc, *grads_desc),
+                                    (o_ptrs, *grads_ptrs), refs, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=exact, msg=name)
+        assert_matches(f"{name} {shape} {dtype} (descriptors)", got, ref, dtype)
 
 
-def test_kv_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
-    """float32 (the tf32x3 path), strides that are not multiples of 16 bytes: the pointer
-    kernel; with ``KV_DESCRIPTORS`` on, flash_attention's forward and backward still match
-    float64."""
+def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
+    """float32 (the tf32x3 path), strides that are not multiples of 16 bytes, and for q/dO a
+    head group that a row block cannot hold whole: the pointer kernels; with
+    ``TENSOR_DESCRIPTORS`` on, flash_attention's forward and backward still match float64 —
+    also with a group of 3 heads (q/dO through pointers, K/V through descriptors)."""
     from attnplug_triton.ops.attention import fused
     from attnplug_triton.ops.attention.naive import naive_attention
 
@@ -121,11 +129,18 @@ def test_kv_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
     assert fused._kv_descriptors(k, v, fused._meta(q, k, v)) is not None
     odd = torch.randn(1, 24, 2, 20, device=DEVICE, dtype=torch.float16)[..., :12]  # 40-byte rows
     assert fused._kv_descriptors(odd, odd, fused._meta(q[..., :12], odd, odd)) is None
-    monkeypatch.setattr(fused, "KV_DESCRIPTORS", True)
+    monkeypatch.setattr(fused, "TENSOR_DESCRIPTORS", True)
     outs = _run(fused.flash_attention, q, k, v, do)
     refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
     for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):
         assert_matches(f"{name} (descriptors on)", out, ref, torch.float16)
+    q3, k3, v3, do3 = _inputs(1, 21, 21, 6, 2, 16, 16, torch.float16)  # 3 heads a group
+    assert fused._qo_descriptors(q3, do3, fused._meta(q3, k3, v3), None) is None
+    assert fused._kv_descriptors(k3, v3, fused._meta(q3, k3, v3)) is not None
+    outs = _run(fused.flash_attention, q3, k3, v3, do3)
+    refs = _run(naive_attention, q3.double(), k3.double(), v3.double(), do3.double())
+    for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):
+        assert_matches(f"{name} (descriptors on, group of 3)", out, ref, torch.float16)
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -104,39 +104,52 @@ def _size_class(d: int, dv: int) -> int:
     return max(64, next_power_of_2(max(d, dv)))
 
 
-# The forward's K and V tiles through tensor descriptors (TMA loads on Hopper) instead of
-# pointers, where the tensors allow it (:func:`_kv_descriptors`). Experimental (session 7):
-# right under the interpreter and compiled for sm_90, not yet run on a GPU; the question for
+# The tiles each kernel loads in its loop through tensor descriptors (TMA loads on Hopper)
+# instead of pointers — K and V in the forward and the dQ kernel, q and dO in the dK/dV kernel
+# — where the tensors allow it (:func:`_descriptors`). Experimental (session 7): right under the
+# interpreter and compiled for sm_90, not yet run on a GPU; the question for
 # ``bench_attention.py`` (row ``triton-tma``) is whether it closes part of the gap to cuDNN.
-KV_DESCRIPTORS = False
+TENSOR_DESCRIPTORS = False
 
 _TUNERS: dict[tuple[str, int, bool], Any] = {}
 
 
 def _set_kv_blocks(nargs: dict[str, Any]) -> None:
-    """Autotuner pre-hook: the K/V descriptors' block shapes follow the config's BLOCK_N."""
+    """Autotuner pre-hook (forward, dQ): the K/V descriptors' blocks follow BLOCK_N."""
     for name, width in (("K", "BLOCK_D"), ("V", "BLOCK_DV")):
         nargs[name].block_shape = [1, nargs["BLOCK_N"], 1, nargs[width]]
 
 
-def _autotuned(name: str, size: int, kv_desc: bool = False) -> Any:
+def _set_qo_blocks(nargs: dict[str, Any]) -> None:
+    """Autotuner pre-hook (dK/dV): the q/dO descriptors' blocks are BLOCK_M packed rows,
+    ``BLOCK_M / GROUP`` positions of the group's ``GROUP`` heads."""
+    for name, width in (("Q", "BLOCK_D"), ("DO", "BLOCK_DV")):
+        nargs[name].block_shape = [1, nargs["BLOCK_M"] // nargs["GROUP"], nargs["GROUP"],
+                                   nargs[width]]
+
+
+_BLOCK_HOOKS = {"fwd": _set_kv_blocks, "dq": _set_kv_blocks, "dkdv": _set_qo_blocks}
+_DESC_FLAGS = {"fwd": "KV_DESC", "dq": "KV_DESC", "dkdv": "QO_DESC"}
+
+
+def _autotuned(name: str, size: int, desc: bool = False) -> Any:
     """The autotuner of kernel ``name`` for head-dim class ``size`` (made once, then kept);
-    ``kv_desc``: the forward with K/V descriptors (their block shapes set per config)."""
-    if (name, size, kv_desc) not in _TUNERS:
+    ``desc``: the kernel with tensor descriptors (their block shapes set per config)."""
+    if (name, size, desc) not in _TUNERS:
         kernel, table = _KERNELS[name]
         configs = [
             triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
                           num_warps=c.num_warps, num_stages=c.num_stages,
-                          pre_hook=_set_kv_blocks if kv_desc else None)
+                          pre_hook=_BLOCK_HOOKS[name] if desc else None)
             for c in table[size]
         ]
-        _TUNERS[name, size, kv_desc] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
-    return _TUNERS[name, size, kv_desc]
+        _TUNERS[name, size, desc] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
+    return _TUNERS[name, size, desc]
 
 
 def chosen_configs() -> list[str]:
     """What the autotuners chose so far, one line per kernel, head-dim class and tuning key."""
-    return [f"{name}{' (K/V descriptors)' if desc else ''} (head dims <= {size}) key={key}: "
+    return [f"{name}{' (descriptors)' if desc else ''} (head dims <= {size}) key={key}: "
             f"{config}"
             for (name, size, desc), tuner in _TUNERS.items()
             for key, config in getattr(tuner, "cache", {}).items()]
@@ -152,17 +165,18 @@ def _launch(name: str, grid: Callable[[int, int], tuple[int, int]], args: tuple,
         config = _INTERPRETER_CONFIG
     elif config is None and meta["PRECISION"] == "tf32x3":
         config = FP32_CONFIG
-    kv_desc = bool(meta.get("KV_DESC"))
+    desc = bool(meta.get(_DESC_FLAGS[name]))
     if config is not None:
         kernel = _KERNELS[name][0]
-        if kv_desc:
-            _set_kv_blocks({"K": args[1], "V": args[2], "BLOCK_N": config.block_n, **meta})
+        if desc:  # the args start (q, k, v, o or do, ...)
+            _BLOCK_HOOKS[name]({"Q": args[0], "K": args[1], "V": args[2], "DO": args[3],
+                                "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, **meta})
         kernel[grid(config.block_m, config.block_n)](
             *args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return
-    tuned = _autotuned(name, _size_class(meta["D"], meta["DV"]), kv_desc)
+    tuned = _autotuned(name, _size_class(meta["D"], meta["DV"]), desc)
     tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
@@ -198,33 +212,56 @@ def _buckets(T: int, S: int, group: int) -> tuple[int, int]:
     return next_power_of_2(T * group), next_power_of_2(S)
 
 
-def _kv_descriptors(k: Tensor, v: Tensor, meta: dict[str, Any]) -> tuple[Any, Any] | None:
-    """Tensor descriptors over ``k[B,S,Hkv,D]`` and ``v`` (block shapes set at launch), or None
-    where TMA cannot take them: float32 (the tf32x3 path), a GPU before Hopper, a base not
-    16-byte aligned or a stride that is not a multiple of 16 bytes."""
+def _descriptors(x: Tensor, y: Tensor, meta: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Tensor descriptors over two ``[B, L, heads, dim]`` tensors (K and V, or q and dO; block
+    shapes set at launch), or None where TMA cannot take them: float32 (the tf32x3 path), a GPU
+    before Hopper, a base not 16-byte aligned or a stride that is not a multiple of 16
+    bytes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if meta["PRECISION"] == "tf32x3":
         return None
-    if not interpreting() and torch.cuda.get_device_capability(k.device) < (9, 0):
+    if not interpreting() and torch.cuda.get_device_capability(x.device) < (9, 0):
         return None
-    for x in (k, v):
-        if x.data_ptr() % 16 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
+    for t in (x, y):
+        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
             return None
-    blocks = ([1, 16, 1, meta["BLOCK_D"]], [1, 16, 1, meta["BLOCK_DV"]])  # reset at launch
-    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block)
-                 for x, block in zip((k, v), blocks, strict=True))
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                  [1, 1, 1, max(16, next_power_of_2(t.shape[-1]))])
+                 for t in (x, y))  # placeholder blocks, set at launch
+
+
+def _kv_descriptors(k: Tensor, v: Tensor, meta: dict[str, Any]) -> tuple[Any, Any] | None:
+    """:func:`_descriptors` over K and V (the forward's and the dQ kernel's loop tiles)."""
+    return _descriptors(k, v, meta)
+
+
+def _qo_descriptors(q: Tensor, do: Tensor, meta: dict[str, Any],
+                    config: BlockConfig | None) -> tuple[Any, Any] | None:
+    """:func:`_descriptors` over q and dO (the dK/dV kernel's loop tiles), or None also where a
+    row block of any configuration it may run would not hold whole position groups (``GROUP``
+    not a power of two, or above the smallest ``BLOCK_M``)."""
+    group = meta["GROUP"]
+    if config is not None:
+        smallest = config.block_m
+    elif interpreting():
+        smallest = _INTERPRETER_CONFIG.block_m
+    else:
+        smallest = min(c.block_m for c in DKDV_CONFIGS[_size_class(meta["D"], meta["DV"])])
+    if group & (group - 1) or smallest % group:
+        return None
+    return _descriptors(q, do, meta)
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
                       config: BlockConfig | None = None,
-                      kv_desc: bool | None = None) -> tuple[Tensor, Tensor]:
+                      desc: bool | None = None) -> tuple[Tensor, Tensor]:
     """The forward kernel: ``o[B,T,H,Dv]`` and ``lse[B·Hkv, T·H/Hkv]`` (float32, base 2).
 
     ``q``, ``k``, ``v`` must already be checked and have a unit last stride; ``config`` forces
-    one block configuration (for tests) instead of autotuning; ``kv_desc`` loads K and V
+    one block configuration (for tests) instead of autotuning; ``desc`` loads K and V
     through tensor descriptors where :func:`_kv_descriptors` allows (``None``: as
-    :data:`KV_DESCRIPTORS` says).
+    :data:`TENSOR_DESCRIPTORS` says).
     """
     B, T, H, _ = q.shape
     S, Hkv, Dv = v.shape[1], v.shape[2], v.shape[3]
@@ -233,7 +270,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
     o = torch.empty((B, T, H, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * Hkv, rows), dtype=torch.float32, device=q.device)
     descriptors = (_kv_descriptors(k, v, meta)
-                   if (KV_DESCRIPTORS if kv_desc is None else kv_desc) else None)
+                   if (TENSOR_DESCRIPTORS if desc is None else desc) else None)
     if descriptors is not None:
         meta["KV_DESC"] = True
     kv = descriptors or (k, v)
@@ -245,10 +282,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                        softmax_scale: float, dkdv_config: BlockConfig | None = None,
-                       dq_config: BlockConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       dq_config: BlockConfig | None = None,
+                       desc: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward kernels: ``dq``, ``dk``, ``dv`` shaped and typed like ``q``, ``k``, ``v``.
 
-    ``do`` must have a unit last stride; the configs force block configurations (for tests).
+    ``do`` must have a unit last stride; the configs force block configurations (for tests);
+    ``desc`` loads each kernel's loop tiles through tensor descriptors where TMA takes them
+    (``None``: as :data:`TENSOR_DESCRIPTORS` says).
     """
     B, T, H, _ = q.shape
     S, Hkv = v.shape[1], v.shape[2]
@@ -267,12 +307,17 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     qk_scale = softmax_scale * _LOG2_E
     buckets = _buckets(T, S, group)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    use_desc = TENSOR_DESCRIPTORS if desc is None else desc
+    qo = _qo_descriptors(q, do, meta, dkdv_config) if use_desc else None
+    kv = _kv_descriptors(k, v, meta) if use_desc else None
     _launch("dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
-            (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
-             T, S, Hkv, qk_scale, softmax_scale, *buckets), meta, dkdv_config)
+            (qo[0] if qo else q, k, v, qo[1] if qo else do, lse, delta, dk, dv, *common,
+             *dk.stride()[:3], *dv.stride()[:3], T, S, Hkv, qk_scale, softmax_scale, *buckets),
+            {**meta, "QO_DESC": True} if qo else meta, dkdv_config)
     _launch("dq", lambda bm, bn: (triton.cdiv(rows, bm), B * Hkv),
-            (q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3],
-             T, S, Hkv, qk_scale, softmax_scale, *buckets), meta, dq_config)
+            (q, *(kv or (k, v)), do, lse, delta, dq, *common, *dq.stride()[:3],
+             T, S, Hkv, qk_scale, softmax_scale, *buckets),
+            {**meta, "KV_DESC": True} if kv else meta, dq_config)
     return dq, dk, dv
 
 

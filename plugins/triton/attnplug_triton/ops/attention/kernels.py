@@ -201,8 +201,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo,
                 offset, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, d_ok, dv_ok,
                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-                PAD_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate ``dK``/``dV`` of one key block over the row blocks ``[lo, hi)``."""
+                PAD_DV: tl.constexpr, PRECISION: tl.constexpr, Q=None, DO=None, b=0, g=0,
+                QO_DESC: tl.constexpr = False):
+    """Accumulate ``dK``/``dV`` of one key block over the row blocks ``[lo, hi)``.
+    ``QO_DESC``: the q and dO tiles come through the tensor descriptors ``Q``, ``DO``
+    (``[B, T, H, D]``, blocks ``[1, BLOCK_M / GROUP, GROUP, BLOCK_D]``: the packed rows of the
+    group's heads; rows past T read as zeros) at batch ``b``, key/value head ``g``."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
@@ -211,10 +215,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo,
         t_idx = offs_m // GROUP  # (BM,)
         h_idx = offs_m % GROUP  # (BM,) head within the group
         row_ok = offs_m < rows
-        q = _load_tile(q_base + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
-                       + offs_d[None, :], row_ok, d_ok, True, PAD_D)  # (BM, BD)
-        do = _load_tile(do_base + t_idx[:, None] * stride_dot + h_idx[:, None] * stride_doh
-                        + offs_dv[None, :], row_ok, dv_ok, True, PAD_DV)  # (BM, BDV)
+        if QO_DESC:
+            q = Q.load([b, start_m // GROUP, g * GROUP, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DO.load([b, start_m // GROUP, g * GROUP, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            q = _load_tile(q_base + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
+                           + offs_d[None, :], row_ok, d_ok, True, PAD_D)  # (BM, BD)
+            do = _load_tile(do_base + t_idx[:, None] * stride_dot + h_idx[:, None] * stride_doh
+                            + offs_dv[None, :], row_ok, dv_ok, True, PAD_DV)  # (BM, BDV)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # (BM,)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)  # (BM,)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
@@ -238,9 +246,10 @@ def attention_bwd_dkdv_kernel(
     ROWS_BUCKET, KEYS_BUCKET,  # autotuning keys only
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QO_DESC: tl.constexpr = False,
 ):
-    """dK and dV of one block of ``BLOCK_N`` keys of one (batch, key/value head)."""
+    """dK and dV of one block of ``BLOCK_N`` keys of one (batch, key/value head). ``QO_DESC``:
+    ``Q`` and ``DO`` are tensor descriptors (TMA on Hopper; needs ``BLOCK_M % GROUP == 0``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -257,8 +266,9 @@ def attention_bwd_dkdv_kernel(
                    + offs_d[None, :], key_ok, d_ok, True, BLOCK_D != D)  # (BN, BD)
     v = _load_tile(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs
                    + offs_dv[None, :], key_ok, dv_ok, True, BLOCK_DV != DV)  # (BN, BDV)
-    q_base = Q + b * stride_qb + g * GROUP * stride_qh
-    do_base = DO + b * stride_dob + g * GROUP * stride_doh
+    if not QO_DESC:
+        q_base = Q + b * stride_qb + g * GROUP * stride_qh
+        do_base = DO + b * stride_dob + g * GROUP * stride_doh
     lse_base = LSE + pid_bh.to(tl.int64) * rows
     delta_base = DELTA + pid_bh.to(tl.int64) * rows
 
@@ -270,14 +280,25 @@ def attention_bwd_dkdv_kernel(
     mid = tl.minimum(tl.cdiv(t_full * GROUP, BLOCK_M) * BLOCK_M, rows_padded)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, mid,
-                         rows, offset, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
-                         d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, True, BLOCK_D != D,
-                         BLOCK_DV != DV, PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, mid,
-                         rows, rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
-                         qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, False,
-                         BLOCK_D != D, BLOCK_DV != DV, PRECISION)
+    if QO_DESC:  # the q/dO tiles through the descriptors (pointer arguments unused)
+        b32 = (pid_bh // HKV).to(tl.int32)  # descriptor coordinates are 32-bit
+        dk, dv = _dkdv_inner(dk, dv, k, v, None, None, lse_base, delta_base, offs_n, lo, mid,
+                             rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
+                             qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, True,
+                             BLOCK_D != D, BLOCK_DV != DV, PRECISION, Q, DO, b32, g, True)
+        dk, dv = _dkdv_inner(dk, dv, k, v, None, None, lse_base, delta_base, offs_n, mid,
+                             rows, rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
+                             qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, False,
+                             BLOCK_D != D, BLOCK_DV != DV, PRECISION, Q, DO, b32, g, True)
+    else:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo,
+                             mid, rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
+                             qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, True,
+                             BLOCK_D != D, BLOCK_DV != DV, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, mid,
+                             rows, rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
+                             qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, False,
+                             BLOCK_D != D, BLOCK_DV != DV, PRECISION)
     dk_ptrs = (DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dks
                + offs_d[None, :])
     dv_ptrs = (DV_OUT + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvs
@@ -292,14 +313,21 @@ def attention_bwd_dkdv_kernel(
 def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, lo, hi, offset, S,
               stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-              PAD_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate ``dQ`` of one row block over the key blocks ``[lo, hi)``."""
+              PAD_DV: tl.constexpr, PRECISION: tl.constexpr, K=None, V=None, b=0, g=0,
+              BLOCK_D: tl.constexpr = 16, BLOCK_DV: tl.constexpr = 16,
+              KV_DESC: tl.constexpr = False):
+    """Accumulate ``dQ`` of one row block over the key blocks ``[lo, hi)``; ``KV_DESC`` as in
+    :func:`_fwd_inner`."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         key_ok = cols < S
-        k = _load_tile(k_ptrs + start_n * stride_ks, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
-        v = _load_tile(v_ptrs + start_n * stride_vs, key_ok, dv_ok, MASKED, PAD_DV)  # (BN, BDV)
+        if KV_DESC:
+            k = K.load([b, start_n, g, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b, start_n, g, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = _load_tile(k_ptrs + start_n * stride_ks, key_ok, d_ok, MASKED, PAD_D)  # (BN, BD)
+            v = _load_tile(v_ptrs + start_n * stride_vs, key_ok, dv_ok, MASKED, PAD_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # (BM, BN)
         if MASKED:
@@ -321,9 +349,10 @@ def attention_bwd_dq_kernel(
     ROWS_BUCKET, KEYS_BUCKET,  # autotuning keys only
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_DESC: tl.constexpr = False,
 ):
-    """dQ of one block of ``BLOCK_M`` packed rows of one (batch, key/value head)."""
+    """dQ of one block of ``BLOCK_M`` packed rows of one (batch, key/value head). ``KV_DESC``:
+    ``K`` and ``V`` are tensor descriptors (TMA on Hopper)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -346,8 +375,11 @@ def attention_bwd_dq_kernel(
                     row_ok, dv_ok, True, BLOCK_DV != DV)  # (BM, BDV)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * rows + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * rows + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :]
+    if not KV_DESC:
+        k_ptrs = (K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks
+                  + offs_d[None, :])
+        v_ptrs = (V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs
+                  + offs_dv[None, :])
 
     offset = S - T
     t_lo = start_m // GROUP
@@ -355,12 +387,23 @@ def attention_bwd_dq_kernel(
     full_end = (t_lo + offset + 1) // BLOCK_N * BLOCK_N
     mask_end = tl.minimum(t_hi + offset + 1, S)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, 0, full_end, offset,
-                   S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, False,
-                   BLOCK_D != D, BLOCK_DV != DV, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, full_end, mask_end,
-                   offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, True,
-                   BLOCK_D != D, BLOCK_DV != DV, PRECISION)
+    if KV_DESC:  # the K/V tiles through the descriptors (pointer arguments unused)
+        b32 = (pid_bh // HKV).to(tl.int32)  # descriptor coordinates are 32-bit
+        dq = _dq_inner(dq, q, do, lse, delta, None, None, offs_n, t_idx, 0, full_end, offset,
+                       S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, False,
+                       BLOCK_D != D, BLOCK_DV != DV, PRECISION, K, V, b32, g, BLOCK_D,
+                       BLOCK_DV, True)
+        dq = _dq_inner(dq, q, do, lse, delta, None, None, offs_n, t_idx, full_end, mask_end,
+                       offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, True,
+                       BLOCK_D != D, BLOCK_DV != DV, PRECISION, K, V, b32, g, BLOCK_D,
+                       BLOCK_DV, True)
+    else:
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, 0, full_end,
+                       offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok, BLOCK_N, False,
+                       BLOCK_D != D, BLOCK_DV != DV, PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, t_idx, full_end,
+                       mask_end, offset, S, stride_ks, stride_vs, qk_scale, d_ok, dv_ok,
+                       BLOCK_N, True, BLOCK_D != D, BLOCK_DV != DV, PRECISION)
     dq_ptrs = (DQ + b * stride_dqb + t_idx[:, None] * stride_dqt + h_idx[:, None] * stride_dqh
                + offs_d[None, :])
     _store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), row_ok, d_ok,
