@@ -14,7 +14,7 @@ timeout 120 python3 -m pytest -q -rs tests/test_ops_cuda.py tests/test_moe_cuda.
 tail -n 3 "$OUT/ops_cuda.txt"
 # the triton flash attention against float64 at real shapes (bf16); the short convolution's
 # tests (long to autotune) are in gpu_profile.sh
-timeout 200 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
+timeout 300 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
   > "$OUT/triton_kernels.txt" 2>&1
 tail -n 3 "$OUT/triton_kernels.txt"
 for backend in triton local; do
@@ -27,6 +27,6 @@ print({k: d.get(k) for k in ("backend", "steps", "initial_loss", "final_loss", "
                              "tokens_per_second", "tokens_per_second_steady")})
 PY
 done
-timeout 150 python3 benchmarks/bench_attention.py --seqlens 4096 16384 --out "$OUT/attention" \
+timeout 240 python3 benchmarks/bench_attention.py --seqlens 4096 16384 --out "$OUT/attention" \
   > "$OUT/bench_attention.txt" 2>&1
 tail -n 20 "$OUT/bench_attention.txt"
