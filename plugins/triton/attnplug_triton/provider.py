@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # The slots this provider serves with kernels verified on a GPU; the rest come from ``local``.
 TRITON_SLOTS = frozenset({"core_attention", "layer_norm", "gated_delta_rule", "causal_conv1d",
                           "dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"})
+DSA_SLOTS = frozenset({"dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"})
 EXPERIMENTAL_ENV = "ATTNPLUG_TRITON_EXPERIMENTAL"
 # The largest GDN key/value head dim whose kernels were checked against float64 on a GPU (an
 # H200 with Triton 3.6: the autotuned kernels at 16, 32, 64 and 128, each configuration of each
@@ -55,20 +56,25 @@ class TritonSpecProvider(LocalSpecProvider):
             ``ATTNPLUG_TRITON_EXPERIMENTAL`` (``1`` enables).
         gdn_kernel: serve ``gated_delta_rule`` (without experimental kernels, :meth:`configure`
             turns it off for head dims above :data:`GPU_VERIFIED_GDN_DIM`).
+        dsa_kernels: serve the DSA slots (:meth:`configure` turns them off for an indexer head
+            dim the kernels do not take).
     """
 
     name = "triton"
 
     def __init__(self, experimental_kernels: bool | None = None, *,
-                 gdn_kernel: bool = True) -> None:
+                 gdn_kernel: bool = True, dsa_kernels: bool = True) -> None:
         if experimental_kernels is None:
             experimental_kernels = os.environ.get(EXPERIMENTAL_ENV, "") == "1"
         self.experimental_kernels = bool(experimental_kernels)
         self.gdn_kernel = bool(gdn_kernel)
+        self.dsa_kernels = bool(dsa_kernels)
 
     def _serves(self, slot: str) -> bool:
         if slot == "gated_delta_rule":
             return self.gdn_kernel or self.experimental_kernels
+        if slot in DSA_SLOTS:
+            return self.dsa_kernels
         return slot in TRITON_SLOTS
 
     def served_by(self, slot: str) -> str:
@@ -76,16 +82,27 @@ class TritonSpecProvider(LocalSpecProvider):
         return self.name if self._serves(slot) else LocalSpecProvider.name
 
     def configure(self, config: TransformerConfig) -> TritonSpecProvider:
-        """``self``, or (without experimental kernels) a copy that takes ``local``'s gated delta
-        rule when ``config``'s GDN head dims exceed :data:`GPU_VERIFIED_GDN_DIM`."""
+        """``self``, or a copy that takes ``local``'s gated delta rule when ``config``'s GDN head
+        dims exceed :data:`GPU_VERIFIED_GDN_DIM` (without experimental kernels), and ``local``'s
+        DSA ops when its indexer head dim exceeds what the DSA kernels take (256)."""
+        from attnplug_triton.ops.utils import MAX_HEAD_DIM
+
+        gdn, dsa = self.gdn_kernel, self.dsa_kernels
         dim = max(config.linear_key_head_dim, config.linear_value_head_dim)
-        if self.experimental_kernels or not self.gdn_kernel or dim <= GPU_VERIFIED_GDN_DIM:
+        if gdn and not self.experimental_kernels and dim > GPU_VERIFIED_GDN_DIM:
+            logger.info("triton: GDN head dims %d/%d exceed %d, the largest verified on a GPU; "
+                        "gated_delta_rule comes from 'local' (ATTNPLUG_TRITON_EXPERIMENTAL=1 "
+                        "serves the triton kernel)", config.linear_key_head_dim,
+                        config.linear_value_head_dim, GPU_VERIFIED_GDN_DIM)
+            gdn = False
+        index_dim = config.dsa_indexer_head_dim
+        if dsa and index_dim is not None and index_dim > MAX_HEAD_DIM:
+            logger.info("triton: dsa_indexer_head_dim=%d exceeds %d, the largest the DSA kernels "
+                        "take; the DSA ops come from 'local'", index_dim, MAX_HEAD_DIM)
+            dsa = False
+        if (gdn, dsa) == (self.gdn_kernel, self.dsa_kernels):
             return self
-        logger.info("triton: GDN head dims %d/%d exceed %d, the largest verified on a GPU; "
-                    "gated_delta_rule comes from 'local' (ATTNPLUG_TRITON_EXPERIMENTAL=1 serves "
-                    "the triton kernel)", config.linear_key_head_dim,
-                    config.linear_value_head_dim, GPU_VERIFIED_GDN_DIM)
-        return TritonSpecProvider(experimental_kernels=False, gdn_kernel=False)
+        return TritonSpecProvider(self.experimental_kernels, gdn_kernel=gdn, dsa_kernels=dsa)
 
     def supports(self, config: TransformerConfig) -> list[str]:
         """Reasons the kernels cannot serve ``config``: float64 parameters, head dim > 256."""

@@ -375,6 +375,30 @@ def test_provider_serves_the_dsa_kernels_by_default() -> None:
         assert provider.served_by(slot) == "triton"  # by default, since session 7
 
 
+def test_an_indexer_head_dim_the_kernels_do_not_take_gets_local_dsa_ops(caplog) -> None:
+    """dsa_indexer_head_dim above 256: the DSA slots come from local (logged, and the plan says
+    so), the rest stays triton; at 256 and below the provider is unchanged."""
+    import logging
+
+    from attnplug_triton.provider import TritonSpecProvider
+
+    from attnplug.specs import describe_layer_spec, get_dsa_module_spec_for_backend
+
+    provider = TritonSpecProvider()
+    assert provider.configure(_dsa_config(dsa_indexer_head_dim=256)) is provider
+    wide = _dsa_config(dsa_indexer_head_dim=512)
+    with caplog.at_level(logging.INFO, logger="attnplug_triton.provider"):
+        configured = provider.configure(wide)
+    assert "dsa_indexer_head_dim=512" in caplog.text
+    for slot in ("dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss"):
+        assert configured.served_by(slot) == "local"
+    assert configured.served_by("core_attention") == "triton"
+    assert configured.served_by("gated_delta_rule") == "triton"
+    slots = describe_layer_spec(get_dsa_module_spec_for_backend(wide, configured))
+    dsa_slots = ("dsa_indexer_topk", "sparse_attention", "dsa_indexer_loss")
+    assert {v["backend"] for k, v in slots.items() if k.endswith(dsa_slots)} == {"local"}
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda q, k, w: (q, k[..., :8], w), "k must be"),
     (lambda q, k, w: (q, k[:, :3], w), "S=3 < T=5"),
