@@ -152,21 +152,16 @@ def test_radix_selection_matches_a_sorted_selection(rows: list[list[float]], top
     keys not seen, many ties): exactly the positions a full sort would pick, in order; and the
     same as the ``torch.topk`` threshold's selection kernel."""
     from attnplug_triton.ops.dsa import topk_blocked as tb
-    from attnplug_triton.ops.utils import interpreting
 
     width = max(len(r) for r in rows)
     scores = torch.tensor([r + [float("-inf")] * (width - len(r)) for r in rows],
                           dtype=torch.float32, device=DEVICE)[None]  # (1, n, width)
-    n, block = scores.shape[1], 16 if interpreting() else 1024
+    n = scores.shape[1]
     got = torch.empty(1, n, topk, dtype=torch.long, device=DEVICE)
-    tb.radix_select_kernel[(n, 1)](scores, got, scores.stride(0), scores.stride(1),
-                                   got.stride(0), got.stride(1), width, topk, BLOCK=block)
+    tb.select_rows(scores, got, topk, radix=True)
     assert torch.equal(got[0].cpu(), _oracle_selection(scores[0].cpu(), topk))
-    threshold = torch.topk(scores, min(topk, width), dim=-1).values.amin(-1)
     by_threshold = torch.empty_like(got)
-    tb.select_kernel[(n, 1)](scores, threshold.contiguous(), by_threshold, scores.stride(0),
-                             scores.stride(1), by_threshold.stride(0), by_threshold.stride(1), n,
-                             width, topk, BLOCK=block)
+    tb.select_rows(scores, by_threshold, topk, radix=False)
     assert torch.equal(got, by_threshold)
 
 

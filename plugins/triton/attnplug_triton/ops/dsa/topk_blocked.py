@@ -44,7 +44,7 @@ from attnplug_triton.ops.dsa.scores import (
 from attnplug_triton.ops.utils import interpreting, next_power_of_2, unit_last_stride
 
 __all__ = ["dsa_indexer_topk_blocked", "dsa_indexer_topk_threshold", "dsa_indexer_topk_radix",
-           "indexer_keys", "start_topk"]
+           "indexer_keys", "select_rows", "start_topk"]
 
 _INT64_MIN = tl.constexpr(-(2**63))
 
@@ -337,6 +337,37 @@ def dsa_indexer_topk_blocked(
     return out
 
 
+def select_rows(part: Tensor, rows: Tensor, topk: int, *, radix: bool) -> None:
+    """Write into ``rows[B, n, topk]`` (int64) each row's selection from the float32 scores
+    ``part[B, n, width]`` (−inf where not seen): the positions of the ``topk`` largest, equal
+    ones the earliest first, in position order, then −1. The row's threshold from
+    ``torch.topk`` then :func:`select_kernel`, or with ``radix`` from
+    :func:`radix_select_kernel`'s own radix selection."""
+    B, n, width = part.shape
+    block, warps = (16, 1) if interpreting() else (1024, 4)
+    if radix:
+        radix_select_kernel[(n, B)](part, rows, part.stride(0), part.stride(1), rows.stride(0),
+                                    rows.stride(1), width, topk, BLOCK=block, num_warps=warps)
+        return
+    threshold = torch.topk(part, min(topk, width), dim=-1, sorted=False).values.amin(-1)
+    select_kernel[(n, B)](part, threshold.contiguous(), rows, part.stride(0), part.stride(1),
+                          rows.stride(0), rows.stride(1), n, width, topk, BLOCK=block,
+                          num_warps=warps)
+
+
+def _scored_topk(owner: str, q: Tensor, k: Tensor, weights: Tensor, *, topk: object,
+                 causal: bool, relu: bool, block_bytes: object, radix: bool) -> Tensor:
+    """The threshold and radix top-k: float32 scores a block of queries at a time
+    (:func:`_query_blocks`), each block's rows selected by :func:`select_rows`."""
+    out, blocks = _query_blocks(owner, q, k, weights, topk=topk, causal=causal, relu=relu,
+                                block_bytes=block_bytes, dtype=torch.float32)
+    if blocks is None:
+        return out
+    for start, part in blocks:  # (B, n, width) scores
+        select_rows(part, out[:, start:start + part.shape[1]], topk, radix=radix)
+    return out
+
+
 def dsa_indexer_topk_threshold(
     q: Tensor,
     k: Tensor,
@@ -358,20 +389,8 @@ def dsa_indexer_topk_threshold(
     selection rule (the ``topk`` largest scores; equal scores: the earlier key), indices in
     position order, −1 after a row's visible keys.
     """
-    out, blocks = _query_blocks("dsa_indexer_topk_threshold", q, k, weights, topk=topk,
-                                causal=causal, relu=relu, block_bytes=block_bytes,
-                                dtype=torch.float32)
-    if blocks is None:
-        return out
-    select_block = 16 if interpreting() else 1024
-    for start, part in blocks:  # (B, n, width) scores
-        B, n, width = part.shape
-        threshold = torch.topk(part, min(topk, width), dim=-1, sorted=False).values.amin(-1)
-        rows = out[:, start:start + n]  # (B, n, topk)
-        select_kernel[(n, B)](part, threshold.contiguous(), rows, part.stride(0), part.stride(1),
-                              rows.stride(0), rows.stride(1), n, width, topk,
-                              BLOCK=select_block, num_warps=1 if interpreting() else 4)
-    return out
+    return _scored_topk("dsa_indexer_topk_threshold", q, k, weights, topk=topk, causal=causal,
+                        relu=relu, block_bytes=block_bytes, radix=False)
 
 
 def dsa_indexer_topk_radix(
@@ -391,16 +410,5 @@ def dsa_indexer_topk_radix(
     right under the interpreter, not yet run on a GPU. Same arguments, selection rule and
     output as :func:`dsa_indexer_topk_threshold`.
     """
-    out, blocks = _query_blocks("dsa_indexer_topk_radix", q, k, weights, topk=topk,
-                                causal=causal, relu=relu, block_bytes=block_bytes,
-                                dtype=torch.float32)
-    if blocks is None:
-        return out
-    select_block = 16 if interpreting() else 1024
-    for start, part in blocks:  # (B, n, width) scores
-        B, n, width = part.shape
-        rows = out[:, start:start + n]  # (B, n, topk)
-        radix_select_kernel[(n, B)](part, rows, part.stride(0), part.stride(1), rows.stride(0),
-                                    rows.stride(1), width, topk, BLOCK=select_block,
-                                    num_warps=1 if interpreting() else 4)
-    return out
+    return _scored_topk("dsa_indexer_topk_radix", q, k, weights, topk=topk, causal=causal,
+                        relu=relu, block_bytes=block_bytes, radix=True)
