@@ -224,11 +224,6 @@ def chunk_bwd_kernel(
         store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
     elif DK_SUM:  # the loop's terms and the closing ones of the stats pass
         dqk += load_rows(dkp_ptr + hv * DK, rows, r_ok, HV * DK, offs_k, k_ok)
-        if FINALIZE:
-            if USE_L2NORM:
-                k_hat = k.to(tl.float32) * rk[:, None]
-                dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
-        store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
     else:
         dgam = t_q * rqs * eg - t_end + t_w * beta * eg
         dbeta += t_w * eg
@@ -256,12 +251,12 @@ def chunk_bwd_kernel(
         tl.store(dbeta_ptr + gate, dbeta, mask=r_ok)
         if DK_STATS:  # dk's closing terms, for the sum pass
             store_rows(dkp_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
-        else:
-            if FINALIZE:
-                if USE_L2NORM:
-                    k_hat = k.to(tl.float32) * rk[:, None]
-                    dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
-            store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
+    if not DQ_PASS and not DK_STATS:  # dk complete (single pass or sum pass)
+        if FINALIZE:
+            if USE_L2NORM:
+                k_hat = k.to(tl.float32) * rk[:, None]
+                dqk = (dqk - k_hat * tl.sum(k_hat * dqk, 1)[:, None]) * rk[:, None]
+        store_rows(dk_ptr + hv * DK, dqk, rows, r_ok, HV * DK, offs_k, k_ok)
 
 
 def _l2norm_backward(x: Tensor, dy: Tensor) -> Tensor:
