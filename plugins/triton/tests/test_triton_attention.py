@@ -96,9 +96,9 @@ def test_descriptor_kernels_match_the_pointer_kernels_and_float64(shape, dtype) 
     q, k, v, do = _inputs(*shape, dtype)
     meta = fused._meta(q, k, v)
     if HAS_CUDA and torch.cuda.get_device_capability() < (9, 0):
-        assert fused._kv_descriptors(k, v, meta) is None  # no TMA before Hopper
+        assert fused._descriptors(k, v, meta) is None  # no TMA before Hopper
         pytest.skip("tensor descriptors need a Hopper GPU or the interpreter")
-    assert fused._kv_descriptors(k, v, meta) is not None
+    assert fused._descriptors(k, v, meta) is not None
     scale = shape[5] ** -0.5
     o_desc, lse_desc = fused.attention_forward(q, k, v, scale, desc=True)
     o_ptrs, lse_ptrs = fused.attention_forward(q, k, v, scale, desc=False)
@@ -124,11 +124,11 @@ def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
     from attnplug_triton.ops.attention.naive import naive_attention
 
     q, k, v, do = _inputs(1, 20, 24, 4, 2, 16, 16, torch.float32)
-    assert fused._kv_descriptors(k, v, fused._meta(q, k, v)) is None  # float32
+    assert fused._descriptors(k, v, fused._meta(q, k, v)) is None  # float32
     q, k, v, do = (x.half() for x in (q, k, v, do))
-    assert fused._kv_descriptors(k, v, fused._meta(q, k, v)) is not None
+    assert fused._descriptors(k, v, fused._meta(q, k, v)) is not None
     odd = torch.randn(1, 24, 2, 20, device=DEVICE, dtype=torch.float16)[..., :12]  # 40-byte rows
-    assert fused._kv_descriptors(odd, odd, fused._meta(q[..., :12], odd, odd)) is None
+    assert fused._descriptors(odd, odd, fused._meta(q[..., :12], odd, odd)) is None
     monkeypatch.setattr(fused, "TENSOR_DESCRIPTORS", True)
     outs = _run(fused.flash_attention, q, k, v, do)
     refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
@@ -136,7 +136,7 @@ def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
         assert_matches(f"{name} (descriptors on)", out, ref, torch.float16)
     q3, k3, v3, do3 = _inputs(1, 21, 21, 6, 2, 16, 16, torch.float16)  # 3 heads a group
     assert fused._qo_descriptors(q3, do3, fused._meta(q3, k3, v3), None) is None
-    assert fused._kv_descriptors(k3, v3, fused._meta(q3, k3, v3)) is not None
+    assert fused._descriptors(k3, v3, fused._meta(q3, k3, v3)) is not None
     outs = _run(fused.flash_attention, q3, k3, v3, do3)
     refs = _run(naive_attention, q3.double(), k3.double(), v3.double(), do3.double())
     for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):

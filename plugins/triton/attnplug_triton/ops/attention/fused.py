@@ -231,11 +231,6 @@ def _descriptors(x: Tensor, y: Tensor, meta: dict[str, Any]) -> tuple[Any, Any] 
                  for t in (x, y))  # placeholder blocks, set at launch
 
 
-def _kv_descriptors(k: Tensor, v: Tensor, meta: dict[str, Any]) -> tuple[Any, Any] | None:
-    """:func:`_descriptors` over K and V (the forward's and the dQ kernel's loop tiles)."""
-    return _descriptors(k, v, meta)
-
-
 def _qo_descriptors(q: Tensor, do: Tensor, meta: dict[str, Any],
                     config: BlockConfig | None) -> tuple[Any, Any] | None:
     """:func:`_descriptors` over q and dO (the dK/dV kernel's loop tiles), or None also where a
@@ -260,7 +255,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
 
     ``q``, ``k``, ``v`` must already be checked and have a unit last stride; ``config`` forces
     one block configuration (for tests) instead of autotuning; ``desc`` loads K and V
-    through tensor descriptors where :func:`_kv_descriptors` allows (``None``: as
+    through tensor descriptors where :func:`_descriptors` allows (``None``: as
     :data:`TENSOR_DESCRIPTORS` says).
     """
     B, T, H, _ = q.shape
@@ -269,7 +264,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
     rows = T * meta["GROUP"]
     o = torch.empty((B, T, H, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * Hkv, rows), dtype=torch.float32, device=q.device)
-    descriptors = (_kv_descriptors(k, v, meta)
+    descriptors = (_descriptors(k, v, meta)
                    if (TENSOR_DESCRIPTORS if desc is None else desc) else None)
     if descriptors is not None:
         meta["KV_DESC"] = True
@@ -309,7 +304,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     use_desc = TENSOR_DESCRIPTORS if desc is None else desc
     qo = _qo_descriptors(q, do, meta, dkdv_config) if use_desc else None
-    kv = _kv_descriptors(k, v, meta) if use_desc else None
+    kv = _descriptors(k, v, meta) if use_desc else None
     _launch("dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
             (qo[0] if qo else q, k, v, qo[1] if qo else do, lse, delta, dk, dv, *common,
              *dk.stride()[:3], *dv.stride()[:3], T, S, Hkv, qk_scale, softmax_scale, *buckets),
