@@ -130,28 +130,22 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
         topk_fn, sparse_fn = fns["topk"], fns["sparse"]
         indices = topk_fn(iq, ik, iw, topk=topk)
 
-        def dsa() -> object:
-            o = sparse_fn(q, k, v, topk_fn(iq, ik, iw, topk=topk))
-            return o.backward(do) if backward else o
+        def total(select: Callable) -> Callable[[], object]:
+            """The DSA total with top-k ``select``: indices, then the sparse attention."""
+            def run() -> object:
+                o = sparse_fn(q, k, v, select(iq, ik, iw, topk=topk))
+                return o.backward(do) if backward else o
+            return run
 
         def sparse() -> object:
             o = sparse_fn(q, k, v, indices)
             return o.backward(do) if backward else o
 
-        def dsa_keys() -> object:
-            o = sparse_fn(q, k, v, fns["topk-keys"](iq, ik, iw, topk=topk))
-            return o.backward(do) if backward else o
-
-        def dsa_radix() -> object:
-            o = sparse_fn(q, k, v, fns["topk-radix"](iq, ik, iw, topk=topk))
-            return o.backward(do) if backward else o
-
-        impls["dsa"] = dsa
-        impls["dsa-keys"] = dsa_keys
-        impls["dsa-radix"] = dsa_radix
-        impls["dsa-topk"] = lambda: topk_fn(iq, ik, iw, topk=topk)
-        impls["dsa-topk-keys"] = lambda: fns["topk-keys"](iq, ik, iw, topk=topk)
-        impls["dsa-topk-radix"] = lambda: fns["topk-radix"](iq, ik, iw, topk=topk)
+        selections = {"": topk_fn, "-keys": fns["topk-keys"], "-radix": fns["topk-radix"]}
+        for suffix, select in selections.items():
+            impls[f"dsa{suffix}"] = total(select)
+        for suffix, select in selections.items():
+            impls[f"dsa-topk{suffix}"] = lambda select=select: select(iq, ik, iw, topk=topk)
         impls["topk-local"] = lambda: fns["topk-local"](iq, ik, iw, topk=topk)
         impls["dsa-sparse"] = sparse
         if with_kl and backward:
