@@ -24,7 +24,8 @@ output from stored chunk states in a parallel kernel / always in the sequential 
 ``triton-keep`` (the backward reuses the forward's states), ``triton-dvpass`` (dv in a
 backward pass of its own instead of from the dh kernel, the default since session 5),
 ``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel),
-``triton-splitdk`` (the backward's dk pass as two passes with fewer live tiles)
+``triton-splitdk`` (the backward's dk pass as two passes with fewer live tiles),
+``triton-localdv-splitdk`` (both)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -201,7 +202,7 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
         if backward and name == "fla" and bench.name == "gdn_scaling":
             continue  # fla's backward refuses on Hopper; the fwd+bwd table records that once
         if not backward and name in ("triton-keep", "triton-dvpass", "triton-localdv",
-                                     "triton-splitdk"):
+                                     "triton-splitdk", "triton-localdv-splitdk"):
             continue  # these change only the backward
         timings[name] = timed(fn, inputs, do)
     if "fla" in impls and not isinstance(impls["triton"], str) and not isinstance(impls["fla"],
@@ -274,7 +275,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
-              "triton-localdv", "triton-splitdk", "triton-all", "fla")
+              "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
              "triton-dvpass": triton_gdn(dv_from_dh=False),
              "triton-localdv": triton_gdn(local_dv=True),
              "triton-splitdk": triton_gdn(split_dk=True),
+             "triton-localdv-splitdk": triton_gdn(local_dv=True, split_dk=True),
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
              "fla": fla_gdn()}

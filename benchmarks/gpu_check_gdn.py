@@ -19,12 +19,13 @@ too slow at these sizes). Parts:
 3. ``decode``: the token-by-token kernel against the step op, and the slot without autograd;
 4. ``probe`` (not in the default parts): each configuration of a kernel family
    (``--probe-families``: chunk_bwd's three passes, chunk_h's three kernels, kkt_solve,
-   chunk_o and chunk_dv (with ``--probe-variants``), or ``autotune``: nothing forced) at each
-   ``--probe-dims``, in a process of its own, with ``CUDA_LAUNCH_BLOCKING=1``, eight processes
-   at a time. On the H200 with Triton 3.6
-   the backward faulted (illegal memory access, 2026-11-28; benchmarks/results) and a fault
-   ends the CUDA context, so parts 1–2 stop at the first one; this part names every
-   configuration that faults and checks the others.
+   chunk_o and chunk_dv (these two with ``--probe-variants``), or ``autotune``: nothing
+   forced) at each ``--probe-dims``, in a process of its own, with ``CUDA_LAUNCH_BLOCKING=1``,
+   eight processes at a time; with the served switches of ``chunk_gated_delta_rule``, or with
+   ``--probe-variants NAME…`` only the named ones on (all of them when none is named). On
+   the H200 with Triton 3.6 the backward faulted (illegal memory access, 2026-11-28;
+   benchmarks/results) and a fault ends the CUDA context, so parts 1–2 stop at the first
+   one; this part names every configuration that faults and checks the others.
 
 A row fails when an error exceeds its dtype's tolerance (bf16 and fp16 1e-2, fp32 1e-4) or is
 not finite. Exit status 1 when any row fails.
@@ -226,14 +227,17 @@ def probe_configs(family: str) -> list:
             "chunk_dv": chunk_dv.CONFIGS, "autotune": [None]}[family]
 
 
-def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
+VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk")
+
+
+def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ()) -> int:
     """One probe (in its own process): ``family``'s kernels forced to its ``index``-th
     configuration, every other kernel at its first (chunk_bwd: its first not pruned at this
     dim; none forced for ``autotune``), fwd+bwd at
     B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
-    against float64; with ``variants``, the split forward, kept states, dv from the dh kernel,
-    the local dv kernel and the two-pass dk (chunk.py's SPLIT_OUTPUT, KEEP_STATES, DV_FROM_DH,
-    LOCAL_DV, SPLIT_DK).
+    against float64; ``variants`` names the switches of chunk_gated_delta_rule turned on (of
+    VARIANTS: the split forward, kept states, dv from the dh kernel, the local dv kernel and
+    the two-pass dk), the others off; none named: the served defaults.
     Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 
@@ -263,9 +267,8 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
     with ExitStack() as stack:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))
-        fn = functools.partial(chunk_gated_delta_rule, split_output=variants,
-                               keep_states=variants, dv_from_dh=variants, local_dv=variants,
-                               split_dk=variants)
+        switches = {name: name in variants for name in VARIANTS} if variants else {}
+        fn = functools.partial(chunk_gated_delta_rule, **switches)
         outs = run(fn, x, lambda t: t.clone(), None)
     torch.cuda.synchronize()
     errs = errors(outs, refs)  # the parent judges them (row())
@@ -274,7 +277,7 @@ def probe_one(family: str, index: int, dim: int, variants: bool = False) -> int:
 
 
 def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
-                variants: bool = False) -> list[dict]:
+                variants: tuple[str, ...] = ()) -> list[dict]:
     """Part 4: every configuration of each kernel family, each in a process of its own
     (CUDA_LAUNCH_BLOCKING=1; ``jobs`` at a time on the one GPU), so that one that faults (an
     illegal memory access ends the CUDA context) is named and the others still run."""
@@ -288,14 +291,16 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
             for index, config in enumerate(probe_configs(family)):
                 what = "autotuned" if config is None else (
                     f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}")
-                label = f"D{dim} {family}{' (variants)' if variants else ''} {what}"
+                on = f" ({'+'.join(variants)})" if variants else ""
+                label = f"D{dim} {family}{on} {what}"
                 cases.append((family, index, dim, label))
 
     def one(case: tuple) -> dict:
         family, index, dim, label = case
         try:
             command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim)]
-            done = subprocess.run(command + (["--probe-variants"] if variants else []), env=env,
+            done = subprocess.run(command + ["--probe-variants", *variants] if variants
+                                  else command, env=env,
                                   capture_output=True, text=True, timeout=240)
             last = (done.stdout.strip().splitlines() or [""])[-1]
             result = json.loads(last) if last.startswith("{") else None
@@ -358,10 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="probe: head dims K=V to probe at (default 128)")
     parser.add_argument("--probe-families", nargs="+", choices=list(PROBE_FAMILIES),
                         default=["chunk_bwd"], help="probe: kernel families to probe")
-    parser.add_argument("--probe-variants", action="store_true",
-                        help="probe: with the kernel variants on (split forward, kept states, "
-                        "dv from dh, local dv: chunk_fwd_o, chunk_fwd_h_h, chunk_bwd_dv_local, "
-                        "chunk_bwd_dh_y_l run)")
+    parser.add_argument("--probe-variants", nargs="*", choices=VARIANTS, default=None,
+                        help="probe: with these kernel variants on, the others off (none "
+                        "named: all of them; without the flag: the served defaults)")
     parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])
@@ -372,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check_gdn: no CUDA device", file=sys.stderr)
         return 1
     torch.manual_seed(0)
+    variants = (() if args.probe_variants is None
+                else tuple(args.probe_variants) or VARIANTS)
     if args.probe_one is not None:
         family, index, dim = args.probe_one
-        return probe_one(family, int(index), int(dim), args.probe_variants)
+        return probe_one(family, int(index), int(dim), variants)
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += check_decode()
     if "probe" in args.parts:
         rows += check_probe(tuple(args.probe_dims), tuple(args.probe_families),
-                            variants=args.probe_variants)
+                            variants=variants)
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for line in chosen_configs():

@@ -338,6 +338,16 @@ def test_the_autotuner_never_sees_a_configuration_miscompiled_at_that_key_dim(dk
         assert [(c.kwargs["BV"], c.num_warps) for c in dropped] == [(32, 4), (32, 4)]
     else:
         assert dropped == []
+    # the split dk's two passes (PASS 3, 4) also drop BV = 32 at K = 32, every warp count; the
+    # other passes keep what they kept
+    for which in range(5):
+        split = chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dk, PASS=which)
+        assert split, f"pass {which} at DK={dk}: at least one configuration must stay"
+        if which in (3, 4) and block(dk) == 32:
+            assert [c for c in kept if c not in split] == [
+                c for c in kept if c.kwargs["BV"] == 32]
+        else:
+            assert split == kept
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -374,7 +384,8 @@ def test_dv_from_the_dh_kernel_spares_the_dv_pass(monkeypatch, dv_dh: bool) -> N
                             or real(name, *a, **kw))
     torch.manual_seed(0)
     x = _inputs(1, 70, 1, 2, 16, 16, 1, True, torch.float32)
-    _run(functools.partial(chunk.chunk_gated_delta_rule, dv_from_dh=dv_dh, local_dv=dv_dh), x,
+    _run(functools.partial(chunk.chunk_gated_delta_rule, dv_from_dh=dv_dh, local_dv=dv_dh,
+                           split_dk=False), x,
          lambda t: t.clone(), True, use_qk_l2norm=True)
     backward = [n for n in launched if n.startswith("chunk_bwd")]
     if dv_dh:  # with local_dv too: its kernel first, then the dh kernel that reads it

@@ -89,7 +89,8 @@ KEEP_STATES = False
 DV_FROM_DH = True
 # The dh kernel's within-chunk term ``Pᵀ dO``: False computes it on the sequential path; True
 # reads it from a parallel kernel (:mod:`.chunk_dv`), float32 ``[tokens, HV, V]`` in between.
-LOCAL_DV = False
+# True since session 8, with SPLIT_DK (below): see there.
+LOCAL_DV = True
 # With grouped value heads (HV > H): False sums dq, dk over each group and applies the L2 norm's
 # backward in torch (about a dozen passes over [tokens, H, K] float32 each); True does it in one
 # kernel (:mod:`.group_grads`). True since session 6: right on the H200 at the GPU-sized
@@ -98,9 +99,14 @@ FUSED_GROUP_GRADS = True
 # The backward's dk: False in one pass of chunk_bwd_kernel (which spills 1–2 KB a thread on
 # sm_90 at every configuration); True in two (dg, dβ and dk's closing terms, then dk's loop
 # terms), each with fewer live tiles, V_new recomputed once more and a float32 [tokens, HV, K]
-# scratch between them. Experimental (session 7): right under the interpreter, not yet run on
-# a GPU (benchmarks/gpu_check_gdn.py --parts probe, bench_gated_delta_rule.py triton-splitdk).
-SPLIT_DK = False
+# scratch between them. True since session 8, with LOCAL_DV: on the H200 (Triton 3.6, bf16)
+# both together were right at every configuration the autotuner may pick at K = V = 16, 32,
+# 64 and 128 (gpu_check_gdn.py --parts probe --probe-variants local_dv split_dk; BV = 32 at
+# K = 32 miscompiles in the split passes and is pruned, chunk_bwd._MISCOMPILED_SPLIT_DK), and
+# faster forward and backward at 64K tokens a step, HV = 16, K = V = 128 (bench_gated_delta_rule
+# --parts scaling): 9.53 vs 10.40 ms at B = 16 × 4K, 10.69 vs 12.26 at 2 × 32K, 13.67 vs 16.79
+# at 1 × 64K (either alone: 10.13 / 9.81, 11.29 / 11.68, 14.26 / 16.11).
+SPLIT_DK = True
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):

@@ -73,16 +73,25 @@ INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
 # 0.24 or faulted (illegal memory access); at K = 16 every 8-warp configuration wrote NaN in
 # dk and dg. All eight were right at K = V = 64 and 128.
 _MISCOMPILED = {(32, 32, 4)} | {(16, bv, 8) for bv in (32, 64)}
+# The same for the two passes of the split dk (PASS 3 and 4, ``split_dk``), same machine and
+# Triton (``--probe-variants split_dk --probe-dims 32``, session 8): at K = V = 32 with BV = 32
+# they wrote dk with relative error 0.82 (8 warps) or faulted (4 warps); right under the
+# interpreter with the same blocks, and on the H200 with BV = 64 at K = 32 and with every
+# configuration at K = V = 128.
+_MISCOMPILED_SPLIT_DK = {(32, 32, w) for w in (4, 8)}
 
 
 def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configurations that are safe for this call's key dim (Triton's
-    ``early_config_prune``): none of ``_MISCOMPILED``."""
+    """The configurations that are safe for this call's key dim and pass (Triton's
+    ``early_config_prune``): none of ``_MISCOMPILED`` (nor, for the split dk's passes, of
+    ``_MISCOMPILED_SPLIT_DK``)."""
     dk = kwargs.get("DK", named_args.get("DK"))
     if dk is None:
         return configs
-    return [c for c in configs
-            if (block(dk), c.kwargs["BV"], c.num_warps) not in _MISCOMPILED]
+    bad = _MISCOMPILED
+    if kwargs.get("PASS", named_args.get("PASS")) in (3, 4):
+        bad = bad | _MISCOMPILED_SPLIT_DK
+    return [c for c in configs if (block(dk), c.kwargs["BV"], c.num_warps) not in bad]
 
 
 @triton.jit
