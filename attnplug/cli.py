@@ -1,7 +1,8 @@
-"""The ``attnplug`` command: ``backends``, ``plan`` and ``train``.
+"""The ``attnplug`` command: ``backends``, ``plan``, ``train`` and ``check``.
 
 A user error (a bad config, a backend that cannot run) prints one line,
-``attnplug: error: <message>``, and exits with status 2; no traceback.
+``attnplug: error: <message>``, and exits with status 2; no traceback. ``check`` exits with
+status 1 when a slot computes a wrong value or raises.
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ def build_parser(*, with_train_arguments: bool = False) -> argparse.ArgumentPars
     plan.add_argument("--as-pattern", action="store_true",
                       help="print only the hybrid_layer_pattern equivalent to the config "
                            "(a pattern config: its own, normalised)")
+
+    check = commands.add_parser(
+        "check", help="check every slot a backend serves against attnplug's float64 references",
+        description="Run each slot of BACKEND (attention, gated delta rule, DSA, convolution, "
+                    "norms, linears, experts, a small hybrid model) on fresh random inputs and "
+                    "compare outputs and gradients with attnplug's references in float64. "
+                    "Exit status 1 when a slot is wrong or raises.")
+    check.add_argument("backend", metavar="BACKEND", help="an installed backend's name")
+    check.add_argument("--device", default="cpu", help="where the slots run (default: cpu)")
+    check.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                       default="float32", help="the inputs' and parameters' dtype")
+    check.add_argument("--slots", nargs="+", metavar="SLOT",
+                       help="only these slots (default: all; see attnplug.testing.CHECKED_SLOTS)")
+    check.add_argument("--seed", type=_non_negative, default=0, help="the random inputs' seed")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     train = commands.add_parser("train", help="build the model and train it",
                                 add_help=with_train_arguments)
@@ -226,13 +242,57 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+_STATUS_STYLE = {"passed": "green", "FAILED": "bold red", "error": "bold red",
+                 "not served": "dim", "not comparable": "yellow"}
+
+
+def _errors_cell(errors: dict[str, float]) -> str:
+    return "\n".join(f"{name} {value:.1e}" for name, value in errors.items()) or "-"
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from attnplug.testing import check_backend
+
+    try:
+        results = check_backend(args.backend, device=args.device, dtype=args.dtype,
+                                slots=args.slots, seed=args.seed)
+    except ValueError as exc:
+        raise _UserError(str(exc)) from None
+    passed = all(result.ok for result in results)
+    if args.json:
+        _print_json({"backend": args.backend, "device": args.device, "dtype": args.dtype,
+                     "passed": passed, "checks": [result.to_json() for result in results]})
+        return 0 if passed else 1
+    from rich.markup import escape
+    from rich.table import Table
+
+    failed = sum(not result.ok for result in results)
+    table = Table(title=escape(f"attnplug check: backend {args.backend!r} on {args.device}, "
+                               f"{args.dtype}"),
+                  caption="relative error ‖got − ref‖/‖ref‖ against float64 references; "
+                          + (f"{failed} of {len(results)} checks wrong or raised" if failed
+                             else "every check passed"),
+                  show_lines=True)
+    for column in ("slot", "case", "status", "errors", "tolerance", "detail"):
+        table.add_column(column)
+    for result in results:
+        table.add_row(result.slot, escape(result.case),
+                      f"[{_STATUS_STYLE[result.status]}]{result.status}[/]",
+                      escape(_errors_cell(result.errors)),
+                      "" if result.tolerance is None else f"{result.tolerance:.0e}",
+                      escape(result.detail))
+    _console().print(table)
+    return 0 if passed else 1
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from attnplug.train import run_train
 
     return run_train(args)
 
 
-_COMMANDS = {"backends": _run_backends, "plan": _run_plan, "train": _run_train}
+_COMMANDS = {"backends": _run_backends, "plan": _run_plan, "train": _run_train,
+             "check": _run_check}
 
 
 class _Logging:

@@ -191,3 +191,18 @@ def test_flash_attention_module_matches_the_local_core_attention() -> None:
     ours = FlashAttention(config, layer_number=2, softmax_scale=0.5)
     local = DotProductAttention(config, layer_number=2, softmax_scale=0.5)
     assert_matches("o", ours(q, k, v), local(q, k, v), torch.float32)
+
+
+def test_the_conformance_kit_passes_the_triton_backend() -> None:
+    """``attnplug check triton`` (``attnplug.testing``): every slot the kernels serve against
+    the float64 references, and the small hybrid model against local's, on this machine's
+    device (the interpreter here, float32; ``--device cuda --dtype bfloat16`` on a GPU)."""
+    from attnplug_triton.provider import TritonSpecProvider
+
+    from attnplug.testing import check_backend
+
+    dtype = torch.float32 if torch.device(DEVICE).type == "cpu" else torch.bfloat16
+    results = check_backend(TritonSpecProvider(), device=DEVICE, dtype=dtype)
+    assert not [r for r in results if not r.ok]
+    passed = {r.slot for r in results if r.status == "passed"}
+    assert {"core_attention", "layer_norm", "model", *KERNEL_SLOTS} <= passed
