@@ -382,6 +382,26 @@ def _check_dsa_indexer_loss(ctx: _Context) -> Iterator[CheckResult]:
 
 
 # -- module slots -----------------------------------------------------------------------------
+def _load_like_local(module: nn.Module, state: dict[str, Tensor]) -> str:
+    """Load ``local``'s ``state`` into the backend's ``module``; why it cannot be compared
+    (empty when loaded): every one of its parameters must come from ``state`` under the same
+    name and shape, and every entry of ``state`` must be used. State of its own that is not a
+    parameter (Transformer Engine's ``_extra_state``, buffers) may stay as built."""
+    try:
+        loaded = module.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        return f"its parameters are not laid out as local's ({_first_line(exc)})"
+    params = dict(module.named_parameters())
+    missing = [key for key in loaded.missing_keys if key in params]
+    if missing or loaded.unexpected_keys:
+        return ("its parameters are not laid out as local's (" + "; ".join(
+            text for text in (missing and f"not in local's: {missing[:4]}",
+                              loaded.unexpected_keys
+                              and f"local's not in its: {loaded.unexpected_keys[:4]}") if text)
+                + ")")
+    return ""
+
+
 def _randomised_state(module: nn.Module, ctx: _Context) -> dict[str, Tensor]:
     """``module``'s state dict with every float tensor replaced by random values (rounded to
     the checked dtype, float64)."""
@@ -403,13 +423,10 @@ def _compare_modules(ctx: _Context, slot: str, case: str, build: Callable[[], nn
     state = _randomised_state(local, ctx)
     local.load_state_dict(state)
     module = build().to(ctx.device)
-    try:
-        module.load_state_dict({n: v.to(ctx.dtype) if v.is_floating_point() else v
-                                for n, v in state.items()})
-    except (RuntimeError, KeyError) as exc:
-        return CheckResult(slot, case, "not comparable", {}, ctx.tolerance,
-                           "its parameters are not laid out as local's "
-                           f"({_first_line(exc)})")
+    why = _load_like_local(module, {n: v.to(ctx.dtype) if v.is_floating_point() else v
+                                    for n, v in state.items()})
+    if why:
+        return CheckResult(slot, case, "not comparable", {}, ctx.tolerance, why)
     result = _compare_fn(ctx, slot, case, lambda **kw: call(module, **kw),
                          lambda **kw: call(local, **kw), inputs, grad_names, ("y",))
     if result.status != "passed":
@@ -575,11 +592,9 @@ def _compare_models(ctx: _Context, case: str) -> CheckResult:
         return CheckResult("model", case, "not served", {}, ctx.tolerance, "; ".join(reasons))
     model = GPTModel(config, vocab, backend=provider).to(ctx.device)
     low = {n: v.to(ctx.dtype) if v.is_floating_point() else v for n, v in state.items()}
-    try:
-        model.load_state_dict(low)
-    except (RuntimeError, KeyError) as exc:
-        return CheckResult("model", case, "not comparable", {}, ctx.tolerance,
-                           f"its parameters are not laid out as local's ({_first_line(exc)})")
+    why = _load_like_local(model, low)
+    if why:
+        return CheckResult("model", case, "not comparable", {}, ctx.tolerance, why)
     local = GPTModel(config, vocab, backend=LocalSpecProvider()).to(ctx.device)
     local.load_state_dict(low)
     ids = torch.randint(0, vocab, (2, MODEL_TOKENS), generator=ctx.generator)

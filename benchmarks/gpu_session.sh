@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call's worth of checks (run on the GPU machine from the repo root; results under $OUT):
-# the local ops and MoE on CUDA, the triton attention kernels at real shapes, a
+# the local ops and MoE on CUDA, the triton attention kernels at real shapes, the conformance
+# kit on triton (attnplug check), a
 # hybrid trained with triton and with local (losses side by side), and the attention benchmark
 # with the anchors measured in the same run.
 set -u
@@ -17,6 +18,10 @@ tail -n 3 "$OUT/ops_cuda.txt"
 timeout 300 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
   > "$OUT/triton_kernels.txt" 2>&1
 tail -n 3 "$OUT/triton_kernels.txt"
+# the conformance kit: every slot triton serves and the hybrid model, bf16, against float64
+timeout 200 python3 -m attnplug check triton --device cuda --dtype bfloat16 \
+  > "$OUT/check_triton.txt" 2>&1
+echo "attnplug check triton: exit $?"; grep -E "FAILED|error|checks" "$OUT/check_triton.txt" | head
 for backend in triton local; do
   timeout 170 python3 -m attnplug train examples/qwen3_next_hybrid.toml --device cuda \
     --backend "$backend" --steps 150 --json > "$OUT/train_$backend.json" 2> "$OUT/train_$backend.err"

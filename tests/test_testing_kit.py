@@ -265,3 +265,22 @@ def test_a_kernel_with_another_number_of_outputs_fails_with_the_count() -> None:
     rows = by_slot(check_backend(OnlyOutput(), slots=["gated_delta_rule"]), "gated_delta_rule")
     assert all(r.status == "FAILED" and r.detail == "returned 1 outputs, expected 2"
                for r in rows), rows
+
+
+def test_state_of_its_own_that_is_not_a_parameter_still_compares() -> None:
+    """A module with extra non-parameter state (a buffer, as Transformer Engine's FP8
+    metadata) loads local's parameters and is compared; its parameter names must match."""
+    from attnplug.layers.linear import Linear
+
+    class ScaledLinear(Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("amax_history", torch.zeros(4))
+
+    class Extra(LocalSpecProvider):
+        def linear(self):
+            return ScaledLinear
+
+    rows = by_slot(check_backend(Extra(), slots=["linear"]), "linear")
+    assert [r.status for r in rows] == ["passed", "passed"]
+    assert "dweight" in rows[0].errors and "dbias" in rows[0].errors

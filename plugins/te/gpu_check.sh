@@ -8,7 +8,8 @@
 #
 # Writes into $OUT (default /tmp/te-check): te-env.txt (versions, `attnplug backends`, which
 # attention backend TE picks), te-tests.log (pytest -v), te-junit.xml, te-summary.txt (the
-# pytest summary lines) and, with --bench, bench_backends.txt/.json. Exit status: pytest's.
+# pytest summary lines), te-check.txt (`attnplug check te --device cuda --dtype bfloat16`) and,
+# with --bench, bench_backends.txt/.json. Exit status: pytest's.
 set -uo pipefail
 out=${OUT:-/tmp/te-check}
 mkdir -p "$out"
@@ -64,6 +65,11 @@ status=${PIPESTATUS[0]}
 grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$out/te-tests.log" | tail -40 > "$out/te-summary.txt"
 echo "pytest exit status: $status" >> "$out/te-summary.txt"
 cat "$out/te-summary.txt"
+# the conformance kit on the te backend (its slots and the hybrid model against float64)
+timeout 300 python3 -m attnplug check te --device cuda --dtype bfloat16 \
+  > "$out/te-check.txt" 2>&1
+echo "attnplug check te: exit $?" | tee -a "$out/te-summary.txt"
+grep -E "FAILED|error|not comparable|checks" "$out/te-check.txt" | head -20
 
 if [ "${1:-}" = "--bench" ]; then
   python3 benchmarks/bench_backends.py --json "$out/bench_backends.json" 2>&1 \
