@@ -382,24 +382,34 @@ def _check_dsa_indexer_loss(ctx: _Context) -> Iterator[CheckResult]:
 
 
 # -- module slots -----------------------------------------------------------------------------
-def _load_like_local(module: nn.Module, state: dict[str, Tensor]) -> str:
-    """Load ``local``'s ``state`` into the backend's ``module``; why it cannot be compared
-    (empty when loaded): every one of its parameters must come from ``state`` under the same
-    name and shape, and every entry of ``state`` must be used. State of its own that is not a
-    parameter (Transformer Engine's ``_extra_state``, buffers) may stay as built."""
+def _load_local(provider: BackendSpecProvider, module: nn.Module,
+                local_module: nn.Module) -> tuple[str, list[tuple[str, str, int | None]]]:
+    """Give the backend's ``module`` the weights of ``local_module`` through the provider's
+    ``load_local_state`` and pair their parameters (``parameter_pairs``); the reason they
+    cannot be compared, or ``""`` and the pairs."""
     try:
-        loaded = module.load_state_dict(state, strict=False)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        return f"its parameters are not laid out as local's ({_first_line(exc)})"
-    params = dict(module.named_parameters())
-    missing = [key for key in loaded.missing_keys if key in params]
-    if missing or loaded.unexpected_keys:
-        return ("its parameters are not laid out as local's (" + "; ".join(
-            text for text in (missing and f"not in local's: {missing[:4]}",
-                              loaded.unexpected_keys
-                              and f"local's not in its: {loaded.unexpected_keys[:4]}") if text)
-                + ")")
-    return ""
+        provider.load_local_state(module, local_module)
+        pairs = provider.parameter_pairs(module, local_module)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        return (f"its parameters do not correspond to local's ({_first_line(exc)}; a backend "
+                "with its own layout implements load_local_state and parameter_pairs)"), []
+    return "", pairs
+
+
+def _paired_grad_errors(pairs: list[tuple[str, str, int | None]], module: nn.Module,
+                        local_module: nn.Module) -> dict[str, float]:
+    """Relative error of each parameter's gradient against its local counterpart's."""
+    own = dict(module.named_parameters())
+    local = dict(local_module.named_parameters())
+    errors = {}
+    for name, local_name, index in pairs:
+        want = local[local_name].grad
+        if want is None:
+            continue
+        want = want if index is None else want[index]
+        got = own[name].grad
+        errors[name] = math.inf if got is None else relative_error(got, want)
+    return errors
 
 
 def _randomised_state(module: nn.Module, ctx: _Context) -> dict[str, Tensor]:
@@ -423,8 +433,7 @@ def _compare_modules(ctx: _Context, slot: str, case: str, build: Callable[[], nn
     state = _randomised_state(local, ctx)
     local.load_state_dict(state)
     module = build().to(ctx.device)
-    why = _load_like_local(module, {n: v.to(ctx.dtype) if v.is_floating_point() else v
-                                    for n, v in state.items()})
+    why, pairs = _load_local(ctx.provider, module, local)
     if why:
         return CheckResult(slot, case, "not comparable", {}, ctx.tolerance, why)
     result = _compare_fn(ctx, slot, case, lambda **kw: call(module, **kw),
@@ -441,12 +450,8 @@ def _compare_modules(ctx: _Context, slot: str, case: str, build: Callable[[], nn
                  else (v.to(dev) if isinstance(v, Tensor) else v) for n, v in inputs.items()}
         out = call(mod, **ready)
         (out * cot.to(dev, out.dtype)).sum().backward()
-    local_grads = {n: p.grad for n, p in local.named_parameters() if p.grad is not None}
-    for name, param in module.named_parameters():
-        want = local_grads.get(name)
-        if want is not None:
-            errors[f"d{name}"] = (math.inf if param.grad is None
-                                  else relative_error(param.grad, want))
+    for name, err in _paired_grad_errors(pairs, module, local).items():
+        errors[f"d{name}"] = err
     return ctx.result(slot, case, errors)
 
 
@@ -584,46 +589,47 @@ def _compare_models(ctx: _Context, case: str) -> CheckResult:
     vocab = 50
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
     reference = GPTModel(_model_config("float64"), vocab, backend=LocalSpecProvider())
-    state = reference.state_dict()
     config = _model_config(_dtype_name(ctx.dtype))
     provider = ctx.provider.configure(config)
     reasons = provider.supports(config)
     if reasons:
         return CheckResult("model", case, "not served", {}, ctx.tolerance, "; ".join(reasons))
     model = GPTModel(config, vocab, backend=provider).to(ctx.device)
-    low = {n: v.to(ctx.dtype) if v.is_floating_point() else v for n, v in state.items()}
-    why = _load_like_local(model, low)
+    local = GPTModel(config, vocab, backend=LocalSpecProvider()).to(ctx.device)
+    local.load_state_dict({n: v.to(ctx.dtype) if v.is_floating_point() else v
+                           for n, v in reference.state_dict().items()})
+    why, pairs = _load_local(provider, model, local)
     if why:
         return CheckResult("model", case, "not comparable", {}, ctx.tolerance, why)
-    local = GPTModel(config, vocab, backend=LocalSpecProvider()).to(ctx.device)
-    local.load_state_dict(low)
     ids = torch.randint(0, vocab, (2, MODEL_TOKENS), generator=ctx.generator)
-    want_logits, want_grads = _run_model(reference, ids, torch.device("cpu"))
-    runs = {"backend": _run_model(model, ids, ctx.device),
-            "local": _run_model(local, ids, ctx.device)}
+    want_logits, want = _run_model(reference, ids, torch.device("cpu"))
+    got_logits, got = _run_model(model, ids, ctx.device)
+    local_logits, local_grads = _run_model(local, ids, ctx.device)
 
-    def error(which: str, name: str | None) -> float:
-        logits, grads = runs[which]
-        if name is None:
-            return relative_error(logits, want_logits)
-        got = grads.get(name)
-        return math.inf if got is None else relative_error(got, want_grads[name])
+    def part(grads: dict[str, Tensor | None], name: str, index: int | None) -> Tensor | None:
+        grad = grads.get(name)
+        return grad if grad is None or index is None else grad[index]
 
-    names = [None] + [n for n, g in want_grads.items() if g is not None]
-    worst, worst_ratio = None, -1.0  # the logits (None) or the parameter furthest over
-    for name in names:
-        ratio = error("backend", name) / max(ctx.tolerance, 2 * error("local", name))
-        if ratio > worst_ratio:
-            worst, worst_ratio = name, ratio
-    label = f"local in {_dtype_name(ctx.dtype)}"
-    errors = {"logits": error("backend", None), f"logits, {label}": error("local", None)}
-    if worst is not None:
-        errors[f"grad {worst}"] = error("backend", worst)
-        errors[f"grad {worst}, {label}"] = error("local", worst)
-    if not worst_ratio <= 1.0:
+    # (label, the backend's error, local's error in the same dtype), the logits first
+    rows = [("logits", relative_error(got_logits, want_logits),
+             relative_error(local_logits, want_logits))]
+    for name, local_name, index in pairs:
+        ref = part(want, local_name, index)
+        if ref is None:
+            continue
+        mine = got.get(name)
+        label = local_name if index is None else f"{local_name}[{index}]"
+        rows.append((f"grad {label}", math.inf if mine is None else relative_error(mine, ref),
+                     relative_error(part(local_grads, local_name, index), ref)))
+    worst = max(rows, key=lambda row: row[1] / max(ctx.tolerance, 2 * row[2]))
+    dtype = f"local in {_dtype_name(ctx.dtype)}"
+    errors = {"logits": rows[0][1], f"logits, {dtype}": rows[0][2]}
+    if worst is not rows[0]:
+        errors.update({worst[0]: worst[1], f"{worst[0]}, {dtype}": worst[2]})
+    if not worst[1] <= max(ctx.tolerance, 2 * worst[2]):
         return CheckResult("model", case, "FAILED", errors, ctx.tolerance,
-                           f"{'logits' if worst is None else 'grad ' + worst}: error over "
-                           "both the tolerance and twice local's in the same dtype")
+                           f"{worst[0]}: error over both the tolerance and twice local's in "
+                           "the same dtype")
     return CheckResult("model", case, "passed", errors, ctx.tolerance)
 
 

@@ -35,6 +35,11 @@ What the layers do with each slot (the contract a third-party backend implements
   ``fn(q[B,T,H,D], k[B,S,Hkv,D], index_q[B,T,HI,DI], index_k[B,S,DI], index_weights[B,T,HI], *,
   softmax_scale=None, causal=True, relu=True) -> scalar``, differentiable in the indexer's
   inputs only (``attnplug.ops.dsa_indexer_loss`` is the reference).
+- ``load_local_state(module, local_module)`` and ``parameter_pairs(module, local_module)``
+  (optional; attnplug's extension): how this backend's modules hold the weights of the same
+  layers built with ``local`` — by default the same names and shapes; a backend that fuses or
+  groups parameters (te) overrides both. ``attnplug check`` (:mod:`attnplug.testing`) uses
+  them to give a backend's module or model the weights of ``local``'s and compare gradients.
 - ``causal_conv1d()``: a kernel (attnplug's extension of DESIGN §8) computing GatedDeltaNet's
   short convolution: ``fn(x[B,T,C], weight[C,K], *, initial_state=None, activation="silu") ->
   y[B,T,C]``, depthwise and causal over time, ``initial_state[B,K-1,C]`` the inputs before
@@ -50,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 from attnplug._errors import BackendError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from attnplug.config import TransformerConfig
 
 __all__ = ["BackendSpecProvider", "SlotNotServed", "MODULE_SLOTS", "KERNEL_SLOTS", "SLOTS"]
@@ -149,6 +156,39 @@ class BackendSpecProvider:
 
     def causal_conv1d(self) -> Callable:
         raise self._not_served("causal_conv1d")
+
+    # -- weights across backends (optional) ------------------------------------------------------
+    def load_local_state(self, module: nn.Module, local_module: nn.Module) -> None:
+        """Copy the parameters of ``local_module`` (the same layers built with ``local``) into
+        ``module`` (built with this backend), in place, converting device and dtype.
+
+        The default takes every parameter of ``module`` from the local parameter of the same
+        name and shape; state of its own that is not a parameter (FP8 metadata, buffers) stays
+        as built. Raises ``ValueError`` naming the parameters that do not correspond."""
+        params = dict(module.named_parameters())
+        try:
+            loaded = module.load_state_dict(local_module.state_dict(), strict=False)
+        except RuntimeError as exc:  # a shape that differs
+            raise ValueError(str(exc).strip().splitlines()[-1].strip()) from None
+        missing = [key for key in loaded.missing_keys if key in params]
+        if missing or loaded.unexpected_keys:
+            parts = [f"not in local's: {missing[:4]}" if missing else "",
+                     f"local's not in its: {loaded.unexpected_keys[:4]}"
+                     if loaded.unexpected_keys else ""]
+            raise ValueError("parameters are not laid out as local's ("
+                             + "; ".join(p for p in parts if p) + ")")
+
+    def parameter_pairs(self, module: nn.Module,
+                        local_module: nn.Module) -> list[tuple[str, str, int | None]]:
+        """Each parameter of ``module`` with the parameter of ``local_module`` it mirrors:
+        ``(name, local_name, index)``, where ``index`` selects one expert's slice of a stacked
+        local parameter (``None``: the whole of it). The default pairs equal names; raises
+        ``ValueError`` when a parameter has no counterpart."""
+        local = dict(local_module.named_parameters())
+        alone = [name for name, _ in module.named_parameters() if name not in local]
+        if alone:
+            raise ValueError(f"parameters without a local counterpart: {alone[:4]}")
+        return [(name, name, None) for name, _ in module.named_parameters()]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.name!r}>"

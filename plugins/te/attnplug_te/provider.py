@@ -38,6 +38,8 @@ from attnplug.backends.base import KERNEL_SLOTS, BackendSpecProvider, SlotNotSer
 from attnplug.backends.local import LocalSpecProvider
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from attnplug.config import TransformerConfig
 
 __all__ = ["TESpecProvider", "KERNEL_FALLBACKS"]
@@ -209,6 +211,23 @@ class TESpecProvider(LocalSpecProvider):
 
     def causal_conv1d(self) -> Callable:
         return self._kernel("causal_conv1d")[1]
+
+    # -- weights across backends ------------------------------------------------------------
+    def load_local_state(self, module: nn.Module, local_module: nn.Module) -> None:
+        """The local module's weights into the TE one: fused norms (``layer_norm_weight``) and
+        per-expert weights (``weight{e}``) mapped by :mod:`attnplug_te.convert`."""
+        from attnplug_te.convert import load_local_state
+
+        load_local_state(module, local_module)
+
+    def parameter_pairs(self, module: nn.Module,
+                        local_module: nn.Module) -> list[tuple[str, str, int | None]]:
+        """Each TE parameter with the local one (or expert slice) it mirrors, by
+        :func:`attnplug_te.convert.paired_parameters`."""
+        from attnplug_te.convert import paired_parameters
+
+        return [(pair.te_name, pair.local_name, pair.index)
+                for pair in paired_parameters(module, local_module)]
 
     def __repr__(self) -> str:
         return f"<TESpecProvider backend={self.name!r} kernels={list(self._kernel_order)!r}>"

@@ -239,3 +239,26 @@ def test_a_single_grouped_te_parameter_maps_to_the_whole_stacked_tensor() -> Non
     sources = te_key_sources(te_keys, local)
     assert sources["experts.linear_fc1.weight"] == ("experts.fc1_weight", None)
     assert sources["experts.linear_fc2.weight2"] == ("experts.fc2_weight", 2)
+
+
+def test_the_conformance_kit_compares_a_te_shaped_backend_through_the_te_mapping() -> None:
+    """``attnplug check`` gives a backend's experts and model local's weights through the
+    provider's ``load_local_state`` / ``parameter_pairs``: with te's (the mapping here), the
+    TE-shaped experts and hybrid model are compared with local's and pass; with the default
+    (same names) they are reported as not comparable, not as wrong."""
+    from attnplug_te.provider import TESpecProvider
+
+    from attnplug.testing import check_backend
+
+    class Mapped(TEShapedProvider):
+        load_local_state = TESpecProvider.load_local_state
+        parameter_pairs = TESpecProvider.parameter_pairs
+
+    slots = ["grouped_mlp_modules", "model"]
+    mapped = check_backend(Mapped(), slots=slots)
+    assert [r.status for r in mapped] == ["passed"] * 5, mapped
+    experts = mapped[0]
+    assert {"dlinear_fc1.weight0", "dlinear_fc2.weight3"} <= set(experts.errors)
+    plain = check_backend(TEShapedProvider(), slots=slots)
+    assert {r.status for r in plain} == {"not comparable"}, plain
+    assert all("load_local_state" in r.detail for r in plain)
