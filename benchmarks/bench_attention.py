@@ -9,7 +9,9 @@ implementation reads the same ``[B, T, H, D]`` tensors.
     python3 benchmarks/bench_attention.py --out runs/bench-attention
 
 ``triton-tma`` is the experimental kernels with their loop tiles through tensor descriptors
-(``attnplug_triton.ops.attention.fused.TENSOR_DESCRIPTORS``).
+(``attnplug_triton.ops.attention.fused.TENSOR_DESCRIPTORS``), forward and backward;
+``triton-fused`` the served forward with the experimental one-kernel backward
+(``FUSED_BACKWARD``: dQ summed by TMA reductions inside the dK/dV kernel).
 
 Before timing, each case compares the Triton kernel's output (and gradients) with SDPA's and
 prints the largest difference, so a fast wrong kernel shows in the same table.
@@ -51,25 +53,36 @@ def sdpa_default(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return o.transpose(1, 2)  # (B, T, H, D)
 
 
-def triton_flash(desc: bool = False) -> Attention | str:
-    """attnplug's Triton kernels (with ``desc`` the experimental ones that load their loop
-    tiles through tensor descriptors, TMA on Hopper), or why they cannot run here."""
+def triton_flash(desc: bool = False, fused_backward: bool = False) -> Attention | str:
+    """attnplug's Triton kernels, or why they cannot run here. With ``desc`` the experimental
+    kernels that load their loop tiles through tensor descriptors (TMA on Hopper), forward and
+    backward; with ``fused_backward`` the experimental one-kernel backward (dQ by TMA
+    reductions). Both options go to the kernels' launchers explicitly, for the backward too
+    (setting ``fused.TENSOR_DESCRIPTORS`` around the call, as this function did before
+    session 8, covered only the forward: the backward runs later, under ``.backward()``)."""
     try:
         from attnplug_triton.ops.attention import fused
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    if not desc:
+    if not desc and not fused_backward:
         return fused.flash_attention
 
-    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        saved = fused.TENSOR_DESCRIPTORS
-        fused.TENSOR_DESCRIPTORS = True
-        try:
-            return fused.flash_attention(q, k, v)
-        finally:
-            fused.TENSOR_DESCRIPTORS = saved
+    class Explicit(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            scale = q.shape[-1] ** -0.5
+            o, lse = fused.attention_forward(q, k, v, scale, desc=desc)
+            ctx.save_for_backward(q, k, v, o, lse)
+            ctx.scale = scale
+            return o
 
-    return run
+        @staticmethod
+        def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            q, k, v, o, lse = ctx.saved_tensors
+            return fused.attention_backward(do.contiguous(), q, k, v, o, lse, ctx.scale,
+                                            desc=desc, fused=fused_backward)
+
+    return Explicit.apply
 
 
 def te_attention(heads: int, kv_heads: int, head_dim: int) -> Attention | str:
@@ -171,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "sdpa-default": sdpa_default,
         "triton": triton_flash(),
         "triton-tma": triton_flash(desc=True),
+        "triton-fused": triton_flash(fused_backward=True),
         "te": te_attention(H, Hkv, D),
     }
     bench = Bench("attention", anchor="sdpa-flash", out=args.out, warmup=args.warmup,

@@ -15,8 +15,12 @@ timeout 120 python3 -m pytest -q -rs tests/test_ops_cuda.py tests/test_moe_cuda.
 tail -n 3 "$OUT/ops_cuda.txt"
 # the triton flash attention against float64 at real shapes (bf16); the short convolution's
 # tests (long to autotune) are in gpu_profile.sh
+# the experimental kernels first (tensor descriptors, the one-kernel backward), then the rest
+timeout 240 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
+  -k "fused or descriptor" > "$OUT/triton_attention_experimental.txt" 2>&1
+tail -n 3 "$OUT/triton_attention_experimental.txt"
 timeout 300 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
-  > "$OUT/triton_kernels.txt" 2>&1
+  -k "not fused and not descriptor" > "$OUT/triton_kernels.txt" 2>&1
 tail -n 3 "$OUT/triton_kernels.txt"
 # the conformance kit: every slot triton serves and the hybrid model, bf16, against float64
 timeout 200 python3 -m attnplug check triton --device cuda --dtype bfloat16 \

@@ -115,6 +115,51 @@ def test_descriptor_kernels_match_the_pointer_kernels_and_float64(shape, dtype) 
         assert_matches(f"{name} {shape} {dtype} (descriptors)", got, ref, dtype)
 
 
+@pytest.mark.parametrize("shape,dtype", DESC_CASES, ids=lambda x: str(x))
+def test_the_fused_backward_matches_the_two_kernels_and_float64(shape, dtype) -> None:
+    """The experimental one-kernel backward (dQ summed in float32 inside the dK/dV kernel: by
+    TMA reductions on Hopper, atomics elsewhere): dq, dk, dv as the served two kernels' (dk,
+    dv the same products; dq the same sum in another order on a GPU) and against float64 —
+    padded head dims, S > T, GQA/MQA, one token."""
+    from attnplug_triton.ops.attention import fused
+    from attnplug_triton.ops.attention.naive import naive_attention
+
+    q, k, v, do = _inputs(*shape, dtype)
+    scale = shape[5] ** -0.5
+    o, lse = fused.attention_forward(q, k, v, scale)
+    got = fused.attention_backward(do, q, k, v, o, lse, scale, fused=True)
+    want = fused.attention_backward(do, q, k, v, o, lse, scale, fused=False)
+    refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
+    for name, g, w, ref in zip(("dq", "dk", "dv"), got, want, refs[1:], strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous(), name
+        # dk, dv: the same products in the same order (exact under the interpreter); dq: the
+        # softmax scale applied per tile before the sum, not after it (and on a GPU the tiles
+        # summed in another order: a bf16 rounding may differ)
+        close = 2e-2 if HAS_CUDA else 0.0 if name != "dq" else 2e-3
+        torch.testing.assert_close(g, w, rtol=close, atol=close, msg=name)
+        assert_matches(f"{name} {shape} {dtype} (fused backward)", g, ref, dtype)
+
+
+def test_the_fused_backward_serves_flash_attention_when_switched_on(monkeypatch) -> None:
+    """``FUSED_BACKWARD = True``: flash_attention's backward is the one kernel (no dQ kernel
+    launched), float32 included, and matches float64."""
+    from attnplug_triton.ops.attention import fused
+    from attnplug_triton.ops.attention.naive import naive_attention
+
+    launched = []
+    real = fused._launch
+    monkeypatch.setattr(fused, "_launch", lambda name, *a: launched.append(name) or real(name, *a))
+    monkeypatch.setattr(fused, "FUSED_BACKWARD", True)
+    for dtype in (torch.float32, torch.float16):
+        q, k, v, do = _inputs(2, 21, 30, 6, 2, 24, 16, dtype)
+        launched.clear()
+        outs = _run(fused.flash_attention, q, k, v, do)
+        assert launched == ["fwd", "fused"]
+        refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
+        for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):
+            assert_matches(f"{name} {dtype} (fused backward on)", out, ref, dtype)
+
+
 def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
     """float32 (the tf32x3 path), strides that are not multiples of 16 bytes, and for q/dO a
     head group that a row block cannot hold whole: the pointer kernels; with

@@ -10,7 +10,8 @@ The backward is deterministic: a dK/dV kernel (one program per key block, summin
 query head of its group) and a dQ kernel (one program per row block) recompute the
 probabilities from the saved log-sum-exp; no atomics. (Summing dQ with float32 atomics inside
 the dK/dV kernel instead — five matrix products rather than seven — was measured slower on an
-H200: 6.26 against 5.05 ms forward+backward at B=8, T=4096, H=16, D=128, bf16.)
+H200: 6.26 against 5.05 ms forward+backward at B=8, T=4096, H=16, D=128, bf16. The
+experimental :data:`FUSED_BACKWARD` sums it with one TMA reduction a tile instead.)
 
 On a GPU each kernel is autotuned over a short list of block configurations chosen by head dim
 (:data:`FWD_CONFIGS`, :data:`DKDV_CONFIGS`, :data:`DQ_CONFIGS`), keyed on the power-of-two
@@ -96,6 +97,7 @@ _KERNELS = {
     "fwd": (kernels.attention_fwd_kernel, FWD_CONFIGS),
     "dkdv": (kernels.attention_bwd_dkdv_kernel, DKDV_CONFIGS),
     "dq": (kernels.attention_bwd_dq_kernel, DQ_CONFIGS),
+    "fused": (kernels.attention_bwd_dkdv_kernel, DKDV_CONFIGS),  # with DQ=True
 }
 
 
@@ -110,6 +112,13 @@ def _size_class(d: int, dv: int) -> int:
 # interpreter and compiled for sm_90, not yet run on a GPU; the question for
 # ``bench_attention.py`` (row ``triton-tma``) is whether it closes part of the gap to cuDNN.
 TENSOR_DESCRIPTORS = False
+# The backward as one kernel: the dK/dV kernel also sums each tile's dQᵀ = Kᵀ·dSᵀ into a float32
+# accumulator (five matrix products a tile instead of seven), by TMA reductions on Hopper
+# (``cp.reduce.async.bulk``, one per tile, where the float32 atomics of the version measured
+# in the module's doc were one per element), then dQ is laid out from it. Experimental
+# (session 8): right under the interpreter (there with atomics: it has no TMA reduction) and
+# compiled for sm_90, not yet run on a GPU; ``bench_attention.py`` row ``triton-fused``.
+FUSED_BACKWARD = False
 
 _TUNERS: dict[tuple[str, int, bool], Any] = {}
 
@@ -128,8 +137,15 @@ def _set_qo_blocks(nargs: dict[str, Any]) -> None:
                                    nargs[width]]
 
 
-_BLOCK_HOOKS = {"fwd": _set_kv_blocks, "dq": _set_kv_blocks, "dkdv": _set_qo_blocks}
-_DESC_FLAGS = {"fwd": "KV_DESC", "dq": "KV_DESC", "dkdv": "QO_DESC"}
+def _set_dq_blocks(nargs: dict[str, Any]) -> None:
+    """Autotuner pre-hook (fused backward): the dQᵀ accumulator's descriptor block is one
+    tile, ``[1, BLOCK_D, BLOCK_M]``."""
+    nargs["DQT_DESC"].block_shape = [1, nargs["BLOCK_D"], nargs["BLOCK_M"]]
+
+
+_BLOCK_HOOKS = {"fwd": _set_kv_blocks, "dq": _set_kv_blocks, "dkdv": _set_qo_blocks,
+                "fused": _set_dq_blocks}
+_DESC_FLAGS = {"fwd": "KV_DESC", "dq": "KV_DESC", "dkdv": "QO_DESC", "fused": "DQ_TMA"}
 
 
 def _autotuned(name: str, size: int, desc: bool = False) -> Any:
@@ -143,7 +159,10 @@ def _autotuned(name: str, size: int, desc: bool = False) -> Any:
                           pre_hook=_BLOCK_HOOKS[name] if desc else None)
             for c in table[size]
         ]
-        _TUNERS[name, size, desc] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
+        # the fused backward adds into its dQ accumulator: zeroed before each timed run
+        zero = ["DQT"] if name == "fused" else None
+        _TUNERS[name, size, desc] = triton.autotune(configs=configs, key=_TUNING_KEY,
+                                                    reset_to_zero=zero)(kernel)
     return _TUNERS[name, size, desc]
 
 
@@ -168,9 +187,9 @@ def _launch(name: str, grid: Callable[[int, int], tuple[int, int]], args: tuple,
     desc = bool(meta.get(_DESC_FLAGS[name]))
     if config is not None:
         kernel = _KERNELS[name][0]
-        if desc:  # the args start (q, k, v, o or do, ...)
-            _BLOCK_HOOKS[name]({"Q": args[0], "K": args[1], "V": args[2], "DO": args[3],
-                                "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, **meta})
+        if desc:
+            _BLOCK_HOOKS[name]({**dict(zip(kernel.arg_names, args, strict=False)), **meta,
+                                "BLOCK_M": config.block_m, "BLOCK_N": config.block_n})
         kernel[grid(config.block_m, config.block_n)](
             *args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages,
@@ -248,6 +267,17 @@ def _qo_descriptors(q: Tensor, do: Tensor, meta: dict[str, Any],
     return _descriptors(q, do, meta)
 
 
+def _dq_descriptor(dqt: Tensor) -> Any | None:
+    """A tensor descriptor over the fused backward's dQᵀ accumulator ``[B·Hkv, D, rows_pad]``
+    (block set at launch), or None where there is no TMA reduction: under the interpreter, or
+    on a GPU before Hopper."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if interpreting() or torch.cuda.get_device_capability(dqt.device) < (9, 0):
+        return None
+    return TensorDescriptor(dqt, list(dqt.shape), list(dqt.stride()), [1, 16, 16])
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
                       config: BlockConfig | None = None,
                       desc: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -278,12 +308,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                        softmax_scale: float, dkdv_config: BlockConfig | None = None,
                        dq_config: BlockConfig | None = None,
-                       desc: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       desc: bool | None = None,
+                       fused: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward kernels: ``dq``, ``dk``, ``dv`` shaped and typed like ``q``, ``k``, ``v``.
 
     ``do`` must have a unit last stride; the configs force block configurations (for tests);
     ``desc`` loads each kernel's loop tiles through tensor descriptors where TMA takes them
-    (``None``: as :data:`TENSOR_DESCRIPTORS` says).
+    (``None``: as :data:`TENSOR_DESCRIPTORS` says); ``fused`` runs the one-kernel backward
+    (``None``: as :data:`FUSED_BACKWARD` says; ``dkdv_config`` is then its configuration).
     """
     B, T, H, _ = q.shape
     S, Hkv = v.shape[1], v.shape[2]
@@ -302,6 +334,9 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     qk_scale = softmax_scale * _LOG2_E
     buckets = _buckets(T, S, group)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    if FUSED_BACKWARD if fused is None else fused:
+        return _fused_backward(do, q, k, v, lse, delta, dk, dv, meta, softmax_scale, common,
+                               dkdv_config)
     use_desc = TENSOR_DESCRIPTORS if desc is None else desc
     qo = _qo_descriptors(q, do, meta, dkdv_config) if use_desc else None
     kv = _descriptors(k, v, meta) if use_desc else None
@@ -313,6 +348,30 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
             (q, *(kv or (k, v)), do, lse, delta, dq, *common, *dq.stride()[:3],
              T, S, Hkv, qk_scale, softmax_scale, *buckets),
             {**meta, "KV_DESC": True} if kv else meta, dq_config)
+    return dq, dk, dv
+
+
+def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+                    dk: Tensor, dv: Tensor, meta: dict[str, Any], softmax_scale: float,
+                    common: tuple, config: BlockConfig | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The one-kernel backward (:data:`FUSED_BACKWARD`): dK and dV as the dK/dV kernel writes
+    them, dQ summed in float32 as ``dQᵀ`` per (batch, key/value head) and laid out after."""
+    B, T, H, D = q.shape
+    S, Hkv = v.shape[1], v.shape[2]
+    group = meta["GROUP"]
+    rows = T * group
+    dqt = torch.zeros((B * Hkv, D, triton.cdiv(rows, 4) * 4), dtype=torch.float32,
+                      device=q.device)
+    dqt_desc = _dq_descriptor(dqt)
+    _launch("fused", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
+            (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
+             T, S, Hkv, softmax_scale * _LOG2_E, softmax_scale, *_buckets(T, S, group)),
+            {**meta, "DQT": dqt, "DQT_DESC": dqt_desc, "DQ": True,
+             "DQ_TMA": dqt_desc is not None}, config)
+    # dqt[b·Hkv + g, d, t·G + j] is dQ[b, t, g·G + j, d]
+    dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    dq.view(B, T, Hkv, group, D).copy_(
+        dqt[..., :rows].unflatten(-1, (T, group)).unflatten(0, (B, Hkv)).permute(0, 3, 1, 4, 2))
     return dq, dk, dv
 
 
