@@ -21,11 +21,14 @@
 #       dsa.toml at bench_backends.py's GPU size: 16 layers, hidden 2048, T = 4096, topk 2048,
 #       MoE everywhere), triton (its DSA kernels served by default since session 7) against
 #       local;
+#   bash benchmarks/gpu_experimental.sh attention   the flash attention's experimental kernels
+#       (tensor descriptors; the one-kernel backward, dQ by TMA reductions) against float64 and
+#       the served kernels, then bench_attention.py at 4K and 16K with both rows and the anchors;
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | dsa | dsa-step) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|dsa|dsa-step" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -65,6 +68,13 @@ case ${1:-} in
     step dsa_bench 300 python3 benchmarks/bench_dsa.py --seqlens 4096 32768 --out "$OUT/dsa_bench"
     STEP_GREP= step dsa_atomics 90 python3 benchmarks/probe_sparse_atomics.py \
       --out "$OUT/dsa_atomics"
+    ;;
+  attention)
+    step attention_tests 240 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
+      -k "fused or descriptor"
+    STEP_GREP="T=4096|T=16384|error" step attention_bench 300 python3 \
+      benchmarks/bench_attention.py --seqlens 4096 16384 \
+      --out "$OUT/attention"
     ;;
   dsa-step)
     STEP_GREP="ms/step|local|skipped|Error" step dsa_step 400 python3 \
