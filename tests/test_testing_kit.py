@@ -284,3 +284,60 @@ def test_state_of_its_own_that_is_not_a_parameter_still_compares() -> None:
     rows = by_slot(check_backend(Extra(), slots=["linear"]), "linear")
     assert [r.status for r in rows] == ["passed", "passed"]
     assert "dweight" in rows[0].errors and "dbias" in rows[0].errors
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 12), st.integers(1, 8),
+       st.booleans(), st.integers(0, 2**31 - 1), st.data())
+def test_the_top_k_judge_accepts_any_tie_break_and_rejects_a_worse_key(
+        T: int, extra: int, topk: int, levels: int, causal: bool, seed: int, data) -> None:
+    """On scores with many ties (few distinct values), every selection of the top keys passes
+    however its ties are broken and in whatever slot order; swapping a selected key for a
+    visible one of lower score fails with a score gap; repeating a key fails."""
+    from attnplug.testing import _Context, _judge_topk
+
+    S = T + extra
+    topk = max(1, min(topk, S))
+    gen = torch.Generator().manual_seed(seed)
+    # indexer inputs whose scores take few values: one head, one dim, integer levels
+    q = torch.ones(1, T, 1, 1, dtype=torch.float64)
+    k = torch.randint(0, levels, (1, S, 1), generator=gen).double()
+    weights = torch.ones(1, T, 1, dtype=torch.float64)
+    inputs = {"q": q, "k": k, "weights": weights}
+    scores = ops.indexer_scores(q, k, weights, causal=causal)[0]  # (T, S)
+    ctx = _Context(LocalSpecProvider(), torch.device("cpu"), torch.float32, 2e-3, gen)
+    # a random tie break: rank by score, then by a random key; slots shuffled
+    noise = torch.rand(S, generator=gen, dtype=torch.float64) * 1e-3
+    chosen = torch.full((1, T, topk), -1, dtype=torch.int64)
+    for t in range(T):
+        visible = torch.isfinite(scores[t]).nonzero().flatten()
+        order = sorted(visible.tolist(), key=lambda s: (-scores[t, s].item(), noise[s].item()))
+        picked = order[:topk]
+        slots = torch.randperm(topk, generator=gen)[:len(picked)]
+        chosen[0, t, slots] = torch.tensor(picked, dtype=torch.int64)
+    row = _judge_topk(ctx, "ties", chosen, inputs, topk, causal, True)
+    assert row.status == "passed", row
+    # a worse key in place of a selected one, where a row has one left out
+    candidates = []
+    for t in range(T):
+        kept = set(chosen[0, t][chosen[0, t] >= 0].tolist())
+        left = [s for s in torch.isfinite(scores[t]).nonzero().flatten().tolist()
+                if s not in kept]
+        worst_kept = min(kept, key=lambda s: scores[t, s].item())
+        lower = [s for s in left if scores[t, s] < scores[t, worst_kept]]
+        if lower:
+            candidates.append((t, worst_kept, lower[0]))
+    if candidates:
+        t, old, new = data.draw(st.sampled_from(candidates))
+        worse = chosen.clone()
+        worse[0, t][worse[0, t] == old] = new
+        row = _judge_topk(ctx, "worse", worse, inputs, topk, causal, True)
+        assert row.status == "FAILED" and row.errors["score gap"] > 0, row
+    full = [t for t in range(T) if (chosen[0, t] >= 0).sum() >= 2]
+    if full:
+        t = data.draw(st.sampled_from(full))
+        repeated = chosen.clone()
+        valid = (repeated[0, t] >= 0).nonzero().flatten()
+        repeated[0, t, valid[1]] = repeated[0, t, valid[0]]
+        row = _judge_topk(ctx, "repeat", repeated, inputs, topk, causal, True)
+        assert row.status == "FAILED" and "twice" in row.detail, row
