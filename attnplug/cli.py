@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,9 @@ def build_parser(*, with_train_arguments: bool = False) -> argparse.ArgumentPars
     check.add_argument("--slots", nargs="+", metavar="SLOT",
                        help="only these slots (default: all; see attnplug.testing.CHECKED_SLOTS)")
     check.add_argument("--seed", type=_non_negative, default=0, help="the random inputs' seed")
+    check.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="a TransformerConfig field for the configs the checks build (TOML "
+                            "value; repeatable), e.g. --set kitchen_fallback_backend=local")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     train = commands.add_parser("train", help="build the model and train it",
@@ -253,9 +257,18 @@ def _errors_cell(errors: dict[str, float]) -> str:
 def _run_check(args: argparse.Namespace) -> int:
     from attnplug.testing import check_backend
 
+    fields = {}
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise _UserError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            fields[name.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            fields[name.strip()] = text  # a bare word: the string
     try:
         results = check_backend(args.backend, device=args.device, dtype=args.dtype,
-                                slots=args.slots, seed=args.seed)
+                                slots=args.slots, seed=args.seed, config=fields)
     except ValueError as exc:
         raise _UserError(str(exc)) from None
     passed = all(result.ok for result in results)

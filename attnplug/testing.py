@@ -95,11 +95,20 @@ def relative_error(got: Tensor, ref: Tensor) -> float:
 # -- the harness ------------------------------------------------------------------------------
 @attrs.define
 class _Context:
-    provider: BackendSpecProvider
+    provider: BackendSpecProvider  # configured for the slot checks
     device: torch.device
     dtype: torch.dtype
     tolerance: float
     generator: torch.Generator
+    overrides: dict[str, Any] = attrs.field(factory=dict)  # config fields the user set
+    unconfigured: BackendSpecProvider | None = None  # configured again for the model
+
+    def config(self, **fields: Any) -> TransformerConfig:
+        """A config of the check's own ``fields`` over the user's ``overrides``."""
+        from attnplug.config import TransformerConfig
+
+        return TransformerConfig.from_dict({**self.overrides, **fields},
+                                           source="check_backend(config=...)")
 
     def randn(self, *shape: int) -> Tensor:
         """Standard normal values rounded to the checked dtype, as float64 on the CPU."""
@@ -194,11 +203,9 @@ def _compare_fn(ctx: _Context, slot: str, case: str, fn: Callable[..., Any],
 
 
 # -- kernel slots -----------------------------------------------------------------------------
-def _attention_config(H: int, Hkv: int, D: int) -> TransformerConfig:
-    from attnplug.config import TransformerConfig
-
-    return TransformerConfig(num_layers=1, hidden_size=H * D, num_attention_heads=H,
-                             num_query_groups=Hkv, kv_channels=D)
+def _attention_config(ctx: _Context, H: int, Hkv: int, D: int) -> TransformerConfig:
+    return ctx.config(num_layers=1, hidden_size=H * D, num_attention_heads=H,
+                      num_query_groups=Hkv, kv_channels=D, params_dtype=_dtype_name(ctx.dtype))
 
 
 def _check_core_attention(ctx: _Context) -> Iterator[CheckResult]:
@@ -215,7 +222,7 @@ def _check_core_attention(ctx: _Context) -> Iterator[CheckResult]:
 
 def _compare_attention(ctx: _Context, cls: type, case: str, B: int, T: int, S: int, H: int,
                        Hkv: int, D: int, ref: Callable[..., Tensor]) -> CheckResult:
-    module = cls(_attention_config(H, Hkv, D), layer_number=1, softmax_scale=None)
+    module = cls(_attention_config(ctx, H, Hkv, D), layer_number=1, softmax_scale=None)
     if isinstance(module, nn.Module):
         module = module.to(ctx.device)
     inputs = {"q": ctx.randn(B, T, H, D), "k": ctx.randn(B, S, Hkv, D),
@@ -455,11 +462,9 @@ def _compare_modules(ctx: _Context, slot: str, case: str, build: Callable[[], nn
     return ctx.result(slot, case, errors)
 
 
-def _module_config(**fields: Any) -> TransformerConfig:
-    from attnplug.config import TransformerConfig
-
-    base = {"num_layers": 1, "hidden_size": 48, "num_attention_heads": 1}
-    return TransformerConfig(**{**base, **fields})
+def _module_config(ctx: _Context, **fields: Any) -> TransformerConfig:
+    return ctx.config(**{"num_layers": 1, "hidden_size": 48, "num_attention_heads": 1,
+                         **fields})
 
 
 def _check_layer_norm(ctx: _Context) -> Iterator[CheckResult]:
@@ -475,9 +480,10 @@ def _check_layer_norm(ctx: _Context) -> Iterator[CheckResult]:
         local_cls = LocalSpecProvider().layer_norm(rms_norm=rms)
         for shape in [(3, 5, 40), (1, 1, 96)]:
             C = shape[-1]
-            config = _module_config(hidden_size=C, normalization=name,
+            config = _module_config(ctx, hidden_size=C, normalization=name,
                                     params_dtype=_dtype_name(ctx.dtype))
-            config64 = _module_config(hidden_size=C, normalization=name, params_dtype="float64")
+            config64 = _module_config(ctx, hidden_size=C, normalization=name,
+                                      params_dtype="float64")
             case = f"{name} {list(shape)}"
             yield _guard(ctx, "layer_norm", case, _compare_modules, ctx, "layer_norm", case,
                          functools.partial(cls, config=config, hidden_size=C),
@@ -498,8 +504,8 @@ def _check_linears(ctx: _Context, slot: str) -> Iterator[CheckResult]:
     cls = getattr(ctx.provider, slot)()
     for n_in, n_out, bias in [(24, 40, True), (33, 8, False)]:
         case = f"{n_in} -> {n_out}{', bias' if bias else ''}"
-        config = _module_config(params_dtype=_dtype_name(ctx.dtype))
-        config64 = _module_config(params_dtype="float64")
+        config = _module_config(ctx, params_dtype=_dtype_name(ctx.dtype))
+        config64 = _module_config(ctx, params_dtype="float64")
         yield _guard(ctx, slot, case, _compare_modules, ctx, slot, case,
                      functools.partial(cls, n_in, n_out, config=config, bias=bias),
                      functools.partial(Linear, n_in, n_out, config=config64, bias=bias),
@@ -520,8 +526,8 @@ def _check_experts(ctx: _Context) -> Iterator[CheckResult]:
         for gated, counts in [(True, [3, 0, 5, 2]), (False, [1, 1, 0, 9])]:
             fields = {"hidden_size": 32, "num_moe_experts": 4, "moe_ffn_hidden_size": 24,
                       "gated_linear_unit": gated, "activation_func": "silu" if gated else "gelu"}
-            config = _module_config(**fields, params_dtype=_dtype_name(ctx.dtype))
-            config64 = _module_config(**fields, params_dtype="float64")
+            config = _module_config(ctx, **fields, params_dtype=_dtype_name(ctx.dtype))
+            config64 = _module_config(ctx, **fields, params_dtype="float64")
             case = (f"moe_use_grouped_gemm={grouped}, {'gated ' if gated else ''}experts, "
                     f"tokens per expert {counts}")
             tokens = torch.tensor(counts, dtype=torch.int64)
@@ -548,10 +554,8 @@ MODEL_PATTERN = "GE*-DE"  # Gated DeltaNet + MoE, softmax attention + dense, DSA
 MODEL_TOKENS = 40
 
 
-def _model_config(dtype: str) -> TransformerConfig:
-    from attnplug.config import TransformerConfig
-
-    return TransformerConfig(
+def _model_config(ctx: _Context, dtype: str) -> TransformerConfig:
+    return ctx.config(
         num_layers=len(MODEL_PATTERN), hybrid_layer_pattern=MODEL_PATTERN, hidden_size=64,
         num_attention_heads=4, num_query_groups=2, normalization="RMSNorm",
         activation_func="silu", gated_linear_unit=True, qk_layernorm=True,
@@ -588,9 +592,9 @@ def _compare_models(ctx: _Context, case: str) -> CheckResult:
 
     vocab = 50
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
-    reference = GPTModel(_model_config("float64"), vocab, backend=LocalSpecProvider())
-    config = _model_config(_dtype_name(ctx.dtype))
-    provider = ctx.provider.configure(config)
+    reference = GPTModel(_model_config(ctx, "float64"), vocab, backend=LocalSpecProvider())
+    config = _model_config(ctx, _dtype_name(ctx.dtype))
+    provider = (ctx.unconfigured or ctx.provider).configure(config)
     reasons = provider.supports(config)
     if reasons:
         return CheckResult("model", case, "not served", {}, ctx.tolerance, "; ".join(reasons))
@@ -673,7 +677,8 @@ _CHECKS: dict[str, Callable[[_Context], Iterator[CheckResult]]] = {
 
 def check_backend(backend: str | BackendSpecProvider, *, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype = torch.float32, slots: Sequence[str] | None = None,
-                  seed: int = 0, tolerance: float | None = None) -> list[CheckResult]:
+                  seed: int = 0, tolerance: float | None = None,
+                  config: dict[str, Any] | None = None) -> list[CheckResult]:
     """Check ``backend`` (a registered name or a provider) slot by slot; see the module doc.
 
     Args:
@@ -685,9 +690,15 @@ def check_backend(backend: str | BackendSpecProvider, *, device: str | torch.dev
         slots: which of :data:`CHECKED_SLOTS` to check (default: all of them).
         seed: the random inputs' seed.
         tolerance: the largest relative error accepted (default: :data:`TOLERANCES`).
+        config: ``TransformerConfig`` fields for every config the checks build, where the
+            checks do not set the field themselves (the shapes): a backend's own fields
+            (``kitchen_fallback_backend``), ``add_bias_linear``, ``moe_grouped_gemm``, ...
 
-    Returns one :class:`CheckResult` per case. Raises ``BackendError`` when the backend cannot
-    be used here and ``ValueError`` naming the argument for a bad device, dtype or slot.
+    Returns one :class:`CheckResult` per case. The provider is configured once
+    (``provider.configure``) with a small config for the slot checks, and again with the
+    model's. Raises ``BackendError`` when the backend cannot be used here (or its configure
+    refuses), ``ConfigError`` for a bad ``config`` field and ``ValueError`` naming the argument
+    for a bad device, dtype, slot or tolerance.
     """
     if isinstance(dtype, str):
         named = getattr(torch, dtype.removeprefix("torch."), None)
@@ -717,9 +728,13 @@ def check_backend(backend: str | BackendSpecProvider, *, device: str | torch.dev
     else:
         raise BackendError(f"backend: expected a backend name or a BackendSpecProvider, got "
                            f"{type(backend).__name__}")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"config: expected a dict of TransformerConfig fields, got "
+                         f"{type(config).__name__}")
     ctx = _Context(provider, device, dtype,
                    TOLERANCES[dtype] if tolerance is None else float(tolerance),
-                   torch.Generator().manual_seed(seed))
+                   torch.Generator().manual_seed(seed), dict(config or {}), provider)
+    ctx.provider = provider.configure(_module_config(ctx, params_dtype=_dtype_name(dtype)))
     results = []
     for slot in chosen:
         try:

@@ -341,3 +341,24 @@ def test_the_top_k_judge_accepts_any_tie_break_and_rejects_a_worse_key(
         repeated[0, t, valid[1]] = repeated[0, t, valid[0]]
         row = _judge_topk(ctx, "repeat", repeated, inputs, topk, causal, True)
         assert row.status == "FAILED" and "twice" in row.detail, row
+
+
+def test_config_fields_reach_the_provider_and_the_modules(capsys) -> None:
+    """``config=`` (``--set``): the backend's own fields reach its ``configure`` (kitchen with
+    a local fallback is checked on a CPU), shared fields reach both models (biases on every
+    linear), and a bad field is a ConfigError naming it."""
+    from attnplug import ConfigError
+
+    results = check_backend("kitchen", config={"kitchen_fallback_backend": "local"},
+                            slots=["core_attention", "linear", "model"])
+    assert [r.status for r in results] == ["passed"] * 6, results
+    # both models get the field (biases on every linear), so they still load and compare
+    (row,) = check_backend("local", slots=["model"], config={"add_bias_linear": True})
+    assert row.status == "passed", row
+    with pytest.raises(ConfigError, match="kitchen_fallbak_backend"):
+        check_backend("local", config={"kitchen_fallbak_backend": "local"})
+    assert main(["check", "kitchen", "--set", "kitchen_fallback_backend=local", "--slots",
+                 "core_attention", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] is True
+    assert main(["check", "local", "--set", "nothing"]) == 2
+    assert "expected FIELD=VALUE" in capsys.readouterr().err
