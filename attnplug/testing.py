@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckResult", "check_backend", "CHECKED_SLOTS", "TOLERANCES", "relative_error"]
 
-# Relative L2 error allowed per dtype: float32 leaves room for TF32 dots on a GPU (about 5e-4
-# on these shapes); a wrong mask, gate or gradient term is off by 1e-1 or more.
+# Relative L2 error allowed per dtype. float32 leaves room for TF32 dots on a GPU (products
+# rounded to 10-bit mantissas, 2^-11 ≈ 5e-4 each); on the CPU (local, and triton under the
+# interpreter) the slot checks stay below 5e-6. The broken providers of tests/test_testing_kit.py
+# (a missing gate or mask, a wrong scale, a ranking without the ReLU) are off by 0.7 to 4.
 TOLERANCES = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 CHECKED_SLOTS = ("core_attention", "gated_delta_rule", "dsa_indexer_topk", "sparse_attention",
                  "dsa_indexer_loss", "causal_conv1d", "layer_norm", "linear",
