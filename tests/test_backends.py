@@ -301,3 +301,19 @@ def test_the_choice_is_logged_once(site, caplog):
     chosen = [r.getMessage() for r in caplog.records if "chose" in r.getMessage()]
     assert len(chosen) == 1
     assert chosen[0].startswith("backend='auto' chose 'thirdparty' (priority 10)")
+
+
+def test_attnplug_check_tests_an_installed_third_party_backend_and_catches_its_bug(site):
+    """The kernel author's loop: a distribution registers its backend through the entry point,
+    ``attnplug check NAME`` runs every slot and the hybrid model against local. The fixture's
+    ``activation_func`` is the identity where the config asks for SiLU: every slot passes, the
+    model check fails, and the command exits 1."""
+    install(site, THIRDPARTY)
+    done = run_attnplug(site, "-m", "attnplug", "check", "thirdparty", "--json")
+    assert done.returncode == 1, done.stderr
+    result = json.loads(done.stdout)
+    assert result["backend"] == "thirdparty" and result["passed"] is False
+    wrong = [c for c in result["checks"] if not c["ok"]]
+    assert [c["slot"] for c in wrong] == ["model"], wrong
+    assert wrong[0]["status"] == "FAILED" and wrong[0]["errors"]["logits"] > 0.01, wrong
+    assert all(c["status"] == "passed" for c in result["checks"] if c["slot"] != "model")
