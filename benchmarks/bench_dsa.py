@@ -9,7 +9,8 @@ tokens / T, at least 1), topk = 2048, H = 16 query heads, D = 128, bfloat16; ``-
 key/value heads (default 1: DeepSeek's MQA-mode sharing, every query head of a token attending
 to the same selected rows). Indexers: ``small`` (4 heads × 64) and ``deepseek`` (64 × 128).
 
-Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, flash backend):
+Per case (``fwd`` and ``fwd+bwd``), anchor ``sdpa-flash`` (torch SDPA causal, flash backend;
+``sdpa-default`` is SDPA with the backend torch picks, cuDNN on Hopper, alongside):
 
 - ``dsa``: the DSA total as the triton backend serves it — the indexer's scores and top-k
   (``dsa_indexer_topk_threshold``: float32 scores for a bounded block of queries, ``torch.topk``
@@ -56,10 +57,16 @@ GOAL = 0.35  # issue 6: DSA forward+backward at T = 32K over SDPA's
 
 def sdpa_flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SDPA's flash backend, causal, on ``[B, T, H, D]`` tensors."""
-    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=True, **gqa)
+        return sdpa_default(q, k, v)
+
+
+def sdpa_default(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA causal with the backend torch picks itself (cuDNN on Hopper, when it takes the
+    shape), on ``[B, T, H, D]`` tensors."""
+    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, **gqa)
     return o.transpose(1, 2)  # (B, T, H, D)
 
 
@@ -117,11 +124,12 @@ def run_case(bench: Bench, fns: dict[str, Callable] | str, *, B: int, T: int, H:
     ik = torch.randn(B, T, DI, device=dev, dtype=dtype)
     iw = torch.randn(B, T, HI, device=dev, dtype=dtype) * (HI * DI) ** -0.5
 
-    def sdpa() -> object:
-        o = sdpa_flash(q, k, v)
+    def sdpa(fn: Callable[[Tensor, Tensor, Tensor], Tensor] = sdpa_flash) -> object:
+        o = fn(q, k, v)
         return o.backward(do) if backward else o
 
-    impls: dict[str, Callable[[], object] | str] = {"sdpa-flash": sdpa}
+    impls: dict[str, Callable[[], object] | str] = {
+        "sdpa-flash": sdpa, "sdpa-default": lambda: sdpa(sdpa_default)}
     if isinstance(fns, str):
         impls.update(dict.fromkeys(("dsa", "dsa-keys", "dsa-radix", "dsa-topk", "dsa-topk-keys",
                                     "dsa-topk-radix",
