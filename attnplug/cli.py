@@ -266,11 +266,15 @@ def _run_check(args: argparse.Namespace) -> int:
             fields[name.strip()] = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             fields[name.strip()] = text  # a bare word: the string
-    try:
-        results = check_backend(args.backend, device=args.device, dtype=args.dtype,
-                                slots=args.slots, seed=args.seed, config=fields)
-    except ValueError as exc:
-        raise _UserError(str(exc)) from None
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"attnplug check {args.backend}") as status:
+        try:
+            results = check_backend(args.backend, device=args.device, dtype=args.dtype,
+                                    slots=args.slots, seed=args.seed, config=fields,
+                                    progress=lambda slot: status.update(f"checking {slot}"))
+        except ValueError as exc:
+            raise _UserError(str(exc)) from None
     passed = all(result.ok for result in results)
     if args.json:
         _print_json({"backend": args.backend, "device": args.device, "dtype": args.dtype,

@@ -680,7 +680,8 @@ _CHECKS: dict[str, Callable[[_Context], Iterator[CheckResult]]] = {
 def check_backend(backend: str | BackendSpecProvider, *, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype = torch.float32, slots: Sequence[str] | None = None,
                   seed: int = 0, tolerance: float | None = None,
-                  config: dict[str, Any] | None = None) -> list[CheckResult]:
+                  config: dict[str, Any] | None = None,
+                  progress: Callable[[str], None] | None = None) -> list[CheckResult]:
     """Check ``backend`` (a registered name or a provider) slot by slot; see the module doc.
 
     Args:
@@ -695,6 +696,8 @@ def check_backend(backend: str | BackendSpecProvider, *, device: str | torch.dev
         config: ``TransformerConfig`` fields for every config the checks build, where the
             checks do not set the field themselves (the shapes): a backend's own fields
             (``kitchen_fallback_backend``), ``add_bias_linear``, ``moe_grouped_gemm``, ...
+        progress: called with each slot's name before its checks run (a GPU run compiles and
+            autotunes every kernel at each new shape: minutes, not seconds).
 
     Returns one :class:`CheckResult` per case. The provider is configured once
     (``provider.configure``) with a small config for the slot checks, and again with the
@@ -739,6 +742,8 @@ def check_backend(backend: str | BackendSpecProvider, *, device: str | torch.dev
     ctx.provider = provider.configure(_module_config(ctx, params_dtype=_dtype_name(dtype)))
     results = []
     for slot in chosen:
+        if progress is not None:
+            progress(slot)
         try:
             results.extend(_CHECKS[slot](ctx))
         except SlotNotServed as exc:

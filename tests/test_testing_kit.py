@@ -362,3 +362,11 @@ def test_config_fields_reach_the_provider_and_the_modules(capsys) -> None:
     assert json.loads(capsys.readouterr().out)["passed"] is True
     assert main(["check", "local", "--set", "nothing"]) == 2
     assert "expected FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_progress_hears_each_slot_before_its_checks() -> None:
+    seen: list[str] = []
+    results = check_backend("local", slots=["layer_norm", "causal_conv1d"],
+                            progress=seen.append)
+    assert seen == ["layer_norm", "causal_conv1d"]
+    assert [r.slot for r in results] == ["layer_norm"] * 4 + ["causal_conv1d"] * 3
