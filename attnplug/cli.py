@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -255,18 +254,12 @@ def _errors_cell(errors: dict[str, float]) -> str:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from attnplug.config import parse_override
     from attnplug.testing import check_backend
 
-    fields = {}
-    for item in args.set:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise _UserError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            fields[name.strip()] = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            fields[name.strip()] = text  # a bare word: the string
-    from rich.console import Console
+    fields = dict(parse_override(item) for item in args.set)
 
     with Console(stderr=True).status(f"attnplug check {args.backend}") as status:
         try:

@@ -521,6 +521,20 @@ def check_table(cls: type, values: Any, source: str, what: str) -> None:
             raise ConfigError(f"{source}: unknown field {key!r}{hint}")
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` (a ``--set`` option) as ``(field, value)``: the value as TOML (numbers,
+    booleans, lists, quoted strings), else the bare text as a string. ``ConfigError`` when there
+    is no ``=`` or no field name."""
+    field, eq, value = text.partition("=")
+    if not eq or not field.strip():
+        raise ConfigError(f"--set {text!r}: expected FIELD=VALUE")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word: the string
+    return field.strip(), parsed
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file; raise ``ConfigError`` naming the file when it is missing or malformed."""
     path = Path(path)

@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from attnplug import BackendError, ConfigError, TransformerConfig
 from attnplug.backends import get_provider
-from attnplug.config import read_toml_table
+from attnplug.config import parse_override, read_toml_table
 from attnplug.layers.model import GPTModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,15 +82,8 @@ def model_config(args: argparse.Namespace) -> TransformerConfig:
 
     Raises ``ConfigError`` for a bad field or value.
     """
-    fields = {**read_toml_table(args.config, "model"), **GPU_SIZE}
-    for item in args.set:
-        name, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            fields[name.strip()] = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            fields[name.strip()] = text
+    fields = {**read_toml_table(args.config, "model"), **GPU_SIZE,
+              **dict(parse_override(item) for item in args.set)}
     fields["backend"] = "local"
     return TransformerConfig.from_dict(fields, source=f"{args.config} [model] with overrides")
 

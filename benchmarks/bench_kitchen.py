@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 
 from attnplug import BackendError, ConfigError, TransformerConfig
 from attnplug.backends import get_provider
+from attnplug.config import parse_override
 from attnplug.data import make_task
 from attnplug.layers.model import GPTModel
 from attnplug.train import (
@@ -74,17 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _override(text: str) -> tuple[str, Any]:
-    field, eq, value = text.partition("=")
-    if not eq or not field.strip():
-        raise ConfigError(f"--set {text!r}: expected FIELD=VALUE")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value  # a bare string
-    return field.strip(), parsed
-
-
 def model_config(args: argparse.Namespace) -> TransformerConfig:
     """The [model] table with ``--set`` overrides and ``params_dtype``.
 
@@ -92,7 +81,7 @@ def model_config(args: argparse.Namespace) -> TransformerConfig:
         ConfigError: a bad file or override.
     """
     base = TransformerConfig.from_toml(args.config)
-    overrides = dict(_override(item) for item in args.set)
+    overrides = dict(parse_override(item) for item in args.set)
     return attrs.evolve(base, params_dtype=args.dtype, **overrides)
 
 

@@ -204,3 +204,23 @@ def test_examples_parse():
 
     for path in sorted(Path(__file__).parent.parent.glob("examples/*.toml")):
         TransformerConfig.from_toml(path)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("num_layers=8", ("num_layers", 8)), (" qk_layernorm = true", ("qk_layernorm", True)),
+    ("moe_layer_freq=[1, 0]", ("moe_layer_freq", [1, 0])),
+    ("kitchen_fallback_backend=local", ("kitchen_fallback_backend", "local")),
+    ('backend="te"', ("backend", "te")), ("x=a=b", ("x", "a=b")),
+])
+def test_a_set_option_parses_its_value_as_toml_else_as_text(text: str, expected) -> None:
+    from attnplug.config import parse_override
+
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["num_layers", "=8", " =8"])
+def test_a_set_option_without_a_field_is_a_config_error(text: str) -> None:
+    from attnplug.config import parse_override
+
+    with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
+        parse_override(text)
