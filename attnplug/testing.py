@@ -142,11 +142,10 @@ class _WrongOutputs(Exception):
     """A slot returned another number of outputs than its contract says."""
 
 
-def _run_with_grads(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[str],
-                    cotangents: list[Tensor | None], dtype: torch.dtype,
-                    device: torch.device) -> tuple[list[Tensor | None], dict[str, Tensor]]:
-    """``fn(**inputs)`` with the float inputs in ``dtype`` on ``device``; the gradients of
-    ``Σ out·cotangent`` with respect to ``grad_names``."""
+def _forward(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[str],
+             dtype: torch.dtype, device: torch.device) -> tuple[dict[str, Any], list]:
+    """``fn(**inputs)`` with the float inputs in ``dtype`` on ``device``, those named in
+    ``grad_names`` as leaves that require grad: the inputs as passed, and the outputs."""
     ready = {}
     for name, value in inputs.items():
         if isinstance(value, Tensor):
@@ -156,7 +155,14 @@ def _run_with_grads(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: 
             if name in grad_names:
                 value = value.detach().requires_grad_()
         ready[name] = value
-    outs = _outputs(fn(**ready))
+    return ready, _outputs(fn(**ready))
+
+
+def _backward(ready: dict[str, Any], outs: list[Tensor | None],
+              cotangents: list[Tensor | None], grad_names: Sequence[str]) -> dict[str, Tensor]:
+    """Backpropagate ``Σ out·cotangent`` (``.backward()``: module parameters get their
+    ``.grad`` in the same pass); the gradients of the inputs named in ``grad_names`` that
+    receive one, as ``d<name>``."""
     if len(outs) != len(cotangents):
         raise _WrongOutputs(f"returned {len(outs)} outputs, expected {len(cotangents)}")
     loss = None
@@ -165,26 +171,24 @@ def _run_with_grads(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: 
             continue
         term = (out * cot.to(out.device, out.dtype)).sum()
         loss = term if loss is None else loss + term
-    grads = {}
-    if grad_names and loss is not None:
-        wanted = [ready[n] for n in grad_names]
-        values = torch.autograd.grad(loss, wanted, allow_unused=True)
-        grads = {f"d{n}": g for n, g in zip(grad_names, values, strict=True) if g is not None}
-    return outs, grads
+    if not grad_names or loss is None:
+        return {}
+    loss.backward()
+    return {f"d{n}": ready[n].grad for n in grad_names if ready[n].grad is not None}
 
 
 def _compare_fn(ctx: _Context, slot: str, case: str, fn: Callable[..., Any],
                 ref: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[str],
                 out_names: Sequence[str]) -> CheckResult:
-    """The slot's ``fn`` against ``ref`` in float64 on the CPU, outputs and gradients."""
-    ref_outs, ref_grads = _run_with_grads(ref, inputs, grad_names, [None] * len(out_names),
-                                          torch.float64, torch.device("cpu"))
+    """The slot's ``fn`` against ``ref`` in float64 on the CPU, outputs and gradients (one
+    random cotangent per output, the same on both sides)."""
+    ref_ready, ref_outs = _forward(ref, inputs, grad_names, torch.float64, torch.device("cpu"))
     cots = [None if o is None or not o.is_floating_point() else ctx.randn(*o.shape)
             for o in ref_outs]
-    ref_outs, ref_grads = _run_with_grads(ref, inputs, grad_names, cots, torch.float64,
-                                          torch.device("cpu"))
+    ref_grads = _backward(ref_ready, ref_outs, cots, grad_names)
     try:
-        outs, grads = _run_with_grads(fn, inputs, grad_names, cots, ctx.dtype, ctx.device)
+        ready, outs = _forward(fn, inputs, grad_names, ctx.dtype, ctx.device)
+        grads = _backward(ready, outs, cots, grad_names)
     except _WrongOutputs as exc:
         return ctx.result(slot, case, {}, str(exc))
     errors = {}
@@ -437,7 +441,7 @@ def _compare_modules(ctx: _Context, slot: str, case: str, build: Callable[[], nn
                      build_local: Callable[[], nn.Module], inputs: dict[str, Any],
                      grad_names: Sequence[str], call: Callable[..., Any]) -> CheckResult:
     """The backend's module against ``local``'s with the same (random) parameters, the latter
-    in float64 on the CPU: outputs, input gradients and parameter gradients."""
+    in float64 on the CPU: outputs, input gradients and parameter gradients (one pass each)."""
     local = build_local().double()
     state = _randomised_state(local, ctx)
     local.load_state_dict(state)
@@ -449,16 +453,8 @@ def _compare_modules(ctx: _Context, slot: str, case: str, build: Callable[[], nn
                          lambda **kw: call(local, **kw), inputs, grad_names, ("y",))
     if result.status != "passed":
         return result
+    # the parameters' gradients, from the same backward pass
     errors = dict(result.errors)
-    # parameter gradients, from the same cotangent
-    cot = ctx.randn(*call(local, **inputs).shape)
-    for mod, dev, dtype in ((local, torch.device("cpu"), torch.float64),
-                            (module, ctx.device, ctx.dtype)):
-        mod.zero_grad(set_to_none=True)
-        ready = {n: v.to(dev, dtype) if isinstance(v, Tensor) and v.is_floating_point()
-                 else (v.to(dev) if isinstance(v, Tensor) else v) for n, v in inputs.items()}
-        out = call(mod, **ready)
-        (out * cot.to(dev, out.dtype)).sum().backward()
     for name, err in _paired_grad_errors(pairs, module, local).items():
         errors[f"d{name}"] = err
     return ctx.result(slot, case, errors)
