@@ -57,32 +57,18 @@ def triton_flash(desc: bool = False, fused_backward: bool = False) -> Attention 
     """attnplug's Triton kernels, or why they cannot run here. With ``desc`` the experimental
     kernels that load their loop tiles through tensor descriptors (TMA on Hopper), forward and
     backward; with ``fused_backward`` the experimental one-kernel backward (dQ by TMA
-    reductions). Both options go to the kernels' launchers explicitly, for the backward too
-    (setting ``fused.TENSOR_DESCRIPTORS`` around the call, as this function did before
-    session 8, covered only the forward: the backward runs later, under ``.backward()``)."""
+    reductions). Both options go to the launchers through ``FlashAttentionFunction``, for the
+    backward too (setting ``fused.TENSOR_DESCRIPTORS`` around the call, as this function did
+    before session 8, covered only the forward: the backward runs later, under
+    ``.backward()``)."""
     try:
         from attnplug_triton.ops.attention import fused
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
     if not desc and not fused_backward:
         return fused.flash_attention
-
-    class Explicit(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            scale = q.shape[-1] ** -0.5
-            o, lse = fused.attention_forward(q, k, v, scale, desc=desc)
-            ctx.save_for_backward(q, k, v, o, lse)
-            ctx.scale = scale
-            return o
-
-        @staticmethod
-        def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            q, k, v, o, lse = ctx.saved_tensors
-            return fused.attention_backward(do.contiguous(), q, k, v, o, lse, ctx.scale,
-                                            desc=desc, fused=fused_backward)
-
-    return Explicit.apply
+    return lambda q, k, v: fused.FlashAttentionFunction.apply(q, k, v, q.shape[-1] ** -0.5,
+                                                              desc, fused_backward)
 
 
 def te_attention(heads: int, kv_heads: int, head_dim: int) -> Attention | str:

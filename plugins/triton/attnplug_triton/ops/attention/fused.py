@@ -376,20 +376,24 @@ def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, de
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, o and the log-sum-exp for the backward kernels."""
+    """Autograd wrapper: saves q, k, v, o and the log-sum-exp for the backward kernels.
+    ``desc`` and ``fused`` go to both launchers (``None``: the module switches), so a caller
+    can pick the experimental kernels for one call, backward included."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> Tensor:
-        o, lse = attention_forward(q, k, v, softmax_scale)
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
+                desc: bool | None = None, fused: bool | None = None) -> Tensor:
+        o, lse = attention_forward(q, k, v, softmax_scale, desc=desc)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.softmax_scale = softmax_scale
+        ctx.softmax_scale, ctx.desc, ctx.fused = softmax_scale, desc, fused
         return o
 
     @staticmethod
     def backward(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(unit_last_stride(do), q, k, v, o, lse, ctx.softmax_scale)
-        return dq, dk, dv, None
+        dq, dk, dv = attention_backward(unit_last_stride(do), q, k, v, o, lse, ctx.softmax_scale,
+                                        desc=ctx.desc, fused=ctx.fused)
+        return dq, dk, dv, None, None, None
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *,
@@ -421,4 +425,4 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *,
     if q.numel() == 0 or v.numel() == 0:
         B, T, H, _ = q.shape
         return q.new_zeros((B, T, H, v.shape[-1])) + 0 * (q.sum() + k.sum() + v.sum())
-    return FlashAttentionFunction.apply(q, k, v, float(softmax_scale))
+    return FlashAttentionFunction.apply(q, k, v, float(softmax_scale), None, None)
