@@ -8,10 +8,11 @@ implementation reads the same ``[B, T, H, D]`` tensors.
 
     python3 benchmarks/bench_attention.py --out runs/bench-attention
 
-``triton-tma`` is the experimental kernels with their loop tiles through tensor descriptors
-(``attnplug_triton.ops.attention.fused.TENSOR_DESCRIPTORS``), forward and backward;
-``triton-fused`` the served forward with the experimental one-kernel backward
-(``FUSED_BACKWARD``: dQ summed by TMA reductions inside the dK/dV kernel).
+``triton`` is the kernels as served (``attnplug_triton.ops.attention.fused.TENSOR_DESCRIPTORS``
+names the kernels that load their loop tiles through tensor descriptors, TMA on Hopper);
+``triton-ptr`` every kernel through pointers, ``triton-tma`` every kernel through descriptors,
+``triton-tma-dkdv`` and ``triton-tma-dq`` one backward kernel through them — the rows that
+choose ``TENSOR_DESCRIPTORS``.
 
 Before timing, each case compares the Triton kernel's output (and gradients) with SDPA's and
 prints the largest difference, so a fast wrong kernel shows in the same table.
@@ -53,22 +54,19 @@ def sdpa_default(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return o.transpose(1, 2)  # (B, T, H, D)
 
 
-def triton_flash(desc: bool = False, fused_backward: bool = False) -> Attention | str:
-    """attnplug's Triton kernels, or why they cannot run here. With ``desc`` the experimental
-    kernels that load their loop tiles through tensor descriptors (TMA on Hopper), forward and
-    backward; with ``fused_backward`` the experimental one-kernel backward (dQ by TMA
-    reductions). Both options go to the launchers through ``FlashAttentionFunction``, for the
-    backward too (setting ``fused.TENSOR_DESCRIPTORS`` around the call, as this function did
-    before session 8, covered only the forward: the backward runs later, under
-    ``.backward()``)."""
+def triton_flash(desc: bool | tuple[str, ...] | None = None) -> Attention | str:
+    """attnplug's Triton kernels, or why they cannot run here. ``desc``: the kernels that load
+    their loop tiles through tensor descriptors (``None``: as served). It goes to the launchers
+    through ``FlashAttentionFunction``, so the backward (run later, under ``.backward()``)
+    gets it too."""
     try:
         from attnplug_triton.ops.attention import fused
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
-    if not desc and not fused_backward:
+    if desc is None:
         return fused.flash_attention
     return lambda q, k, v: fused.FlashAttentionFunction.apply(q, k, v, q.shape[-1] ** -0.5,
-                                                              desc, fused_backward)
+                                                              desc)
 
 
 def te_attention(heads: int, kv_heads: int, head_dim: int) -> Attention | str:
@@ -169,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         "sdpa-flash": sdpa_flash,
         "sdpa-default": sdpa_default,
         "triton": triton_flash(),
+        "triton-ptr": triton_flash(desc=False),
         "triton-tma": triton_flash(desc=True),
-        "triton-fused": triton_flash(fused_backward=True),
+        "triton-tma-dkdv": triton_flash(desc=("dkdv",)),
+        "triton-tma-dq": triton_flash(desc=("dq",)),
         "te": te_attention(H, Hkv, D),
     }
     bench = Bench("attention", anchor="sdpa-flash", out=args.out, warmup=args.warmup,

@@ -36,11 +36,10 @@ ATTN = "attnplug_triton.ops.attention.kernels"
 CONV = "attnplug_triton.ops.conv.fused"
 # pointers to float32 and int32 (every other pointer argument is bfloat16)
 F32_PTRS = {"g_ptr", "beta_ptr", "rq_ptr", "rk_ptr", "y_ptr", "dg_ptr", "dbeta_ptr", "ht_ptr",
-            "h0_ptr", "dht_ptr", "dh0_ptr", "dvl_ptr", "LSE", "DELTA", "dw_ptr", "dkp_ptr",
-            "DQT"}
+            "h0_ptr", "dht_ptr", "dh0_ptr", "dvl_ptr", "LSE", "DELTA", "dw_ptr", "dkp_ptr"}
 I32_PTRS = {"chunk_seq", "cu", "chunk_off"}
 FLOATS = {"scale", "qk_scale", "softmax_scale"}
-ATTN_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV_OUT", "DQ", "DQT"}
+ATTN_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV_OUT", "DQ"}
 
 # the short convolution's blocks (BT rows, BC channels) and warps (the autotuner's and 64 × 4,
 # which spills)
@@ -56,11 +55,16 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
     ("attention dkdv", ATTN, "attention_bwd_dkdv_kernel", ATTN_DIMS,
      [(dict(BLOCK_M=32, BLOCK_N=128), 4, 3), (dict(BLOCK_M=64, BLOCK_N=128), 8, 3),
       (dict(BLOCK_M=64, BLOCK_N=64), 4, 3), (dict(BLOCK_M=32, BLOCK_N=128), 8, 3)]),
-    ("attention fused bwd", ATTN, "attention_bwd_dkdv_kernel",
-     {**ATTN_DIMS, "DQ": True, "DQ_TMA": True},
+    ("attention dq", ATTN, "attention_bwd_dq_kernel", ATTN_DIMS,
+     [(dict(BLOCK_M=128, BLOCK_N=32), 4, 3), (dict(BLOCK_M=128, BLOCK_N=64), 8, 3),
+      (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)]),
+    # the same kernels with their loop tiles through tensor descriptors (TENSOR_DESCRIPTORS)
+    ("attention fwd desc", ATTN, "attention_fwd_kernel", {**ATTN_DIMS, "KV_DESC": True},
+     [(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=128), 8, 2)]),
+    ("attention dkdv desc", ATTN, "attention_bwd_dkdv_kernel", {**ATTN_DIMS, "QO_DESC": True},
      [(dict(BLOCK_M=32, BLOCK_N=128), 4, 3), (dict(BLOCK_M=64, BLOCK_N=128), 8, 3),
       (dict(BLOCK_M=64, BLOCK_N=64), 4, 3), (dict(BLOCK_M=32, BLOCK_N=128), 8, 3)]),
-    ("attention dq", ATTN, "attention_bwd_dq_kernel", ATTN_DIMS,
+    ("attention dq desc", ATTN, "attention_bwd_dq_kernel", {**ATTN_DIMS, "KV_DESC": True},
      [(dict(BLOCK_M=128, BLOCK_N=32), 4, 3), (dict(BLOCK_M=128, BLOCK_N=64), 8, 3),
       (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)]),
     ("gdn kkt_solve", f"{GDN}.kkt_solve", "kkt_solve_kernel", GDN_DIMS,
@@ -92,9 +96,14 @@ def signature(kernel: Any, constexprs: dict[str, Any]) -> tuple[dict, dict]:
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "DQT_DESC":  # the fused attention backward's dQᵀ accumulator, one tile
-            sig[name] = (f"tensordesc<fp32[1, {constexprs['BLOCK_D']}, "
-                         f"{constexprs['BLOCK_M']}]>")
+        elif constexprs.get("KV_DESC") and name in ("K", "V"):  # blocks of BLOCK_N keys
+            width = constexprs["BLOCK_D" if name == "K" else "BLOCK_DV"]
+            sig[name] = f"tensordesc<bf16[1, {constexprs['BLOCK_N']}, 1, {width}]>"
+        elif constexprs.get("QO_DESC") and name in ("Q", "DO"):  # BLOCK_M packed rows
+            width = constexprs["BLOCK_D" if name == "Q" else "BLOCK_DV"]
+            group = constexprs["GROUP"]
+            sig[name] = (f"tensordesc<bf16[1, {constexprs['BLOCK_M'] // group}, {group}, "
+                         f"{width}]>")
         elif name in I32_PTRS or name in ATTN_PTRS or name.endswith("_ptr"):
             sig[name] = ("*i32" if name in I32_PTRS else "*fp32" if name in F32_PTRS
                          else "*bf16")
@@ -132,13 +141,12 @@ def compile_case(module: str, name: str, constexprs: dict[str, Any], meta: dict[
 
     kernel = getattr(importlib.import_module(module), name)
     const = {k: v for k, v in {**constexprs, **meta}.items() if k in kernel.arg_names}
-    given = {"DQT", "DQT_DESC"} if const.get("DQ") else set()  # the fused backward's tensors
     for param in inspect.signature(kernel.fn).parameters.values():  # left at their defaults:
-        if param.name in const or param.name in given or param.default is inspect._empty:
+        if param.name in const or param.default is inspect._empty:
             continue
         if param.default is None or "constexpr" in str(param.annotation):  # constexprs and
             const[param.name] = param.default  # optional tensors (None)
-    sig, attrs = signature(kernel, const)
+    sig, attrs = signature(kernel, {**const, **meta})
     source = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),

@@ -87,8 +87,7 @@ DESC_CASES = [(shape, torch.float16) for shape in SHAPES] + (
 
 @pytest.mark.parametrize("shape,dtype", DESC_CASES, ids=lambda x: str(x))
 def test_descriptor_kernels_match_the_pointer_kernels_and_float64(shape, dtype) -> None:
-    """The experimental kernels with their loop tiles through tensor descriptors (TMA on
-    Hopper): o, the log-sum-exp, dq, dk and dv as the pointer kernels' (same products, same
+    """The kernels with their loop tiles through tensor descriptors (TMA on Hopper): o, the log-sum-exp, dq, dk and dv as the pointer kernels' (same products, same
     order) and against float64 — padded head dims, S > T, GQA/MQA, one token."""
     from attnplug_triton.ops.attention import fused
     from attnplug_triton.ops.attention.naive import naive_attention
@@ -102,68 +101,53 @@ def test_descriptor_kernels_match_the_pointer_kernels_and_float64(shape, dtype) 
     scale = shape[5] ** -0.5
     o_desc, lse_desc = fused.attention_forward(q, k, v, scale, desc=True)
     o_ptrs, lse_ptrs = fused.attention_forward(q, k, v, scale, desc=False)
-    exact = 2e-3 if HAS_CUDA else 0.0
-    torch.testing.assert_close(o_desc, o_ptrs, rtol=0, atol=exact)
-    torch.testing.assert_close(lse_desc, lse_ptrs, rtol=1e-6, atol=1e-6)
+    # under the interpreter the same products in the same order: equal; on a GPU the autotuner
+    # may choose other blocks for the descriptor kernels (another summation order): equal up
+    # to a few roundings of the 16-bit outputs
+    exact = 2e-2 if HAS_CUDA else 0.0
+    torch.testing.assert_close(o_desc, o_ptrs, rtol=exact, atol=exact)
+    torch.testing.assert_close(lse_desc, lse_ptrs, rtol=1e-4 if HAS_CUDA else 1e-6, atol=1e-6)
     assert fused._qo_descriptors(q, do, meta, None) is not None
     grads_desc = fused.attention_backward(do, q, k, v, o_ptrs, lse_ptrs, scale, desc=True)
     grads_ptrs = fused.attention_backward(do, q, k, v, o_ptrs, lse_ptrs, scale, desc=False)
     refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
     for name, got, want, ref in zip(("o", "dq", "dk", "dv"), (o_desc, *grads_desc),
                                     (o_ptrs, *grads_ptrs), refs, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=exact, msg=name)
+        torch.testing.assert_close(got, want, rtol=exact, atol=exact,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         assert_matches(f"{name} {shape} {dtype} (descriptors)", got, ref, dtype)
 
 
-@pytest.mark.parametrize("shape,dtype", DESC_CASES, ids=lambda x: str(x))
-def test_the_fused_backward_matches_the_two_kernels_and_float64(shape, dtype) -> None:
-    """The experimental one-kernel backward (dQ summed in float32 inside the dK/dV kernel: by
-    TMA reductions on Hopper, atomics elsewhere): dq, dk, dv as the served two kernels' (dk,
-    dv the same products; dq the same sum in another order on a GPU) and against float64 —
-    padded head dims, S > T, GQA/MQA, one token."""
+def test_served_kernels_take_descriptors_as_tensor_descriptors_names(monkeypatch) -> None:
+    """flash_attention launches each kernel on descriptors exactly when TENSOR_DESCRIPTORS
+    names it (where TMA takes the tensors), and ``desc`` arguments are checked."""
     from attnplug_triton.ops.attention import fused
-    from attnplug_triton.ops.attention.naive import naive_attention
 
-    q, k, v, do = _inputs(*shape, dtype)
-    scale = shape[5] ** -0.5
-    o, lse = fused.attention_forward(q, k, v, scale)
-    got = fused.attention_backward(do, q, k, v, o, lse, scale, fused=True)
-    want = fused.attention_backward(do, q, k, v, o, lse, scale, fused=False)
-    refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
-    for name, g, w, ref in zip(("dq", "dk", "dv"), got, want, refs[1:], strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous(), name
-        # dk, dv: the same products in the same order (exact under the interpreter); dq: the
-        # softmax scale applied per tile before the sum, not after it (and on a GPU the tiles
-        # summed in another order: a bf16 rounding may differ)
-        close = 2e-2 if HAS_CUDA else 0.0 if name != "dq" else 2e-3
-        torch.testing.assert_close(g, w, rtol=close, atol=close, msg=name)
-        assert_matches(f"{name} {shape} {dtype} (fused backward)", g, ref, dtype)
-
-
-def test_the_fused_backward_serves_flash_attention_when_switched_on(monkeypatch) -> None:
-    """``FUSED_BACKWARD = True``: flash_attention's backward is the one kernel (no dQ kernel
-    launched), float32 included, and matches float64."""
-    from attnplug_triton.ops.attention import fused
-    from attnplug_triton.ops.attention.naive import naive_attention
-
-    launched = []
+    seen = {}
     real = fused._launch
-    monkeypatch.setattr(fused, "_launch", lambda name, *a: launched.append(name) or real(name, *a))
-    monkeypatch.setattr(fused, "FUSED_BACKWARD", True)
-    for dtype in (torch.float32, torch.float16):
-        q, k, v, do = _inputs(2, 21, 30, 6, 2, 24, 16, dtype)
-        launched.clear()
-        outs = _run(fused.flash_attention, q, k, v, do)
-        assert launched == ["fwd", "fused"]
-        refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
-        for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):
-            assert_matches(f"{name} {dtype} (fused backward on)", out, ref, dtype)
+    monkeypatch.setattr(fused, "_launch", lambda name, grid, args, meta, config:
+                        seen.__setitem__(name, bool(meta.get(fused._DESC_FLAGS[name])))
+                        or real(name, grid, args, meta, config))
+    q, k, v, do = _inputs(1, 20, 24, 4, 2, 16, 16, torch.float16)
+    for names in (fused.TENSOR_DESCRIPTORS, frozenset(), frozenset({"fwd"}),
+                  frozenset({"dkdv", "dq", "fwd"})):
+        monkeypatch.setattr(fused, "TENSOR_DESCRIPTORS", names)
+        seen.clear()
+        _run(fused.flash_attention, q, k, v, do)
+        assert seen == {name: name in names for name in ("fwd", "dkdv", "dq")}, names
+    assert fused.descriptor_kernels(True) == {"fwd", "dkdv", "dq"}
+    assert fused.descriptor_kernels(False) == frozenset()
+    assert fused.descriptor_kernels("dq") == {"dq"}
+    with pytest.raises(ValueError, match=r"unknown kernels \['bwd'\].*'fwd', 'dkdv', 'dq'"):
+        fused.descriptor_kernels(("dq", "bwd"))
+    with pytest.raises(ValueError, match="desc=3 is not accepted"):
+        fused.descriptor_kernels(3)
 
 
 def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
     """float32 (the tf32x3 path), strides that are not multiples of 16 bytes, and for q/dO a
     head group that a row block cannot hold whole: the pointer kernels; with
-    ``TENSOR_DESCRIPTORS`` on, flash_attention's forward and backward still match float64 —
+    every kernel in ``TENSOR_DESCRIPTORS``, flash_attention's forward and backward still match float64 —
     also with a group of 3 heads (q/dO through pointers, K/V through descriptors)."""
     from attnplug_triton.ops.attention import fused
     from attnplug_triton.ops.attention.naive import naive_attention
@@ -174,7 +158,7 @@ def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
     assert fused._descriptors(k, v, fused._meta(q, k, v)) is not None
     odd = torch.randn(1, 24, 2, 20, device=DEVICE, dtype=torch.float16)[..., :12]  # 40-byte rows
     assert fused._descriptors(odd, odd, fused._meta(q[..., :12], odd, odd)) is None
-    monkeypatch.setattr(fused, "TENSOR_DESCRIPTORS", True)
+    monkeypatch.setattr(fused, "TENSOR_DESCRIPTORS", frozenset({"fwd", "dkdv", "dq"}))
     outs = _run(fused.flash_attention, q, k, v, do)
     refs = _run(naive_attention, q.double(), k.double(), v.double(), do.double())
     for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, refs, strict=True):

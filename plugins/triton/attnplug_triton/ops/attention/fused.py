@@ -8,10 +8,11 @@ products, which keeps float32-level accuracy), float32 accumulation, head dims u
 
 The backward is deterministic: a dK/dV kernel (one program per key block, summing over every
 query head of its group) and a dQ kernel (one program per row block) recompute the
-probabilities from the saved log-sum-exp; no atomics. (Summing dQ with float32 atomics inside
-the dK/dV kernel instead — five matrix products rather than seven — was measured slower on an
-H200: 6.26 against 5.05 ms forward+backward at B=8, T=4096, H=16, D=128, bf16. The
-experimental :data:`FUSED_BACKWARD` sums it with one TMA reduction a tile instead.)
+probabilities from the saved log-sum-exp; no atomics. (Summing dQ inside the dK/dV kernel
+instead — five matrix products rather than seven — was measured slower on an H200 at B=8,
+T=4096, H=16, D=128, bf16 forward+backward: with float32 atomics 6.26 against 5.05 ms
+(session 4), with one TMA reduction a tile 5.61 against 5.21 ms (session 9), so neither is
+kept.)
 
 On a GPU each kernel is autotuned over a short list of block configurations chosen by head dim
 (:data:`FWD_CONFIGS`, :data:`DKDV_CONFIGS`, :data:`DQ_CONFIGS`), keyed on the power-of-two
@@ -22,7 +23,7 @@ instead (the interpreter cannot autotune).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -97,7 +98,6 @@ _KERNELS = {
     "fwd": (kernels.attention_fwd_kernel, FWD_CONFIGS),
     "dkdv": (kernels.attention_bwd_dkdv_kernel, DKDV_CONFIGS),
     "dq": (kernels.attention_bwd_dq_kernel, DQ_CONFIGS),
-    "fused": (kernels.attention_bwd_dkdv_kernel, DKDV_CONFIGS),  # with DQ=True
 }
 
 
@@ -106,19 +106,13 @@ def _size_class(d: int, dv: int) -> int:
     return max(64, next_power_of_2(max(d, dv)))
 
 
-# The tiles each kernel loads in its loop through tensor descriptors (TMA loads on Hopper)
-# instead of pointers — K and V in the forward and the dQ kernel, q and dO in the dK/dV kernel
-# — where the tensors allow it (:func:`_descriptors`). Experimental (session 7): right under the
-# interpreter and compiled for sm_90, not yet run on a GPU; the question for
-# ``bench_attention.py`` (row ``triton-tma``) is whether it closes part of the gap to cuDNN.
-TENSOR_DESCRIPTORS = False
-# The backward as one kernel: the dK/dV kernel also sums each tile's dQᵀ = Kᵀ·dSᵀ into a float32
-# accumulator (five matrix products a tile instead of seven), by TMA reductions on Hopper
-# (``cp.reduce.async.bulk``, one per tile, where the float32 atomics of the version measured
-# in the module's doc were one per element), then dQ is laid out from it. Experimental
-# (session 8): right under the interpreter (there with atomics: it has no TMA reduction) and
-# compiled for sm_90, not yet run on a GPU; ``bench_attention.py`` row ``triton-fused``.
-FUSED_BACKWARD = False
+# The kernels that load the tiles of their loop through tensor descriptors (TMA loads on Hopper)
+# instead of pointers — K and V in the forward ("fwd") and the dQ kernel ("dq"), q and dO in
+# the dK/dV kernel ("dkdv") — where the tensors allow it (:func:`_descriptors`). Measured on
+# an H200 (bench_attention.py, B=8, H=16, D=128, bf16): the backward kernels are faster with
+# them, the forward slower (1.350 against 1.314 ms at T=4096, 19.32 against 18.62 at 16K).
+TENSOR_DESCRIPTORS: frozenset[str] = frozenset({"dkdv", "dq"})
+_DESC_KERNELS = ("fwd", "dkdv", "dq")
 
 _TUNERS: dict[tuple[str, int, bool], Any] = {}
 
@@ -137,15 +131,30 @@ def _set_qo_blocks(nargs: dict[str, Any]) -> None:
                                    nargs[width]]
 
 
-def _set_dq_blocks(nargs: dict[str, Any]) -> None:
-    """Autotuner pre-hook (fused backward): the dQᵀ accumulator's descriptor block is one
-    tile, ``[1, BLOCK_D, BLOCK_M]``."""
-    nargs["DQT_DESC"].block_shape = [1, nargs["BLOCK_D"], nargs["BLOCK_M"]]
+_BLOCK_HOOKS = {"fwd": _set_kv_blocks, "dq": _set_kv_blocks, "dkdv": _set_qo_blocks}
+_DESC_FLAGS = {"fwd": "KV_DESC", "dq": "KV_DESC", "dkdv": "QO_DESC"}
 
 
-_BLOCK_HOOKS = {"fwd": _set_kv_blocks, "dq": _set_kv_blocks, "dkdv": _set_qo_blocks,
-                "fused": _set_dq_blocks}
-_DESC_FLAGS = {"fwd": "KV_DESC", "dq": "KV_DESC", "dkdv": "QO_DESC", "fused": "DQ_TMA"}
+def descriptor_kernels(desc: bool | Iterable[str] | None) -> frozenset[str]:
+    """The kernels a ``desc`` argument puts on tensor descriptors: ``None`` as
+    :data:`TENSOR_DESCRIPTORS` says, ``True`` all three, ``False`` none, or the names given
+    (``"fwd"``, ``"dkdv"``, ``"dq"``)."""
+    if desc is None:
+        return frozenset(TENSOR_DESCRIPTORS)
+    if isinstance(desc, bool):
+        return frozenset(_DESC_KERNELS if desc else ())
+    if isinstance(desc, str):
+        desc = (desc,)
+    try:
+        names = frozenset(desc)
+    except TypeError:
+        raise ValueError(f"desc={desc!r} is not accepted: expected None, True, False or kernel "
+                         f"names from {list(_DESC_KERNELS)}") from None
+    unknown = sorted(str(n) for n in names - set(_DESC_KERNELS))
+    if unknown:
+        raise ValueError(f"desc names unknown kernels {unknown}: expected names from "
+                         f"{list(_DESC_KERNELS)}")
+    return names
 
 
 def _autotuned(name: str, size: int, desc: bool = False) -> Any:
@@ -159,10 +168,7 @@ def _autotuned(name: str, size: int, desc: bool = False) -> Any:
                           pre_hook=_BLOCK_HOOKS[name] if desc else None)
             for c in table[size]
         ]
-        # the fused backward adds into its dQ accumulator: zeroed before each timed run
-        zero = ["DQT"] if name == "fused" else None
-        _TUNERS[name, size, desc] = triton.autotune(configs=configs, key=_TUNING_KEY,
-                                                    reset_to_zero=zero)(kernel)
+        _TUNERS[name, size, desc] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
     return _TUNERS[name, size, desc]
 
 
@@ -267,26 +273,15 @@ def _qo_descriptors(q: Tensor, do: Tensor, meta: dict[str, Any],
     return _descriptors(q, do, meta)
 
 
-def _dq_descriptor(dqt: Tensor) -> Any | None:
-    """A tensor descriptor over the fused backward's dQᵀ accumulator ``[B·Hkv, D, rows_pad]``
-    (block set at launch), or None where there is no TMA reduction: under the interpreter, or
-    on a GPU before Hopper."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if interpreting() or torch.cuda.get_device_capability(dqt.device) < (9, 0):
-        return None
-    return TensorDescriptor(dqt, list(dqt.shape), list(dqt.stride()), [1, 16, 16])
-
-
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
                       config: BlockConfig | None = None,
-                      desc: bool | None = None) -> tuple[Tensor, Tensor]:
+                      desc: bool | Iterable[str] | None = None) -> tuple[Tensor, Tensor]:
     """The forward kernel: ``o[B,T,H,Dv]`` and ``lse[B·Hkv, T·H/Hkv]`` (float32, base 2).
 
     ``q``, ``k``, ``v`` must already be checked and have a unit last stride; ``config`` forces
-    one block configuration (for tests) instead of autotuning; ``desc`` loads K and V
-    through tensor descriptors where :func:`_descriptors` allows (``None``: as
-    :data:`TENSOR_DESCRIPTORS` says).
+    one block configuration (for tests) instead of autotuning; the kernel loads K and V
+    through tensor descriptors where :func:`_descriptors` allows when ``"fwd"`` is among
+    :func:`descriptor_kernels` of ``desc``.
     """
     B, T, H, _ = q.shape
     S, Hkv, Dv = v.shape[1], v.shape[2], v.shape[3]
@@ -294,8 +289,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
     rows = T * meta["GROUP"]
     o = torch.empty((B, T, H, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * Hkv, rows), dtype=torch.float32, device=q.device)
-    descriptors = (_descriptors(k, v, meta)
-                   if (TENSOR_DESCRIPTORS if desc is None else desc) else None)
+    descriptors = _descriptors(k, v, meta) if "fwd" in descriptor_kernels(desc) else None
     if descriptors is not None:
         meta["KV_DESC"] = True
     kv = descriptors or (k, v)
@@ -308,14 +302,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                        softmax_scale: float, dkdv_config: BlockConfig | None = None,
                        dq_config: BlockConfig | None = None,
-                       desc: bool | None = None,
-                       fused: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       desc: bool | Iterable[str] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward kernels: ``dq``, ``dk``, ``dv`` shaped and typed like ``q``, ``k``, ``v``.
 
     ``do`` must have a unit last stride; the configs force block configurations (for tests);
-    ``desc`` loads each kernel's loop tiles through tensor descriptors where TMA takes them
-    (``None``: as :data:`TENSOR_DESCRIPTORS` says); ``fused`` runs the one-kernel backward
-    (``None``: as :data:`FUSED_BACKWARD` says; ``dkdv_config`` is then its configuration).
+    the kernels among :func:`descriptor_kernels` of ``desc`` (``"dkdv"``, ``"dq"``) load their
+    loop tiles through tensor descriptors where TMA takes them.
     """
     B, T, H, _ = q.shape
     S, Hkv = v.shape[1], v.shape[2]
@@ -334,12 +326,9 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     qk_scale = softmax_scale * _LOG2_E
     buckets = _buckets(T, S, group)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    if FUSED_BACKWARD if fused is None else fused:
-        return _fused_backward(do, q, k, v, lse, delta, dk, dv, meta, softmax_scale, common,
-                               dkdv_config)
-    use_desc = TENSOR_DESCRIPTORS if desc is None else desc
-    qo = _qo_descriptors(q, do, meta, dkdv_config) if use_desc else None
-    kv = _descriptors(k, v, meta) if use_desc else None
+    use_desc = descriptor_kernels(desc)
+    qo = _qo_descriptors(q, do, meta, dkdv_config) if "dkdv" in use_desc else None
+    kv = _descriptors(k, v, meta) if "dq" in use_desc else None
     _launch("dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
             (qo[0] if qo else q, k, v, qo[1] if qo else do, lse, delta, dk, dv, *common,
              *dk.stride()[:3], *dv.stride()[:3], T, S, Hkv, qk_scale, softmax_scale, *buckets),
@@ -351,49 +340,25 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     return dq, dk, dv
 
 
-def _fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
-                    dk: Tensor, dv: Tensor, meta: dict[str, Any], softmax_scale: float,
-                    common: tuple, config: BlockConfig | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The one-kernel backward (:data:`FUSED_BACKWARD`): dK and dV as the dK/dV kernel writes
-    them, dQ summed in float32 as ``dQᵀ`` per (batch, key/value head) and laid out after."""
-    B, T, H, D = q.shape
-    S, Hkv = v.shape[1], v.shape[2]
-    group = meta["GROUP"]
-    rows = T * group
-    dqt = torch.zeros((B * Hkv, D, triton.cdiv(rows, 4) * 4), dtype=torch.float32,
-                      device=q.device)
-    dqt_desc = _dq_descriptor(dqt)
-    _launch("fused", lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
-            (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
-             T, S, Hkv, softmax_scale * _LOG2_E, softmax_scale, *_buckets(T, S, group)),
-            {**meta, "DQT": dqt, "DQT_DESC": dqt_desc, "DQ": True,
-             "DQ_TMA": dqt_desc is not None}, config)
-    # dqt[b·Hkv + g, d, t·G + j] is dQ[b, t, g·G + j, d]
-    dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    dq.view(B, T, Hkv, group, D).copy_(
-        dqt[..., :rows].unflatten(-1, (T, group)).unflatten(0, (B, Hkv)).permute(0, 3, 1, 4, 2))
-    return dq, dk, dv
-
-
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o and the log-sum-exp for the backward kernels.
-    ``desc`` and ``fused`` go to both launchers (``None``: the module switches), so a caller
-    can pick the experimental kernels for one call, backward included."""
+    ``desc`` goes to both launchers (``None``: :data:`TENSOR_DESCRIPTORS`), so a caller can
+    pick the kernels on descriptors for one call, backward included."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
-                desc: bool | None = None, fused: bool | None = None) -> Tensor:
+                desc: bool | Iterable[str] | None = None) -> Tensor:
         o, lse = attention_forward(q, k, v, softmax_scale, desc=desc)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.softmax_scale, ctx.desc, ctx.fused = softmax_scale, desc, fused
+        ctx.softmax_scale, ctx.desc = softmax_scale, desc
         return o
 
     @staticmethod
     def backward(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(unit_last_stride(do), q, k, v, o, lse, ctx.softmax_scale,
-                                        desc=ctx.desc, fused=ctx.fused)
-        return dq, dk, dv, None, None, None
+                                        desc=ctx.desc)
+        return dq, dk, dv, None, None
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *,
@@ -425,4 +390,4 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *,
     if q.numel() == 0 or v.numel() == 0:
         B, T, H, _ = q.shape
         return q.new_zeros((B, T, H, v.shape[-1])) + 0 * (q.sum() + k.sum() + v.sum())
-    return FlashAttentionFunction.apply(q, k, v, float(softmax_scale), None, None)
+    return FlashAttentionFunction.apply(q, k, v, float(softmax_scale), None)

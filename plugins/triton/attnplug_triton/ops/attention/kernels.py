@@ -202,16 +202,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo,
                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
                 PAD_DV: tl.constexpr, PRECISION: tl.constexpr, Q=None, DO=None, b=0, g=0,
-                QO_DESC: tl.constexpr = False, dqt_base=None, DQT_DESC=None, bh=0, rows_pad=0,
-                softmax_scale=1.0, DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False):
+                QO_DESC: tl.constexpr = False):
     """Accumulate ``dK``/``dV`` of one key block over the row blocks ``[lo, hi)``.
     ``QO_DESC``: the q and dO tiles come through the tensor descriptors ``Q``, ``DO``
     (``[B, T, H, D]``, blocks ``[1, BLOCK_M / GROUP, GROUP, BLOCK_D]``: the packed rows of the
-    group's heads; rows past T read as zeros) at batch ``b``, key/value head ``g``.
-    ``DQ``: also add each row block's share of ``dQᵀ = softmax_scale·Kᵀ·dSᵀ`` (``[BLOCK_D,
-    BLOCK_M]``, float32) into the ``[B·Hkv, D, rows_pad]`` accumulator — through the descriptor
-    ``DQT_DESC`` at ``bh`` (a TMA reduction on Hopper) with ``DQ_TMA``, else with atomics at
-    ``dqt_base``. Only the loaded K tile is transposed, never a dot result."""
+    group's heads; rows past T read as zeros) at batch ``b``, key/value head ``g``."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
@@ -238,14 +233,6 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo,
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
         ds_t = p_t * (dp_t - delta[None, :])  # (BN, BM)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # (BN, BD)
-        if DQ:
-            dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=PRECISION)  # (BD, BM)
-            dq_t = dq_t * softmax_scale
-            if DQ_TMA:
-                DQT_DESC.atomic_add([bh, 0, start_m], dq_t.reshape(1, BLOCK_D, BLOCK_M))
-            else:
-                tl.atomic_add(dqt_base + offs_d[:, None] * rows_pad + offs_m[None, :], dq_t,
-                              mask=d_ok[:, None] & row_ok[None, :])
     return dk, dv
 
 
@@ -260,14 +247,9 @@ def attention_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QO_DESC: tl.constexpr = False,
-    DQT=None, DQT_DESC=None, DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     """dK and dV of one block of ``BLOCK_N`` keys of one (batch, key/value head). ``QO_DESC``:
-    ``Q`` and ``DO`` are tensor descriptors (TMA on Hopper; needs ``BLOCK_M % GROUP == 0``).
-    ``DQ`` (the fused backward): also sum dQᵀ into ``DQT`` (float32 ``[B·Hkv, D, rows rounded
-    up to 4]``, zeroed; through its descriptor ``DQT_DESC`` with ``DQ_TMA``), which the
-    launcher lays out as dQ — five matrix products a tile instead of the seven of
-    this kernel and the dQ kernel."""
+    ``Q`` and ``DO`` are tensor descriptors (TMA on Hopper; needs ``BLOCK_M % GROUP == 0``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -298,21 +280,7 @@ def attention_bwd_dkdv_kernel(
     mid = tl.minimum(tl.cdiv(t_full * GROUP, BLOCK_M) * BLOCK_M, rows_padded)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    if DQ:  # the fused backward (q and dO through pointers)
-        rows_pad = tl.cdiv(rows, 4) * 4
-        dqt_base = DQT + pid_bh.to(tl.int64) * D * rows_pad
-        bh32 = pid_bh.to(tl.int32)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo,
-                             mid, rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
-                             qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, True,
-                             BLOCK_D != D, BLOCK_DV != DV, PRECISION, None, None, 0, 0, False,
-                             dqt_base, DQT_DESC, bh32, rows_pad, softmax_scale, True, DQ_TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, mid,
-                             rows, rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
-                             qk_scale, d_ok, dv_ok, GROUP, BLOCK_M, BLOCK_D, BLOCK_DV, False,
-                             BLOCK_D != D, BLOCK_DV != DV, PRECISION, None, None, 0, 0, False,
-                             dqt_base, DQT_DESC, bh32, rows_pad, softmax_scale, True, DQ_TMA)
-    elif QO_DESC:  # the q/dO tiles through the descriptors (pointer arguments unused)
+    if QO_DESC:  # the q/dO tiles through the descriptors (pointer arguments unused)
         b32 = (pid_bh // HKV).to(tl.int32)  # descriptor coordinates are 32-bit
         dk, dv = _dkdv_inner(dk, dv, k, v, None, None, lse_base, delta_base, offs_n, lo, mid,
                              rows, offset, stride_qt, stride_qh, stride_dot, stride_doh,
