@@ -108,10 +108,13 @@ def _size_class(d: int, dv: int) -> int:
 
 # The kernels that load the tiles of their loop through tensor descriptors (TMA loads on Hopper)
 # instead of pointers — K and V in the forward ("fwd") and the dQ kernel ("dq"), q and dO in
-# the dK/dV kernel ("dkdv") — where the tensors allow it (:func:`_descriptors`). Measured on
-# an H200 (bench_attention.py, B=8, H=16, D=128, bf16): the backward kernels are faster with
-# them, the forward slower (1.350 against 1.314 ms at T=4096, 19.32 against 18.62 at 16K).
-TENSOR_DESCRIPTORS: frozenset[str] = frozenset({"dkdv", "dq"})
+# the dK/dV kernel ("dkdv") — where the tensors allow it (:func:`_descriptors`). None by
+# default: on the H200 (bench_attention.py, B=8, H=16, D=128, bf16, two runs of session 9)
+# no choice was faster beyond the run-to-run spread — forward+backward at T=4096, ms: all
+# pointers 5.206 / 5.244, all descriptors 5.065 / 5.652, descriptors in dK/dV and dQ only
+# 5.275, in dQ only 5.398, in dK/dV only 5.518. Right on the GPU at real shapes
+# (test_triton_attention.py -k descriptor).
+TENSOR_DESCRIPTORS: frozenset[str] = frozenset()
 _DESC_KERNELS = ("fwd", "dkdv", "dq")
 
 _TUNERS: dict[tuple[str, int, bool], Any] = {}
