@@ -8,10 +8,12 @@ status 1 when a slot computes a wrong value or raises.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -261,11 +263,24 @@ def _run_check(args: argparse.Namespace) -> int:
 
     fields = dict(parse_override(item) for item in args.set)
 
-    with Console(stderr=True).status(f"attnplug check {args.backend}") as status:
+    # On a terminal a status line; into a file or pipe one line per slot with the seconds so far
+    # (a GPU run compiles and autotunes every kernel: a log then shows how far it got).
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    with (console.status(f"attnplug check {args.backend}") if console.is_terminal
+          else contextlib.nullcontext()) as status:
+        def progress(slot: str) -> None:
+            if status is not None:
+                status.update(f"checking {slot}")
+            else:
+                print(f"attnplug check {args.backend}: checking {slot} "
+                      f"({time.perf_counter() - start:.0f} s so far)", file=sys.stderr,
+                      flush=True)
+
         try:
             results = check_backend(args.backend, device=args.device, dtype=args.dtype,
                                     slots=args.slots, seed=args.seed, config=fields,
-                                    progress=lambda slot: status.update(f"checking {slot}"))
+                                    progress=progress)
         except ValueError as exc:
             raise _UserError(str(exc)) from None
     passed = all(result.ok for result in results)
