@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "te": te_attention(H, Hkv, D),
     }
     bench = Bench("attention", anchor="sdpa-flash", out=args.out, warmup=args.warmup,
-                  rep=args.rep)
+                  rep=args.rep, rounds=args.rounds)
     bench.note(f"B={args.batch}, H={H}, Hkv={Hkv}, D={D}, {args.dtype}, causal; TFLOP/s count "
                "the T(T+1)/2 visible pairs, backward as 2.5× forward")
     for T in args.seqlens:

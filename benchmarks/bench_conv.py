@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     if args.device == "cpu":
         return 1 if failed else 0
-    common = {"out": args.out, "warmup": args.warmup, "rep": args.rep}
+    common = {"out": args.out, "warmup": args.warmup, "rep": args.rep, "rounds": args.rounds}
     shape = f"B={B}, T={T}, C={C}, kernel {K}, bf16"
     fwd = Bench("conv_fwd", anchor="conv1d", **common)
     fwd.note(shape)

@@ -241,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     if args.sweep:
         bench = Bench("dsa_sweep", anchor="sdpa-flash fwd", out=args.out, warmup=args.warmup,
-                      rep=args.rep)
+                      rep=args.rep, rounds=args.rounds)
         for T in args.seqlens:
             sweep(bench, max(1, args.tokens // T), T, H, Hkv, D, args.topk)
         bench.report()
         return 0
-    bench = Bench("dsa", anchor="sdpa-flash", out=args.out, warmup=args.warmup, rep=args.rep)
+    bench = Bench("dsa", anchor="sdpa-flash", out=args.out, warmup=args.warmup, rep=args.rep,
+                  rounds=args.rounds)
     bench.note(f"H={H}, Hkv={Hkv}, D={D}, topk={args.topk}, bf16, {args.tokens} tokens per case; "
                "TFLOP/s count the dense causal attention's FLOPs (backward 2.5x forward) for "
                "every row, so they compare times, not kernel efficiency")

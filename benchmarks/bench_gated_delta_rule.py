@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
              "fla": fla_gdn()}
-    common = {"out": args.out, "warmup": args.warmup, "rep": args.rep}
+    common = {"out": args.out, "warmup": args.warmup, "rep": args.rep, "rounds": args.rounds}
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth on {torch.cuda.get_device_name()}: {bandwidth / 1e12:.2f} TB/s "
           "(1 GiB device-to-device, read + write)")

@@ -7,8 +7,18 @@ TFLOP/s when the script gives a FLOP count) headed by the card's name, and write
 ``<name>.csv``, ``<name>.json`` and ``<name>.png`` (when matplotlib imports) into ``--out DIR``.
 
 Timing is ``triton.testing.do_bench`` (CUDA events, warm-up first, the L2 cache flushed before
-each repetition); medians, never means. An implementation that cannot run here is given as a
-string saying why, and shows in the table as skipped; one that raises is recorded with its error.
+each repetition). Each case is measured in ``--rounds`` rounds (default 4), every
+implementation once a round, in the given order and then in reverse (A B C, C B A, A B C, ...);
+an implementation's time is the mean over the rounds of its median in each round. An H200's
+speed drifts by several percent within a run (session 9 saw one kernel at 1.32 and 1.54 ms in
+rows measured a minute apart); in one pass that drift is charged to whichever rows ran during
+a slow spell, while the back-and-forth order gives every row the same mean position, which
+cancels a steady drift exactly (and a median per round keeps one stray repetition out).
+``--rep`` is shared by the rounds, so a run takes about as long as with one. The 20th–80th
+percentile column is over the repetitions of every round.
+
+An implementation that cannot run here is given as a string saying why, and shows in the table
+as skipped; one that raises is recorded with its error.
 """
 
 from __future__ import annotations
@@ -28,17 +38,52 @@ from typing import Any
 __all__ = ["Bench", "Result", "add_common_args", "device_name", "finish_checks"]
 
 Impl = Callable[[], object]
+# (fn, warmup ms, rep ms, tensors whose .grad to reset) -> the repetitions' times in ms
+Timer = Callable[[Impl, float, float, "Sequence[Any] | None"], Sequence[float]]
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--out DIR``, ``--warmup MS`` and ``--rep MS`` to ``parser``; returns it."""
+    """Add ``--out DIR``, ``--warmup MS``, ``--rep MS`` and ``--rounds N`` to ``parser``;
+    returns it."""
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the CSV, JSON and PNG (default: print only)")
     parser.add_argument("--warmup", type=float, default=25.0,
                         help="do_bench warm-up per measurement, in ms (default 25)")
     parser.add_argument("--rep", type=float, default=100.0,
-                        help="do_bench repetition time per measurement, in ms (default 100)")
+                        help="do_bench repetition time per measurement, in ms, shared by the "
+                             "rounds (default 100)")
+    parser.add_argument("--rounds", type=_positive_int, default=4,
+                        help="rounds per case, every implementation once a round, the order "
+                             "reversed every other round (default 4)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def do_bench_times(fn: Impl, warmup: float, rep: float,
+                   grad_to_none: Sequence[Any] | None) -> list[float]:
+    """Every repetition's time in ms from ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+
+    return list(do_bench(fn, warmup=warmup, rep=rep,
+                         grad_to_none=list(grad_to_none) if grad_to_none else None,
+                         return_mode="all"))
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by linear interpolation (as ``torch.quantile``)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("quantile of no values")
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def device_name() -> str:
@@ -93,24 +138,28 @@ class Bench:
     """
 
     def __init__(self, name: str, anchor: str, *, out: Path | None = None,
-                 warmup: float = 25.0, rep: float = 100.0) -> None:
+                 warmup: float = 25.0, rep: float = 100.0, rounds: int = 4,
+                 timer: Timer = do_bench_times) -> None:
+        if not (isinstance(rounds, int) and rounds >= 1):
+            raise ValueError(f"Bench: rounds={rounds!r} is not accepted: expected an int >= 1")
         self.name = name
         self.anchor = anchor
         self.out = out
         self.warmup = warmup
         self.rep = rep
+        self.rounds = rounds
+        self.timer = timer
         self.results: list[Result] = []
         self.notes: list[str] = []
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
 
-    def time_ms(self, fn: Impl, grad_to_none: Sequence[Any] | None = None) -> tuple[float, ...]:
-        """(median, 20th, 80th percentile) of ``fn``'s run time in ms, by ``do_bench``."""
-        from triton.testing import do_bench
-
-        p50, p20, p80 = do_bench(fn, warmup=self.warmup, rep=self.rep,
-                                 grad_to_none=list(grad_to_none) if grad_to_none else None,
-                                 quantiles=[0.5, 0.2, 0.8])
-        return p50, p20, p80
+    @staticmethod
+    def summary(rounds: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+        """(the mean of each round's median, 20th and 80th percentile of every repetition) of
+        one implementation's times, a list per round."""
+        pooled = [t for times in rounds for t in times]
+        return (sum(quantile(times, 0.5) for times in rounds) / len(rounds),
+                quantile(pooled, 0.2), quantile(pooled, 0.8))
 
     def measure(self, case: str, impls: dict[str, Impl | str], *, flops: float | None = None,
                 grad_to_none: Sequence[Any] | None = None,
@@ -126,22 +175,38 @@ class Bench:
             raise ValueError(f"case {case!r}: the anchor {self.anchor!r} is not among "
                              f"{sorted(impls)}; it must be measured in the same run")
         order = [self.anchor] + [name for name in impls if name != self.anchor]
-        rows = []
+        rows = {name: Result(case, name, None, extra=dict((extra or {}).get(name, {})))
+                for name in order}
+        times: dict[str, list[list[float]]] = {name: [] for name in order}
         for name in order:
-            impl = impls[name]
-            row = Result(case, name, None, extra=dict((extra or {}).get(name, {})))
-            if isinstance(impl, str):
-                row.status = f"skipped: {impl}"
-            else:
+            if isinstance(impls[name], str):
+                rows[name].status = f"skipped: {impls[name]}"
+        for round_ in range(self.rounds):
+            # the anchor first in the first round, the order reversed every other round
+            medians = []
+            for name in (order if round_ % 2 == 0 else order[::-1]):
+                impl, row = impls[name], rows[name]
+                if row.status != "ok":  # skipped, or raised in an earlier round
+                    continue
                 try:
-                    row.median_ms, row.p20_ms, row.p80_ms = self.time_ms(impl, grad_to_none)
+                    got = list(self.timer(impl, self.warmup, self.rep / self.rounds,
+                                          grad_to_none))
                 except Exception as exc:  # one failing implementation must not end the run
                     row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            rows.append(row)
+                    continue
+                times[name].append(got)
+                medians.append(f"{name} {quantile(got, 0.5):.3f}")
             # progress as it goes, so that a run stopped at its time limit still reports
+            print(f"  {case} | round {round_ + 1}/{self.rounds}: " + ", ".join(medians),
+                  file=sys.stderr, flush=True)
+        for name in order:
+            row = rows[name]
+            if row.status == "ok" and times[name]:
+                row.median_ms, row.p20_ms, row.p80_ms = self.summary(times[name])
             print(f"  {case} | {name}: "
                   + (f"{row.median_ms:.3f} ms" if row.median_ms is not None else row.status),
                   file=sys.stderr, flush=True)
+        rows = [rows[name] for name in order]
         anchor_ms = rows[0].median_ms
         for row in rows:
             if row.median_ms is not None and anchor_ms:
@@ -171,7 +236,8 @@ class Bench:
         """Print the table and write ``<name>.csv/.json/.png`` into ``out`` (when set)."""
         env = self.environment()
         title = (f"{self.name} on {env['device']} — torch {env['torch']}, triton {env['triton']}"
-                 f"; medians of do_bench, ratio = time / {self.anchor}")
+                 f"; medians of do_bench over {self.rounds} round(s), ratio = time / "
+                 f"{self.anchor}")
         self._print_table(title)
         for line in self.notes:
             print(f"note: {line}")
@@ -180,7 +246,8 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_csv(self.out / f"{self.name}.csv")
         (self.out / f"{self.name}.json").write_text(json.dumps(
-            {"name": self.name, "anchor": self.anchor, "environment": env, "notes": self.notes,
+            {"name": self.name, "anchor": self.anchor, "rounds": self.rounds,
+             "environment": env, "notes": self.notes,
              "results": [asdict(r) for r in self.results]}, indent=2))
         png = self._write_png(self.out / f"{self.name}.png", title)
         print(f"wrote {self.out / self.name}.csv and .json" + (" and .png" if png else

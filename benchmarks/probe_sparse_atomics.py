@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n_valid = int((idx >= 0).sum())
     bench = Bench("sparse_atomics", anchor="sparse-fwd", out=args.out, warmup=args.warmup,
-                  rep=args.rep)
+                  rep=args.rep, rounds=args.rounds)
     bench.measure(f"T={T // 1024}K topk={topk} H={H}/1 D={D} ({n_valid / 1e6:.0f}M pairs)", {
         "sparse-fwd": lambda: sp.sparse_forward(q, k, v, idx, scale),
         "sparse-bwd": lambda: sp.sparse_backward(do, q, k, v, idx, o, lse, scale),

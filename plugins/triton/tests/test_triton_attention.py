@@ -87,8 +87,9 @@ DESC_CASES = [(shape, torch.float16) for shape in SHAPES] + (
 
 @pytest.mark.parametrize("shape,dtype", DESC_CASES, ids=lambda x: str(x))
 def test_descriptor_kernels_match_the_pointer_kernels_and_float64(shape, dtype) -> None:
-    """The kernels with their loop tiles through tensor descriptors (TMA on Hopper): o, the log-sum-exp, dq, dk and dv as the pointer kernels' (same products, same
-    order) and against float64 — padded head dims, S > T, GQA/MQA, one token."""
+    """The kernels with their loop tiles through tensor descriptors (TMA on Hopper): o, the
+    log-sum-exp, dq, dk and dv as the pointer kernels' (same products, same order) and
+    against float64 — padded head dims, S > T, GQA/MQA, one token."""
     from attnplug_triton.ops.attention import fused
     from attnplug_triton.ops.attention.naive import naive_attention
 
@@ -146,9 +147,9 @@ def test_served_kernels_take_descriptors_as_tensor_descriptors_names(monkeypatch
 
 def test_descriptors_only_where_tma_takes_the_tensors(monkeypatch) -> None:
     """float32 (the tf32x3 path), strides that are not multiples of 16 bytes, and for q/dO a
-    head group that a row block cannot hold whole: the pointer kernels; with
-    every kernel in ``TENSOR_DESCRIPTORS``, flash_attention's forward and backward still match float64 —
-    also with a group of 3 heads (q/dO through pointers, K/V through descriptors)."""
+    head group that a row block cannot hold whole: the pointer kernels; with every kernel in
+    ``TENSOR_DESCRIPTORS``, flash_attention's forward and backward still match float64 — also
+    with a group of 3 heads (q/dO through pointers, K/V through descriptors)."""
     from attnplug_triton.ops.attention import fused
     from attnplug_triton.ops.attention.naive import naive_attention
 
