@@ -406,9 +406,11 @@ def dsa_indexer_topk_radix(
     """:func:`dsa_indexer_topk_threshold`'s selection with each row's threshold found by a
     radix selection in the selection kernel itself (:func:`radix_select_kernel`: four 256-bin
     histogram passes over the row's float32 order keys, then the selection pass) instead of
-    by ``torch.topk`` — one kernel a block of queries after the scores, no sort. Experimental:
-    right under the interpreter, not yet run on a GPU. Same arguments, selection rule and
-    output as :func:`dsa_indexer_topk_threshold`.
+    by ``torch.topk`` — one kernel a block of queries after the scores, no sort. Not served:
+    right on the H200 (session 8, ``gpu_check_dsa.py``) but slower there (T = 32K, B = 1:
+    16.4 ms against 13.1 with the 4 × 64 indexer, 66.6 against 63.7 with DeepSeek's); it
+    peaks about 200 MiB lower (1536 against 1744 MiB beyond the inputs). Same arguments,
+    selection rule and output as :func:`dsa_indexer_topk_threshold`.
     """
     return _scored_topk("dsa_indexer_topk_radix", q, k, weights, topk=topk, causal=causal,
                         relu=relu, block_bytes=block_bytes, radix=True)
