@@ -150,8 +150,9 @@ def chunk_bwd_kernel(
         # faulted (illegal memory access); compute-sanitizer's first report was the wgmma of
         # Aᵀ dV_new there (SASS offset matched by compiling for sm_90; possibly the sanitizer's
         # known wgmma false positive). chunk_bwd_dh, which computes the same product in a
-        # kernel as small as this one, ran clean. A candidate workaround, not yet run on a
-        # GPU: benchmarks/gpu_check_gdn.py --parts probe.
+        # kernel as small as this one, ran clean. This pass of its own removed the fault: on
+        # the H200 (session 3, benchmarks/gpu_check_gdn.py --parts probe) every
+        # configuration ran right.
         at = tl.load(a_ptr + hv * 64 + rows.to(tl.int64)[None, :] * (HV * 64)
                      + offs_c[:, None], mask=r_ok[None, :] & (offs_c < 64)[:, None],
                      other=0.0)  # (C, C) Aᵀ
