@@ -21,9 +21,9 @@
 #       dsa.toml at bench_backends.py's GPU size: 16 layers, hidden 2048, T = 4096, topk 2048,
 #       MoE everywhere), triton (its DSA kernels served by default since session 7) against
 #       local;
-#   bash benchmarks/gpu_experimental.sh attention   the flash attention's experimental kernels
-#       (tensor descriptors; the one-kernel backward, dQ by TMA reductions) against float64 and
-#       the served kernels, then bench_attention.py at 4K and 16K with both rows and the anchors;
+#   bash benchmarks/gpu_experimental.sh attention   the flash attention's kernels on tensor
+#       descriptors against float64 and the pointer kernels, then bench_attention.py at 4K and
+#       16K with a row per choice of kernels on descriptors and the anchors;
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
@@ -70,8 +70,8 @@ case ${1:-} in
       --out "$OUT/dsa_atomics"
     ;;
   attention)
-    step attention_tests 240 python3 -m pytest -q -rs plugins/triton/tests/test_triton_attention.py \
-      -k "fused or descriptor"
+    STEP_GREP="PASSED|FAILED|passed|failed|^E " step attention_tests 240 python3 -m pytest -v \
+      -rs --tb=short plugins/triton/tests/test_triton_attention.py -k "descriptor or served"
     STEP_GREP="T=4096|T=16384|error" step attention_bench 300 python3 \
       benchmarks/bench_attention.py --seqlens 4096 16384 \
       --out "$OUT/attention"
