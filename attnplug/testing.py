@@ -569,7 +569,7 @@ def _model_config(ctx: _Context, dtype: str) -> TransformerConfig:
 # dt_bias and A_log: one number per head) the draws spread widely: on an H200 in bf16 (session
 # 9) the te and triton backends' errors there were 1.2–2.2× local's over three seeds, with
 # every other gradient and the logits within the tolerance. A wrong backend (a wrong
-# activation, a dropped term) is off by far more (tests/test_conformance.py).
+# activation, a dropped term) is off by far more (tests/test_testing_kit.py).
 MODEL_MARGIN = 4
 
 

@@ -146,7 +146,7 @@ def compile_case(module: str, name: str, constexprs: dict[str, Any], meta: dict[
             continue
         if param.default is None or "constexpr" in str(param.annotation):  # constexprs and
             const[param.name] = param.default  # optional tensors (None)
-    sig, attrs = signature(kernel, {**const, **meta})
+    sig, attrs = signature(kernel, const)
     source = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
