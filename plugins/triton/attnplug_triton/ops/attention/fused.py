@@ -12,7 +12,10 @@ probabilities from the saved log-sum-exp; no atomics. (Summing dQ inside the dK/
 instead — five matrix products rather than seven — was measured slower on an H200 at B=8,
 T=4096, H=16, D=128, bf16 forward+backward: with float32 atomics 6.26 against 5.05 ms
 (session 4), with one TMA reduction a tile 5.61 against 5.21 ms (session 9), so neither is
-kept.)
+kept.) Warp specialization (TMA producer warps, consumer warpgroups: how FlashAttention-3 and
+cuDNN reach their Hopper speed) is not available from Triton 3.6 on the H200: every kernel its
+Hopper pass specialized hung, gave NaN or did not compile
+(``benchmarks/probe_warp_specialize.py``, session 10).
 
 On a GPU each kernel is autotuned over a short list of block configurations chosen by head dim
 (:data:`FWD_CONFIGS`, :data:`DKDV_CONFIGS`, :data:`DQ_CONFIGS`), keyed on the power-of-two
@@ -112,7 +115,10 @@ def _size_class(d: int, dv: int) -> int:
 # default: on the H200 (bench_attention.py, B=8, H=16, D=128, bf16, two runs of session 9)
 # no choice was faster beyond the run-to-run spread — forward+backward at T=4096, ms: all
 # pointers 5.206 / 5.244, all descriptors 5.065 / 5.652, descriptors in dK/dV and dQ only
-# 5.275, in dQ only 5.398, in dK/dV only 5.518. Right on the GPU at real shapes
+# 5.275, in dQ only 5.398, in dK/dV only 5.518. Session 10, four interleaved rounds (the
+# harness's drift cancelling): all pointers 5.395 (p20-p80 5.235-5.518), all descriptors 5.440,
+# dK/dV only 5.239, dQ only 5.185 — and the forward rows, which all ran the same pointer
+# forward, 1.333-1.384: still within the spread. Right on the GPU at real shapes
 # (test_triton_attention.py -k descriptor).
 TENSOR_DESCRIPTORS: frozenset[str] = frozenset()
 _DESC_KERNELS = ("fwd", "dkdv", "dq")
