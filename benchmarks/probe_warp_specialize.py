@@ -59,17 +59,23 @@ _LOG2_E = 1.4426950408889634
 
 
 @triton.jit
+def _query_block(T, H, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query block (the longest rows first) of one (batch, head) in the
+    ``[B·T, H·D]`` view: first row of the batch element, first column of the head, first
+    query, the block's queries and the (batch, head) index."""
+    pid_bh = tl.program_id(1)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    return ((pid_bh // H) * T, (pid_bh % H) * D, start_m, start_m + tl.arange(0, BLOCK_M),
+            pid_bh)
+
+
+@triton.jit
 def ws_fwd_kernel(desc_q, desc_k, desc_v, O, LSE, T, H, qk_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   WS: tl.constexpr):
     """o and lse of ``BLOCK_M`` queries of one (batch, head): one loop over every key block up
     to the diagonal, the causal mask at each step."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first
-    pid_bh = tl.program_id(1)
-    row0 = (pid_bh // H) * T
-    col = (pid_bh % H) * D
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row0, col, start_m, offs_m, pid_bh = _query_block(T, H, D, BLOCK_M)
     q = desc_q.load([row0 + start_m, col])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -130,12 +136,7 @@ def ws_dq_kernel(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, T, H, qk_scale
                  BLOCK_N: tl.constexpr, WS: tl.constexpr):
     """dQ of ``BLOCK_M`` queries of one (batch, head), over the key blocks up to the
     diagonal."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    row0 = (pid_bh // H) * T
-    col = (pid_bh % H) * D
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row0, col, start_m, offs_m, pid_bh = _query_block(T, H, D, BLOCK_M)
     q = desc_q.load([row0 + start_m, col])
     do = desc_do.load([row0 + start_m, col])
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m)
