@@ -389,3 +389,74 @@ def test_the_command_logs_one_line_a_slot_when_stderr_is_not_a_terminal(capsys) 
     assert [line.split(" (")[0] for line in lines] == [
         "attnplug check local: checking layer_norm", "attnplug check local: checking linear"]
     assert "every check passed" in captured.out
+
+
+class FusingLocal(LocalSpecProvider):
+    """local, but fusing each layer's input norm into its first linear with attnplug's own
+    ``LayerNormLinear`` (kitchen builds these over a fusing fallback such as te)."""
+
+    def fuse_layernorm_and_linear(self) -> bool:
+        return True
+
+    def column_parallel_layer_norm_linear(self):
+        from attnplug.layers.linear import LayerNormLinear
+
+        return LayerNormLinear
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_with_attnplugs_norm_fused_linears_is_compared(dtype: str) -> None:
+    """The fused linears' norms take local's input_layernorm / pre_mlp_layernorm, and their
+    gradients are judged against those norms' (the default load_local_state and
+    parameter_pairs)."""
+    (row,) = check_backend(FusingLocal(), slots=["model"], dtype=dtype)
+    assert row.status == "passed", row.detail
+    assert row.errors["logits"] < 1e-5 if dtype == "float32" else row.ok
+
+
+def test_local_sources_map_fused_norms_to_the_norms_local_keeps_apart() -> None:
+    from attnplug.backends.base import local_sources
+
+    local = ["layers.0.input_layernorm.weight", "layers.0.self_attention.in_proj.weight",
+             "layers.0.pre_mlp_layernorm.weight", "layers.0.mlp.linear_fc1.weight",
+             "layers.0.mlp.linear_fc2.weight"]
+    fused = ["layers.0.self_attention.in_proj.layer_norm.weight",
+             "layers.0.self_attention.in_proj.weight",
+             "layers.0.mlp.linear_fc1.layer_norm.weight", "layers.0.mlp.linear_fc1.weight",
+             "layers.0.mlp.linear_fc2.weight"]
+    assert local_sources(fused, local) == {
+        "layers.0.self_attention.in_proj.layer_norm.weight": "layers.0.input_layernorm.weight",
+        "layers.0.self_attention.in_proj.weight": "layers.0.self_attention.in_proj.weight",
+        "layers.0.mlp.linear_fc1.layer_norm.weight": "layers.0.pre_mlp_layernorm.weight",
+        "layers.0.mlp.linear_fc1.weight": "layers.0.mlp.linear_fc1.weight",
+        "layers.0.mlp.linear_fc2.weight": "layers.0.mlp.linear_fc2.weight",
+    }
+
+
+@pytest.mark.parametrize("names,message", [
+    # a norm inside the MLP's second linear absorbed nothing local keeps apart
+    (["layers.0.mlp.linear_fc2.layer_norm.weight"], "without a local counterpart"),
+    (["layers.0.gamma"], "without a local counterpart: ['layers.0.gamma']"),
+    # two linears of one mixer that absorbed the same input norm
+    (["layers.0.self_attention.linear_q.layer_norm.weight",
+      "layers.0.self_attention.linear_kv.layer_norm.weight"],
+     "local's layers.0.input_layernorm.weight would be absorbed by more than one"),
+])
+def test_local_sources_name_what_does_not_correspond(names: list[str], message: str) -> None:
+    from attnplug.backends.base import local_sources
+
+    local = ["layers.0.input_layernorm.weight", "layers.0.pre_mlp_layernorm.weight"]
+    with pytest.raises(ValueError, match="not laid out as local's") as info:
+        local_sources(names, local)
+    assert message in str(info.value)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.from_regex(r"[a-z]{1,6}(\.[a-z0-9_]{1,8}){0,4}", fullmatch=True),
+                unique=True, max_size=12), st.data())
+def test_local_sources_is_the_identity_on_local_names(local: list[str], data) -> None:
+    """Names local has map to themselves, whatever they are."""
+    from attnplug.backends.base import local_sources
+
+    names = data.draw(st.lists(st.sampled_from(local), unique=True) if local else st.just([]))
+    assert local_sources(names, local) == {name: name for name in names}

@@ -37,8 +37,10 @@ What the layers do with each slot (the contract a third-party backend implements
   inputs only (``attnplug.ops.dsa_indexer_loss`` is the reference).
 - ``load_local_state(module, local_module)`` and ``parameter_pairs(module, local_module)``
   (optional; attnplug's extension): how this backend's modules hold the weights of the same
-  layers built with ``local`` — by default the same names and shapes; a backend that fuses or
-  groups parameters (te) overrides both. ``attnplug check`` (:mod:`attnplug.testing`) uses
+  layers built with ``local`` — by default the same names and shapes, the norm inside
+  attnplug's own norm-fused linear (``LayerNormLinear.layer_norm``) taken from the layer norm
+  ``local`` keeps apart (:func:`local_sources`); a backend that fuses or groups parameters its
+  own way (te) overrides both. ``attnplug check`` (:mod:`attnplug.testing`) uses
   them to give a backend's module or model the weights of ``local``'s and compare gradients.
 - ``causal_conv1d()``: a kernel (attnplug's extension of DESIGN §8) computing GatedDeltaNet's
   short convolution: ``fn(x[B,T,C], weight[C,K], *, initial_state=None, activation="silu") ->
@@ -49,7 +51,8 @@ What the layers do with each slot (the contract a third-party backend implements
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from attnplug._errors import BackendError
@@ -59,7 +62,8 @@ if TYPE_CHECKING:
 
     from attnplug.config import TransformerConfig
 
-__all__ = ["BackendSpecProvider", "SlotNotServed", "MODULE_SLOTS", "KERNEL_SLOTS", "SLOTS"]
+__all__ = ["BackendSpecProvider", "SlotNotServed", "MODULE_SLOTS", "KERNEL_SLOTS", "SLOTS",
+           "local_sources"]
 
 MODULE_SLOTS = (
     "linear",
@@ -162,33 +166,87 @@ class BackendSpecProvider:
         """Copy the parameters of ``local_module`` (the same layers built with ``local``) into
         ``module`` (built with this backend), in place, converting device and dtype.
 
-        The default takes every parameter of ``module`` from the local parameter of the same
-        name and shape; state of its own that is not a parameter (FP8 metadata, buffers) stays
-        as built. Raises ``ValueError`` naming the parameters that do not correspond."""
+        The default takes every parameter of ``module`` from the local parameter
+        :func:`local_sources` names (the same name, or the norm a norm-fused linear absorbed),
+        and buffers of the same name; state of its own that is not a parameter (FP8 metadata,
+        buffers ``local`` lacks) stays as built. Raises ``ValueError`` naming the parameters
+        that do not correspond or whose shapes differ."""
         params = dict(module.named_parameters())
-        try:
-            loaded = module.load_state_dict(local_module.state_dict(), strict=False)
-        except RuntimeError as exc:  # a shape that differs
-            raise ValueError(str(exc).strip().splitlines()[-1].strip()) from None
-        missing = [key for key in loaded.missing_keys if key in params]
-        if missing or loaded.unexpected_keys:
-            parts = [f"not in local's: {missing[:4]}" if missing else "",
-                     f"local's not in its: {loaded.unexpected_keys[:4]}"
-                     if loaded.unexpected_keys else ""]
-            raise ValueError("parameters are not laid out as local's ("
-                             + "; ".join(p for p in parts if p) + ")")
+        local = local_module.state_dict()
+        sources = local_sources(params, local)
+        state = {key: value for key, value in local.items() if key not in params}
+        for name, source in sources.items():
+            if tuple(local[source].shape) != tuple(params[name].shape):
+                raise ValueError(f"parameter {name} is {list(params[name].shape)}, local's "
+                                 f"{source} {list(local[source].shape)}")
+            state[name] = local[source]
+        used = set(sources.values())
+        own = module.state_dict()
+        extra = [key for key in state if key not in own and key not in used]
+        if extra:
+            raise ValueError(f"parameters are not laid out as local's (local's not in its: "
+                             f"{extra[:4]})")
+        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
     def parameter_pairs(self, module: nn.Module,
                         local_module: nn.Module) -> list[tuple[str, str, int | None]]:
         """Each parameter of ``module`` with the parameter of ``local_module`` it mirrors:
         ``(name, local_name, index)``, where ``index`` selects one expert's slice of a stacked
-        local parameter (``None``: the whole of it). The default pairs equal names; raises
-        ``ValueError`` when a parameter has no counterpart."""
-        local = dict(local_module.named_parameters())
-        alone = [name for name, _ in module.named_parameters() if name not in local]
-        if alone:
-            raise ValueError(f"parameters without a local counterpart: {alone[:4]}")
-        return [(name, name, None) for name, _ in module.named_parameters()]
+        local parameter (``None``: the whole of it). The default pairs what
+        :func:`local_sources` finds; raises ``ValueError`` when a parameter has no
+        counterpart."""
+        sources = local_sources((name for name, _ in module.named_parameters()),
+                                (name for name, _ in local_module.named_parameters()))
+        return [(name, source, None) for name, source in sources.items()]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.name!r}>"
+
+
+# A norm-fused linear of attnplug's (``attnplug.layers.linear.LayerNormLinear``) keeps the norm it
+# absorbed as its ``layer_norm`` submodule; ``local`` keeps that norm apart, as the layer's
+# ``input_layernorm`` (any linear of the mixer: qkv, GatedDeltaNet's in_proj) or
+# ``pre_mlp_layernorm`` (the dense MLP's first linear).
+_FUSED_NORM = re.compile(r"(?P<layer>(?:.*\.)?)(?:self_attention\.[^.]+|mlp\.linear_fc1)"
+                         r"\.layer_norm\.(?P<kind>weight|bias)")
+
+
+def local_sources(names: Iterable[str], local_names: Iterable[str]) -> dict[str, str]:
+    """Where each parameter of a model (or module) built by a backend lives in the same layers
+    built with ``local``: ``{name: local_name}``. The same name where ``local`` has it; the
+    ``layer_norm`` of a norm-fused linear (attnplug's ``LayerNormLinear``, as kitchen builds
+    over a fusing fallback) from the layer's ``input_layernorm`` or ``pre_mlp_layernorm``.
+
+    Raises ``ValueError`` naming the parameters with no local counterpart, and the local
+    parameters two of them would both take (two linears that absorbed one norm: their
+    gradients cannot be compared with the norm's).
+    """
+    local = set(local_names)
+    sources: dict[str, str] = {}
+    alone = []
+    for name in names:
+        fused = None if name in local else _FUSED_NORM.fullmatch(name)
+        if name in local:
+            sources[name] = name
+        elif fused is not None:
+            norm = ("input_layernorm" if name[len(fused["layer"]):].startswith("self_attention.")
+                    else "pre_mlp_layernorm")
+            source = f"{fused['layer']}{norm}.{fused['kind']}"
+            if source in local:
+                sources[name] = source
+            else:
+                alone.append(name)
+        else:
+            alone.append(name)
+    if alone:
+        raise ValueError(f"parameters are not laid out as local's (without a local "
+                         f"counterpart: {alone[:4]})")
+    taken: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        taken.setdefault(source, []).append(name)
+    shared = {source: names for source, names in taken.items() if len(names) > 1}
+    if shared:
+        source, names = next(iter(shared.items()))
+        raise ValueError(f"parameters are not laid out as local's (local's {source} would "
+                         f"be absorbed by more than one: {names[:4]})")
+    return sources

@@ -175,6 +175,11 @@ def test_a_fusing_fallback_gets_kitchens_norm_fused_linear():
     model.load_state_dict(reference.state_dict())
     inputs, _ = batch()
     assert torch.equal(model(inputs), reference(inputs))
+    # and attnplug check compares it with local (whose norms are apart from the linears)
+    from attnplug.testing import check_backend
+
+    (row,) = check_backend(KitchenSpecProvider(Fusing()), slots=["model"])
+    assert row.status == "passed", row.detail
 
 
 def test_the_plan_shows_kitchen_and_fallback_slots():
