@@ -207,7 +207,7 @@ class BackendSpecProvider:
 # absorbed as its ``layer_norm`` submodule; ``local`` keeps that norm apart, as the layer's
 # ``input_layernorm`` (any linear of the mixer: qkv, GatedDeltaNet's in_proj) or
 # ``pre_mlp_layernorm`` (the dense MLP's first linear).
-_FUSED_NORM = re.compile(r"(?P<layer>(?:.*\.)?)(?:self_attention\.[^.]+|mlp\.linear_fc1)"
+_FUSED_NORM = re.compile(r"(?P<layer>(?:.*\.)?)(?P<part>self_attention\.[^.]+|mlp\.linear_fc1)"
                          r"\.layer_norm\.(?P<kind>weight|bias)")
 
 
@@ -225,17 +225,14 @@ def local_sources(names: Iterable[str], local_names: Iterable[str]) -> dict[str,
     sources: dict[str, str] = {}
     alone = []
     for name in names:
+        source = name
         fused = None if name in local else _FUSED_NORM.fullmatch(name)
-        if name in local:
-            sources[name] = name
-        elif fused is not None:
-            norm = ("input_layernorm" if name[len(fused["layer"]):].startswith("self_attention.")
+        if fused is not None:
+            norm = ("input_layernorm" if fused["part"].startswith("self_attention.")
                     else "pre_mlp_layernorm")
             source = f"{fused['layer']}{norm}.{fused['kind']}"
-            if source in local:
-                sources[name] = source
-            else:
-                alone.append(name)
+        if source in local:
+            sources[name] = source
         else:
             alone.append(name)
     if alone:
@@ -244,9 +241,8 @@ def local_sources(names: Iterable[str], local_names: Iterable[str]) -> dict[str,
     taken: dict[str, list[str]] = {}
     for name, source in sources.items():
         taken.setdefault(source, []).append(name)
-    shared = {source: names for source, names in taken.items() if len(names) > 1}
-    if shared:
-        source, names = next(iter(shared.items()))
-        raise ValueError(f"parameters are not laid out as local's (local's {source} would "
-                         f"be absorbed by more than one: {names[:4]})")
+    for source, absorbers in taken.items():
+        if len(absorbers) > 1:
+            raise ValueError(f"parameters are not laid out as local's (local's {source} would "
+                             f"be absorbed by more than one: {absorbers[:4]})")
     return sources
