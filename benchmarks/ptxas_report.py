@@ -12,7 +12,11 @@ Triton version: match the GPU machine's (3.6 there; ``python -m venv /tmp/t36 &&
     python benchmarks/ptxas_report.py --arch 100         # another target
 
 Each row: kernel, constexprs and launch configuration, registers per thread, spill stores /
-loads (bytes per thread), shared memory (bytes per program).
+loads (bytes per thread), shared memory (bytes per program), and how many programs an sm_90
+SM holds at once (:func:`programs_per_sm`). Integer arguments are compiled as Triton's
+launcher specialises them at the project shape (multiples of 16; GROUP = 1): without that,
+session 4–10's reports showed row loads neither vectorised nor pipelined, more spills and
+less shared memory than the GPU runs.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ ATTN_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV_OUT", "DQ"}
 # the short convolution's blocks (BT rows, BC channels) and warps (the autotuner's and 64 × 4,
 # which spills)
 CONV_BLOCKS = [(dict(BT=64, BC=bc), w, 3) for bc, w in ((128, 8), (64, 8), (64, 4), (32, 4))]
-GDN_DIMS = dict(DK=128, DV=128, BK=128, USE_L2NORM=True, PRECISION="tf32")
+# GROUP (value heads per key head) is 1 at the project shape, and Triton's launcher turns an
+# integer argument equal to 1 into a constant
+GDN_DIMS = dict(DK=128, DV=128, BK=128, USE_L2NORM=True, PRECISION="tf32", GROUP=1)
 ATTN_DIMS = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, GROUP=1, PRECISION="tf32")
 # (label, module, kernel, constexprs, [(meta, warps, stages), ...]): the configurations the
 # autotuners choose from at head dim 128, bf16
@@ -108,8 +114,11 @@ def signature(kernel: Any, constexprs: dict[str, Any]) -> tuple[dict, dict]:
             sig[name] = ("*i32" if name in I32_PTRS else "*fp32" if name in F32_PTRS
                          else "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:  # as Triton's launcher specialises them: every integer at the project shape
+            sig[name] = "i32"  # (strides, head counts) is a multiple of 16 — without it no
+            attrs[(i,)] = [["tt.divisibility", 16]]  # row load is vectorised or pipelined
     return sig, attrs
 
 
@@ -131,6 +140,16 @@ def ptxas_info(ptx: str, arch: int) -> dict[str, int]:
     return {"registers": grab(r"Used (\d+) registers"),
             "spill_stores": grab(r"(\d+) bytes spill stores"),
             "spill_loads": grab(r"(\d+) bytes spill loads")}
+
+
+def programs_per_sm(registers: int, shared: int, warps: int) -> int:
+    """How many programs of a kernel an sm_90 SM holds at once: 64K registers (allocated per
+    warp in units of 256), 228 KB of shared memory (1 KB of it reserved per program), 64
+    warps. A sequential kernel whose grid is not a multiple of SMs × this runs in more waves
+    than its programs need (the gated delta rule's state walks, session 11)."""
+    by_registers = 65536 // (-(-registers * 32 // 256) * 256 * warps)
+    by_shared = 233472 // (shared + 1024)
+    return min(by_registers, by_shared, 64 // warps)
 
 
 def compile_case(module: str, name: str, constexprs: dict[str, Any], meta: dict[str, Any],
@@ -176,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 print(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 continue
+            fit = programs_per_sm(r["registers"], r["shared"], warps)
             print(f"{where:60} {r['registers']:4d} regs  spills {r['spill_stores']:5d} / "
-                  f"{r['spill_loads']:5d} B  shared {r['shared']:6d} B")
+                  f"{r['spill_loads']:5d} B  shared {r['shared']:6d} B  {fit} a SM")
     return 1 if failed else 0
 
 
