@@ -25,7 +25,8 @@ output from stored chunk states in a parallel kernel / always in the sequential 
 backward pass of its own instead of from the dh kernel, the default since session 5),
 ``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel),
 ``triton-splitdk`` (the backward's dk pass as two passes with fewer live tiles),
-``triton-localdv-splitdk`` (both)
+``triton-localdv-splitdk`` (both), ``triton-lean`` (``LEAN_WALK``: the state walk's products
+ordered to need less shared memory — two programs a SM at K = V = 128)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -59,13 +60,14 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 # -- implementations --------------------------------------------------------------------------
 def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None,
                dv_from_dh: bool | None = None, local_dv: bool | None = None,
-               split_dk: bool | None = None) -> GDN | str:
+               split_dk: bool | None = None, lean_walk: bool | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
     ``keep_states`` (the backward reuses the forward's states), ``dv_from_dh`` (the dh kernel
     writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
-    ``split_dk`` (the dk pass as two); or why they cannot run here."""
+    ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
+    shared memory); or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -75,7 +77,7 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
         return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
                                       split_output=split_output, keep_states=keep_states,
                                       dv_from_dh=dv_from_dh, local_dv=local_dv,
-                                      split_dk=split_dk)
+                                      split_dk=split_dk, lean_walk=lean_walk)
 
     return run
 
@@ -275,7 +277,8 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
-              "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all", "fla")
+              "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
+              "triton-lean", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-impls", nargs="+", default=["triton", "triton-seq", "fla"],
                         choices=list(IMPL_NAMES),
                         help="rows of the scaling table (triton always)")
+    parser.add_argument("--impls", nargs="+", choices=list(IMPL_NAMES),
+                        help="rows of the fwd and fwd+bwd tables (triton always; default all)")
     parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling", "stages"],
                         default=["fwd", "fwd+bwd", "scaling"],
                         help="stages: each kernel's time in one forward+backward (profiler)")
@@ -312,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
              "triton-localdv-splitdk": triton_gdn(local_dv=True, split_dk=True),
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
+             "triton-lean": triton_gdn(lean_walk=True),
              "fla": fla_gdn()}
+    if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
+        impls = {name: fn for name, fn in impls.items()
+                 if name == "triton" or name in args.impls}
     common = {"out": args.out, "warmup": args.warmup, "rep": args.rep, "rounds": args.rounds}
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth on {torch.cuda.get_device_name()}: {bandwidth / 1e12:.2f} TB/s "

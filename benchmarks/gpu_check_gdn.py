@@ -148,12 +148,15 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
         except Exception as exc:  # an OOM is a failed row
             rows.append(failed_row("shapes", name, dtype, exc))
             continue
-        # the defaults; on the project shape also the variants (split, kept states, dv from dh)
-        variants = [("", False)] + ([(" all variants", True)] if label in QUICK else [])
-        for suffix, on in variants:
+        # the defaults; on the project shape also the variants (split, kept states, dv from
+        # dh, local dv) and the served switches with the lean state walk
+        variants = [("", {})] + ([(" all variants", dict(split_output=True, keep_states=True,
+                                                         dv_from_dh=True, local_dv=True)),
+                                  (" lean walk", dict(lean_walk=True))]
+                                 if label in QUICK else [])
+        for suffix, switches in variants:
             try:
-                fn = functools.partial(chunk_gated_delta_rule, split_output=on, keep_states=on,
-                                       dv_from_dh=on, local_dv=on)
+                fn = functools.partial(chunk_gated_delta_rule, **switches)
                 outs = run(fn, x, lambda t: t.clone(), cu, l2norm)
                 rows.append(row("shapes", name + suffix, dtype, errors(outs, refs)))
             except Exception as exc:  # a compile failure or an OOM is a failed row
@@ -227,7 +230,7 @@ def probe_configs(family: str) -> list:
             "chunk_dv": chunk_dv.CONFIGS, "autotune": [None]}[family]
 
 
-VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk")
+VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk")
 
 
 def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ()) -> int:

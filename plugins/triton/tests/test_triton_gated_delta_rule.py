@@ -133,6 +133,28 @@ def test_the_output_is_split_by_default_only_with_few_pairs(monkeypatch) -> None
         assert chunk.splits_output(1) is forced and chunk.splits_output(10**6) is forced
 
 
+LEAN_CASES = [c for c in CASES if c[0] in ("T=37 strided", "T=64+5 H=HV", "T=130", "cu_seqlens",
+                                           "HV=3H K=48 V=40")]
+
+
+@pytest.mark.parametrize("case", LEAN_CASES, ids=[c[0] for c in LEAN_CASES])
+def test_the_lean_walk_matches_float64_and_the_served_walk(case) -> None:
+    """The state walk's LEAN ordering (less shared memory, the same products), in the forward
+    writing o and in the backward's state recomputation: outputs and every gradient against
+    float64, and against the served ordering to float32 rounding."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    x, kwargs = _case_inputs(case, 4)
+    with_h0 = case[7]
+    lean = functools.partial(triton_gdr, lean_walk=True, split_output=False)
+    _check(lean, x, f"lean {case[0]}", torch.float32, with_h0, **kwargs)
+    got = _run(lean, x, lambda t: t.clone(), with_h0, **kwargs)
+    served = _run(functools.partial(triton_gdr, lean_walk=False, split_output=False), x,
+                  lambda t: t.clone(), with_h0, **kwargs)
+    for name, want in served.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # every case with y from the dh kernel (the default); three with y from the dv pass
 SPLIT_DK_CASES = [(c, True) for c in CASES] + [
     (c, False) for c in CASES if c[0] in ("T=37 strided", "cu_seqlens", "HV=3H K=48 V=40")]

@@ -66,7 +66,7 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "splits_output"]
+           "LEAN_WALK", "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -107,6 +107,14 @@ FUSED_GROUP_GRADS = True
 # --parts scaling): 9.53 vs 10.40 ms at B = 16 × 4K, 10.69 vs 12.26 at 2 × 32K, 13.67 vs 16.79
 # at 1 × 64K (either alone: 10.13 / 9.81, 11.29 / 11.68, 14.26 / 16.11).
 SPLIT_DK = True
+# The state walk's formulation (chunk_h.chunk_fwd_h_kernel's LEAN): False as before; True
+# orders the same products so that the walk needs 115,456 instead of 116,224 bytes of shared
+# memory at K = V = 128, BV = 64, four warps, two stages — two programs a sm_90 SM instead of
+# one, so 128 sequence·value-head pairs (B = 8, HV = 16) walk in one wave instead of two.
+# Found on the CPU in session 11 (benchmarks/ptxas_report.py); right under the interpreter;
+# not yet timed or checked on the GPU (session 11 had no device time left): opt-in until
+# `bash benchmarks/gpu_experimental.sh gdn-lean` says it is right there and faster.
+LEAN_WALK = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -118,14 +126,15 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 h0: Tensor | None, seqs: Sequences, scale: float, use_qk_l2norm: bool,
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
-                fused_group_grads: bool, split_dk: bool) -> tuple[Tensor, Tensor | None]:
+                fused_group_grads: bool, split_dk: bool,
+                lean_walk: bool) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
         o, states, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale,
                                        use_qk_l2norm, prec, output=not split_output,
                                        store_states=split_output or keep_states,
-                                       final_state=output_final_state)
+                                       final_state=output_final_state, lean=lean_walk)
         if split_output:
             o = chunk_fwd_o(q, k, v, g, beta, a, rq, rk, states, seqs, scale, use_qk_l2norm,
                             prec)
@@ -134,7 +143,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.fused_group_grads = fused_group_grads
-        ctx.split_dk = split_dk
+        ctx.split_dk, ctx.lean_walk = split_dk, lean_walk
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -147,7 +156,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         if states is None:  # not kept by the forward: recompute them
             _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
-                                       output=False, store_states=True, final_state=False)
+                                       output=False, store_states=True, final_state=False,
+                                       lean=ctx.lean_walk)
         initial_grad = h0 is not None and ctx.needs_input_grad[5]
         dv_local = (chunk_bwd_dv_local(q, k, g, beta, rq, rk, do, seqs, scale, l2, prec)
                     if ctx.local_dv else None)
@@ -162,7 +172,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                           split_dk=ctx.split_dk)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -183,7 +193,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               use_qk_l2norm: bool, split_output: bool | None = None,
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
               local_dv: bool | None = None, fused_group_grads: bool | None = None,
-              split_dk: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              split_dk: bool | None = None,
+              lean_walk: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -207,9 +218,10 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     local = LOCAL_DV if local_dv is None else bool(local_dv)
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
     two_dk = SPLIT_DK if split_dk is None else bool(split_dk)
+    lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
-                                                 dv_dh, local, fused, two_dk)
+                                                 dv_dh, local, fused, two_dk, lean)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -220,6 +232,7 @@ def chunk_gated_delta_rule(
     split_output: bool | None = None, keep_states: bool | None = None,
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
+    lean_walk: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -245,6 +258,8 @@ def chunk_gated_delta_rule(
             backward, cast) in one kernel; ``None`` takes :data:`FUSED_GROUP_GRADS`.
         split_dk: the backward's dk pass as two passes with fewer live tiles; ``None`` takes
             :data:`SPLIT_DK`.
+        lean_walk: the state walk's products ordered to need less shared memory (two
+            programs a GPU SM at K = V = 128); ``None`` takes :data:`LEAN_WALK`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -259,4 +274,5 @@ def chunk_gated_delta_rule(
                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
                      split_output=split_output, keep_states=keep_states,
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
-                     fused_group_grads=fused_group_grads, split_dk=split_dk)
+                     fused_group_grads=fused_group_grads, split_dk=split_dk,
+                     lean_walk=lean_walk)

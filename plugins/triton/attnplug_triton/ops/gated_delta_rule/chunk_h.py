@@ -31,6 +31,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     block,
     chunk_gates,
     chunk_v_new,
+    decay_lower,
     intra_chunk_p,
     intra_chunk_pt,
     launch,
@@ -49,7 +50,7 @@ INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
 # head, value block), so with few sequences·heads (long sequences at batch 1 or 2) a narrower
 # value block — more programs — can win where a wider one wins at batch 8; the autotuner
 # chooses separately for each bucket (among the same configurations).
-_KEY = ["DK", "DV", "USE_L2NORM", "PARALLELISM"]
+_KEY = ["DK", "DV", "USE_L2NORM", "PARALLELISM", "LEAN"]
 # sequence·value-head pairs below which a launch is tuned as "few" (about an H100/H200's SMs)
 FEW_PROGRAMS = 128
 
@@ -68,7 +69,7 @@ def chunk_fwd_h_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT: tl.constexpr,
     STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-    PARALLELISM: tl.constexpr,
+    PARALLELISM: tl.constexpr, LEAN: tl.constexpr = False,
 ):
     """One (sequence·value head, value block): the output and/or per-chunk states.
 
@@ -76,6 +77,15 @@ def chunk_fwd_h_kernel(
     the (smaller) products: ``V_new = A(β⊙V − c⊙(K h))`` with ``c = β e^γ / ‖k‖`` (that is
     ``U − W h`` without forming ``W``), ``O = r_q⊙(Q h) + P V_new``,
     ``h ← e^{γ_C} h + Kᵀ(r_k e^{γ_C−γ} ⊙ V_new)``. ``PARALLELISM`` only keys the autotuner.
+
+    ``LEAN``: the same products, ordered so that each of ``r_k``, β and ``r_q`` is needed in
+    one register layout (Triton otherwise loads a vector again for each layout it is used in,
+    and stages each load in shared memory): ``β`` and ``r_k`` scale rows only — ``r_k`` moves
+    from P's columns to V_new's rows (``W_new = r_k ⊙ V_new`` feeds both the output and the
+    state) — and ``r_q`` scales the output once. On sm_90 at K = V = 128, BV = 64, four warps
+    and two stages that is 115,456 instead of 116,224 bytes of shared memory: two programs a
+    SM instead of one (at most 115,712 each), so at 128 sequence·value-head pairs the walk's
+    256 programs run in one wave instead of two (``benchmarks/ptxas_report.py``).
     """
     pid_nh = tl.program_id(0)  # sequences × heads on the axis without the 65535 limit
     pid_v = tl.program_id(1)
@@ -110,15 +120,30 @@ def chunk_fwd_h_kernel(
         gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)
         a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, c_ok)  # (C, C)
         v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok)  # (C, BV)
-        v_new = chunk_v_new(k, hd, v, a, beta, rk, gam, PRECISION)  # (C, BV) U − W h
+        if LEAN:
+            kh = tl.dot(k, hd, input_precision=PRECISION)  # (C, BV)
+            x = (v.to(tl.float32) - kh * rk[:, None] * tl.exp(gam)[:, None]) * beta[:, None]
+            v_new = tl.dot(a, x.to(dt), input_precision=PRECISION)  # (C, BV) U − W h
+            w_new = v_new * rk[:, None]  # 1/‖k‖ on V_new's rows: P's columns and the state's
+        else:
+            v_new = chunk_v_new(k, hd, v, a, beta, rk, gam, PRECISION)  # (C, BV) U − W h
         if OUTPUT:
             q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
             rq = load_norms(rq_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM) * scale
-            p = intra_chunk_p(q, k, rq, rk, gam, PRECISION)  # (C, C)
-            o = tl.dot(q, hd, input_precision=PRECISION) * (rq * tl.exp(gam))[:, None]
-            o += tl.dot(p.to(dt), v_new.to(dt), input_precision=PRECISION)  # (C, BV)
+            if LEAN:  # r_q once, on the sum: O = r_q⊙(e^γ⊙(q h) + (q Kᵀ ⊙ Γ) W_new)
+                p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay_lower(gam, 64,
+                                                                                  False)
+                o = tl.dot(q, hd, input_precision=PRECISION) * tl.exp(gam)[:, None]
+                o = tl.dot(p.to(dt), w_new.to(dt), o, input_precision=PRECISION) * rq[:, None]
+            else:
+                p = intra_chunk_p(q, k, rq, rk, gam, PRECISION)  # (C, C)
+                o = tl.dot(q, hd, input_precision=PRECISION) * (rq * tl.exp(gam))[:, None]
+                o += tl.dot(p.to(dt), v_new.to(dt), input_precision=PRECISION)  # (C, BV)
             store_rows(o_ptr + hv * DV, o, rows, r_ok, HV * DV, offs_v, v_ok)
-        v_end = (v_new * (rk * tl.exp(gam_c - gam))[:, None]).to(dt)
+        if LEAN:
+            v_end = (w_new * tl.exp(gam_c - gam)[:, None]).to(dt)
+        else:
+            v_end = (v_new * (rk * tl.exp(gam_c - gam))[:, None]).to(dt)
         h = h * tl.exp(gam_c) + tl.dot(tl.trans(k), v_end, input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(ht_ptr + pid_nh.to(tl.int64) * DK * DV + state_offs, h, mask=state_ok)
@@ -198,12 +223,13 @@ def chunk_bwd_dh_kernel(
 def chunk_fwd_h(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tensor,
                 rq: Tensor | None, rk: Tensor | None, h0: Tensor | None, seqs: Sequences,
                 scale: float, use_qk_l2norm: bool, precision: str, *, output: bool,
-                store_states: bool,
-                final_state: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                store_states: bool, final_state: bool,
+                lean: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(o[tokens, HV, V] | None, states[NC, HV, K, V] | None, final[N, HV, K, V] | None)``.
 
     q, k ``[tokens, H, K]``, v ``[tokens, HV, V]`` token-major with unit last strides; g, beta
     float32 ``[tokens, HV]`` and a ``[tokens, HV, 64]`` contiguous; h0 ``[N, HV, K, V]``.
+    ``lean``: the kernel's ``LEAN`` ordering (same values, less shared memory).
     """
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
@@ -218,7 +244,7 @@ def chunk_fwd_h(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Ten
            scale, HV, HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm,
            HAS_H0=h0 is not None, OUTPUT=output, STORE_H=store_states,
            STORE_FINAL=final_state, PRECISION=precision,
-           PARALLELISM=parallelism(seqs.num_seqs * HV))
+           PARALLELISM=parallelism(seqs.num_seqs * HV), LEAN=lean)
     return o, states, final
 
 
