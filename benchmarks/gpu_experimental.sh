@@ -13,11 +13,13 @@
 #       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
 #   bash benchmarks/gpu_experimental.sh gdn-few   the scaling table's few-pairs cases (T = 32K
 #       at B = 2, 64K at B = 1) with every backward variant, to choose the backward there;
-#   bash benchmarks/gpu_experimental.sh gdn-lean   the state walk's LEAN ordering (chunk.LEAN_WALK,
-#       two programs a SM at K = V = 128 BV = 64; session 11, not yet run on a GPU): every
-#       chunk_h configuration with it and the served switches, a process each, at K=V 32/64/128;
-#       the project shape (served, and served with the lean walk) against float64; then the
-#       forward and forward+backward benchmark, triton against triton-lean, fla and SDPA;
+#   bash benchmarks/gpu_experimental.sh gdn-lean   the state walks' launches (session 11, not
+#       yet run on a GPU): probe_gdn_walks.py (each walk's candidate launches — the autotuner's,
+#       one stage, BV = 128 with 8 warps, the forward's LEAN ordering — with their occupancy,
+#       checked a process each, then the walks alone timed against the served one); every
+#       chunk_h configuration with the lean walk and the served switches at K=V 32/64/128; the
+#       project shape (served, and with the lean walk) against float64; the forward and
+#       forward+backward benchmark, triton against triton-lean, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -69,6 +71,8 @@ case ${1:-} in
       triton-localdv triton-splitdk triton-all fla --out "$OUT/gdn_few"
     ;;
   gdn-lean)
+    STEP_GREP="ok|wrong|failed|hang|walk" step gdn_walks 300 python3 benchmarks/probe_gdn_walks.py \
+      --limit 90 --out "$OUT/gdn_walks"
     step gdn_lean_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
       lean_walk dv_from_dh local_dv split_dk --probe-dims 32 64 128 --probe-families chunk_h \
       --out "$OUT/gdn_lean_probe"
