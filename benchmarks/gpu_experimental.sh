@@ -13,13 +13,15 @@
 #       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
 #   bash benchmarks/gpu_experimental.sh gdn-few   the scaling table's few-pairs cases (T = 32K
 #       at B = 2, 64K at B = 1) with every backward variant, to choose the backward there;
-#   bash benchmarks/gpu_experimental.sh gdn-lean   the state walks' launches (session 11, not
+#   bash benchmarks/gpu_experimental.sh gdn-walks   the state walks' launches (session 11, not
 #       yet run on a GPU): probe_gdn_walks.py (each walk's candidate launches — the autotuner's,
 #       one stage, BV = 128 with 8 warps, the forward's LEAN ordering — with their occupancy,
-#       checked a process each, then the walks alone timed against the served one); every
-#       chunk_h configuration with the lean walk and the served switches at K=V 32/64/128; the
-#       project shape (served, and with the lean walk) against float64; the forward and
-#       forward+backward benchmark, triton against triton-lean, fla and SDPA;
+#       checked a process each, then the walks alone timed against the served one), then the
+#       project shape (served, and with the lean walk) against float64;
+#   bash benchmarks/gpu_experimental.sh gdn-lean   the forward's LEAN ordering (chunk.LEAN_WALK):
+#       every chunk_h configuration with it and the served switches, a process each, at K=V
+#       32/64/128; then the forward and forward+backward benchmark, triton against
+#       triton-lean, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -34,8 +36,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-lean | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-lean|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -70,13 +72,15 @@ case ${1:-} in
       --scaling-seqlens 32768 65536 --scaling-impls triton triton-seq triton-keep \
       triton-localdv triton-splitdk triton-all fla --out "$OUT/gdn_few"
     ;;
-  gdn-lean)
+  gdn-walks)
     STEP_GREP="ok|wrong|failed|hang|walk" step gdn_walks 300 python3 benchmarks/probe_gdn_walks.py \
       --limit 90 --out "$OUT/gdn_walks"
+    step gdn_lean_shapes 180 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_lean_shapes"
+    ;;
+  gdn-lean)
     step gdn_lean_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
       lean_walk dv_from_dh local_dv split_dk --probe-dims 32 64 128 --probe-families chunk_h \
       --out "$OUT/gdn_lean_probe"
-    step gdn_lean_shapes 180 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_lean_shapes"
     step gdn_lean_bench 300 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd \
       --impls triton-lean fla --rounds 4 --out "$OUT/gdn_lean_bench"
     ;;

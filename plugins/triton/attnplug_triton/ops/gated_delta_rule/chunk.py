@@ -113,7 +113,8 @@ SPLIT_DK = True
 # one, so 128 sequence·value-head pairs (B = 8, HV = 16) walk in one wave instead of two.
 # Found on the CPU in session 11 (benchmarks/ptxas_report.py); right under the interpreter;
 # not yet timed or checked on the GPU (session 11 had no device time left): opt-in until
-# `bash benchmarks/gpu_experimental.sh gdn-lean` says it is right there and faster.
+# `bash benchmarks/gpu_experimental.sh gdn-walks` and `gdn-lean` say it is right there and
+# faster.
 LEAN_WALK = False
 
 
