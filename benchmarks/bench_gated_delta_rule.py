@@ -26,7 +26,9 @@ backward pass of its own instead of from the dh kernel, the default since sessio
 ``triton-localdv`` (the dh kernel's within-chunk term from a parallel kernel),
 ``triton-splitdk`` (the backward's dk pass as two passes with fewer live tiles),
 ``triton-localdv-splitdk`` (both), ``triton-lean`` (``LEAN_WALK``: the state walk's products
-ordered to need less shared memory — two programs a SM at K = V = 128)
+ordered to need less shared memory — two programs a SM at K = V = 128), ``triton-tf32inv``
+(kkt_solve's inverse in three TF32 products, ``kkt_solve.INVERSE_PRECISION``) and
+``triton-lean-tf32inv`` (both)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -60,24 +62,32 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 # -- implementations --------------------------------------------------------------------------
 def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None,
                dv_from_dh: bool | None = None, local_dv: bool | None = None,
-               split_dk: bool | None = None, lean_walk: bool | None = None) -> GDN | str:
+               split_dk: bool | None = None, lean_walk: bool | None = None,
+               inverse_precision: str | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
     ``keep_states`` (the backward reuses the forward's states), ``dv_from_dh`` (the dh kernel
     writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
     ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
-    shared memory); or why they cannot run here."""
+    shared memory), ``inverse_precision`` (kkt_solve.INVERSE_PRECISION while it runs); or why
+    they cannot run here."""
     try:
+        from attnplug_triton.ops.gated_delta_rule import kkt_solve
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
 
     def run(q, k, v, g, beta):
-        return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
-                                      split_output=split_output, keep_states=keep_states,
-                                      dv_from_dh=dv_from_dh, local_dv=local_dv,
-                                      split_dk=split_dk, lean_walk=lean_walk)
+        served = kkt_solve.INVERSE_PRECISION
+        kkt_solve.INVERSE_PRECISION = inverse_precision or served
+        try:
+            return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
+                                          split_output=split_output, keep_states=keep_states,
+                                          dv_from_dh=dv_from_dh, local_dv=local_dv,
+                                          split_dk=split_dk, lean_walk=lean_walk)
+        finally:
+            kkt_solve.INVERSE_PRECISION = served
 
     return run
 
@@ -278,7 +288,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
-              "triton-lean", "fla")
+              "triton-lean", "triton-tf32inv", "triton-lean-tf32inv", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
              "triton-lean": triton_gdn(lean_walk=True),
+             "triton-tf32inv": triton_gdn(inverse_precision="tf32x3"),
+             "triton-lean-tf32inv": triton_gdn(lean_walk=True, inverse_precision="tf32x3"),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()

@@ -130,6 +130,20 @@ def failed_row(part: str, label: str, dtype: torch.dtype, exc: Exception) -> dic
             "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
+def with_inverse_precision(fn, precision: str):
+    """``fn`` with kkt_solve.INVERSE_PRECISION set to ``precision`` while it runs."""
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+
+    def call(*args, **kwargs):
+        served, kkt_solve.INVERSE_PRECISION = kkt_solve.INVERSE_PRECISION, precision
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            kkt_solve.INVERSE_PRECISION = served
+
+    return call
+
+
 def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
     """Part 1: the autotuned kernels at real shapes (those whose label contains one of
     ``only``, when given)."""
@@ -152,11 +166,17 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
         # dh, local dv) and the served switches with the lean state walk
         variants = [("", {})] + ([(" all variants", dict(split_output=True, keep_states=True,
                                                          dv_from_dh=True, local_dv=True)),
-                                  (" lean walk", dict(lean_walk=True))]
+                                  (" lean walk", dict(lean_walk=True)),
+                                  (" lean walk, tf32x3 inverse", dict(lean_walk=True,
+                                                                       inverse="tf32x3"))]
                                  if label in QUICK else [])
         for suffix, switches in variants:
+            switches = dict(switches)
+            inverse = switches.pop("inverse", None)
             try:
                 fn = functools.partial(chunk_gated_delta_rule, **switches)
+                if inverse is not None:
+                    fn = with_inverse_precision(fn, inverse)
                 outs = run(fn, x, lambda t: t.clone(), cu, l2norm)
                 rows.append(row("shapes", name + suffix, dtype, errors(outs, refs)))
             except Exception as exc:  # a compile failure or an OOM is a failed row
@@ -279,6 +299,13 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
     return 0
 
 
+def inverse_precision() -> str:
+    """kkt_solve's INVERSE_PRECISION in this process (handed to the probe's processes)."""
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+
+    return kkt_solve.INVERSE_PRECISION
+
+
 def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
                 variants: tuple[str, ...] = ()) -> list[dict]:
     """Part 4: every configuration of each kernel family, each in a process of its own
@@ -301,7 +328,8 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
     def one(case: tuple) -> dict:
         family, index, dim, label = case
         try:
-            command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim)]
+            command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim),
+                       "--inverse-precision", inverse_precision()]
             done = subprocess.run(command + ["--probe-variants", *variants] if variants
                                   else command, env=env,
                                   capture_output=True, text=True, timeout=240)
@@ -369,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-variants", nargs="*", choices=VARIANTS, default=None,
                         help="probe: with these kernel variants on, the others off (none "
                         "named: all of them; without the flag: the served defaults)")
+    parser.add_argument("--inverse-precision", choices=["ieee", "tf32x3"], default=None,
+                        help="kkt_solve.INVERSE_PRECISION for the whole run (default: served)")
     parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"])
@@ -379,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check_gdn: no CUDA device", file=sys.stderr)
         return 1
     torch.manual_seed(0)
+    if args.inverse_precision is not None:
+        from attnplug_triton.ops.gated_delta_rule import kkt_solve
+
+        kkt_solve.INVERSE_PRECISION = args.inverse_precision
     variants = (() if args.probe_variants is None
                 else tuple(args.probe_variants) or VARIANTS)
     if args.probe_one is not None:

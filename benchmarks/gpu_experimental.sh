@@ -18,10 +18,11 @@
 #       one stage, BV = 128 with 8 warps, the forward's LEAN ordering — with their occupancy,
 #       checked a process each, then the walks alone timed against the served one), then the
 #       project shape (served, and with the lean walk) against float64;
-#   bash benchmarks/gpu_experimental.sh gdn-lean   the forward's LEAN ordering (chunk.LEAN_WALK):
-#       every chunk_h configuration with it and the served switches, a process each, at K=V
+#   bash benchmarks/gpu_experimental.sh gdn-lean   the forward's LEAN ordering (chunk.LEAN_WALK)
+#       and kkt_solve's inverse in TF32×3 (kkt_solve.INVERSE_PRECISION): every chunk_h and
+#       kkt_solve configuration with both and the served switches, a process each, at K=V
 #       32/64/128; then the forward and forward+backward benchmark, triton against
-#       triton-lean, fla and SDPA;
+#       triton-lean, triton-tf32inv, both, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -78,11 +79,12 @@ case ${1:-} in
     step gdn_lean_shapes 180 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_lean_shapes"
     ;;
   gdn-lean)
-    step gdn_lean_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
+    step gdn_lean_probe 240 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
       lean_walk dv_from_dh local_dv split_dk --probe-dims 32 64 128 --probe-families chunk_h \
-      --out "$OUT/gdn_lean_probe"
+      kkt_solve --inverse-precision tf32x3 --out "$OUT/gdn_lean_probe"
     step gdn_lean_bench 300 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd \
-      --impls triton-lean fla --rounds 4 --out "$OUT/gdn_lean_bench"
+      --impls triton-lean triton-tf32inv triton-lean-tf32inv fla --rounds 4 \
+      --out "$OUT/gdn_lean_bench"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

@@ -155,6 +155,31 @@ def test_the_lean_walk_matches_float64_and_the_served_walk(case) -> None:
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("case", LEAN_CASES[:3], ids=[c[0] for c in LEAN_CASES[:3]])
+def test_the_tf32x3_inverse_matches_float64(case, monkeypatch) -> None:
+    """kkt_solve's inverse with its float32 products as three TF32 products (the interpreter
+    multiplies in float32 either way: this checks the path, the GPU checks the precision),
+    with the lean walk too: outputs and every gradient against float64."""
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x3")
+    x, kwargs = _case_inputs(case, 5)
+    _check(functools.partial(triton_gdr, lean_walk=True), x, f"tf32x3 inverse {case[0]}",
+           torch.float32, case[7], **kwargs)
+
+
+def test_an_unknown_inverse_precision_is_named(monkeypatch) -> None:
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x2")
+    x, kwargs = _case_inputs(CASES[1], 0)
+    with pytest.raises(ValueError, match=r"INVERSE_PRECISION='tf32x2' is not accepted: "
+                                         r"expected one of \['ieee', 'tf32x3'\]"):
+        triton_gdr(*(x[n] for n in NAMES[:5]), **kwargs)
+
+
 # every case with y from the dh kernel (the default); three with y from the dv pass
 SPLIT_DK_CASES = [(c, True) for c in CASES] + [
     (c, False) for c in CASES if c[0] in ("T=37 strided", "cu_seqlens", "HV=3H K=48 V=40")]

@@ -5,7 +5,8 @@
 per (chunk, value head) computes the ten lower 16 × 16 blocks of ``M = StrictTril(...)`` from
 four 16-row key tiles, inverts the four diagonal blocks as the finite series
 ``(I − M)(I + M²)(I + M⁴)(I + M⁸)`` (six float32 dots on 16 × 16 tiles), fills the six blocks
-below them with ``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee"), and writes ``A``
+below them with ``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee" unless
+:data:`INVERSE_PRECISION` says otherwise), and writes ``A``
 once (``[tokens, HV, 64]``, in the inputs' dtype, like fla). With ``use_qk_l2norm`` the key
 head's first program also writes the inverse norms of q and k (float32 ``[tokens, H]``), so
 that every later kernel feeds q and k to its dots as loaded. The cumulative gate and ``K̂K̂ᵀ``
@@ -29,10 +30,20 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     load_rows,
 )
 
-__all__ = ["kkt_solve", "kkt_solve_kernel", "CONFIGS"]
+__all__ = ["kkt_solve", "kkt_solve_kernel", "CONFIGS", "INVERSE_PRECISION", "INVERSE_PRECISIONS"]
 
 CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4) for s in (1, 2)]
 INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
+# The float32 products of the inverse (the series and the blocks below the diagonal):
+# "ieee" (served) multiplies on the CUDA cores — at 2 warps on sm_90 about 2,800 FMAs, 900
+# shared-memory accesses and 75 barriers a thread (Triton 3.6 PTX), each product's operands
+# passing through shared memory; "tf32x3" (three TF32 tensor-core products, float32's
+# accuracy to about 2⁻²²) about 640 mma.sync, 1,200 register shuffles, 50 shared-memory
+# accesses and 42 barriers. Right under the interpreter (which multiplies in float32 either
+# way); not yet timed or checked on the GPU (session 11 had no device time): "ieee" until
+# `bash benchmarks/gpu_experimental.sh gdn-lean` says tf32x3 is right there and faster.
+INVERSE_PRECISION = "ieee"
+INVERSE_PRECISIONS = ("ieee", "tf32x3")
 
 
 @triton.jit
@@ -76,20 +87,20 @@ def _kkt_block(ka, kb, beta_a, gam_a, gam_b, DIAG: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
-def _unit_lower_inverse(m):
+def _unit_lower_inverse(m, INV_PRECISION: tl.constexpr):
     """``(I + m)⁻¹`` of a strictly lower 16 × 16 tile. ``m`` is nilpotent (``m¹⁶ = 0``), so the
     inverse is the finite series ``Σ_{n<16} (−m)ⁿ = (I − m)(I + m²)(I + m⁴)(I + m⁸)``: six
     float32 dots, at most four of them in a chain, instead of the fifteen dependent steps of
     forward substitution."""
     i = tl.arange(0, 16)
     eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
-    m2 = tl.dot(m, m, input_precision="ieee")
-    m4 = tl.dot(m2, m2, input_precision="ieee")
-    m8 = tl.dot(m4, m4, input_precision="ieee")
+    m2 = tl.dot(m, m, input_precision=INV_PRECISION)
+    m4 = tl.dot(m2, m2, input_precision=INV_PRECISION)
+    m8 = tl.dot(m4, m4, input_precision=INV_PRECISION)
     x = eye - m
-    x = tl.dot(x, m2, x, input_precision="ieee")  # x (I + m²)
-    x = tl.dot(x, m4, x, input_precision="ieee")
-    return tl.dot(x, m8, x, input_precision="ieee")
+    x = tl.dot(x, m2, x, input_precision=INV_PRECISION)  # x (I + m²)
+    x = tl.dot(x, m4, x, input_precision=INV_PRECISION)
+    return tl.dot(x, m8, x, input_precision=INV_PRECISION)
 
 
 @triton.jit
@@ -97,6 +108,7 @@ def kkt_solve_kernel(
     q_ptr, k_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, chunk_seq, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, HV, GROUP,
     DK: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr, PRECISION: tl.constexpr,
+    INV_PRECISION: tl.constexpr = "ieee",
 ):
     """``A`` of one (chunk, value head): ``a_ptr[t, hv, :]`` for the chunk's tokens ``t``; with
     ``USE_L2NORM`` also the inverse norms of q and k (``[t, hk]``, by the key head's first
@@ -147,19 +159,20 @@ def kkt_solve_kernel(
     m31 = _kkt_block(k3, k1, b3, c3, c1, False, PRECISION)
     m32 = _kkt_block(k3, k2, b3, c3, c2, False, PRECISION)
 
-    a00 = _unit_lower_inverse(m00)
-    a11 = _unit_lower_inverse(m11)
-    a22 = _unit_lower_inverse(m22)
-    a33 = _unit_lower_inverse(m33)
-    a10 = -tl.dot(tl.dot(a11, m10, input_precision="ieee"), a00, input_precision="ieee")
-    a21 = -tl.dot(tl.dot(a22, m21, input_precision="ieee"), a11, input_precision="ieee")
-    a32 = -tl.dot(tl.dot(a33, m32, input_precision="ieee"), a22, input_precision="ieee")
-    a20 = tl.dot(m20, a00, input_precision="ieee")
-    a20 = -tl.dot(a22, tl.dot(m21, a10, a20, input_precision="ieee"), input_precision="ieee")
-    a31 = tl.dot(m31, a11, input_precision="ieee")
-    a31 = -tl.dot(a33, tl.dot(m32, a21, a31, input_precision="ieee"), input_precision="ieee")
-    a30 = tl.dot(m31, a10, tl.dot(m30, a00, input_precision="ieee"), input_precision="ieee")
-    a30 = -tl.dot(a33, tl.dot(m32, a20, a30, input_precision="ieee"), input_precision="ieee")
+    a00 = _unit_lower_inverse(m00, INV_PRECISION)
+    a11 = _unit_lower_inverse(m11, INV_PRECISION)
+    a22 = _unit_lower_inverse(m22, INV_PRECISION)
+    a33 = _unit_lower_inverse(m33, INV_PRECISION)
+    ip: tl.constexpr = INV_PRECISION  # the products below: float32 operands
+    a10 = -tl.dot(tl.dot(a11, m10, input_precision=ip), a00, input_precision=ip)
+    a21 = -tl.dot(tl.dot(a22, m21, input_precision=ip), a11, input_precision=ip)
+    a32 = -tl.dot(tl.dot(a33, m32, input_precision=ip), a22, input_precision=ip)
+    a20 = tl.dot(m20, a00, input_precision=ip)
+    a20 = -tl.dot(a22, tl.dot(m21, a10, a20, input_precision=ip), input_precision=ip)
+    a31 = tl.dot(m31, a11, input_precision=ip)
+    a31 = -tl.dot(a33, tl.dot(m32, a21, a31, input_precision=ip), input_precision=ip)
+    a30 = tl.dot(m31, a10, tl.dot(m30, a00, input_precision=ip), input_precision=ip)
+    a30 = -tl.dot(a33, tl.dot(m32, a20, a30, input_precision=ip), input_precision=ip)
 
     # A's rows in four 16-row strips; the blocks above the diagonal are stored as zeros
     a_base = a_ptr + hv * 64
@@ -195,16 +208,21 @@ def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
               use_qk_l2norm: bool, precision: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(A[tokens, HV, 64]`` in k's dtype, and with ``use_qk_l2norm`` the inverse norms
     ``rq, rk[tokens, H]`` float32 (else None)``)`` for token-major ``q, k[tokens, H, K]`` and
-    float32 ``g, beta[tokens, HV]`` (contiguous)."""
+    float32 ``g, beta[tokens, HV]`` (contiguous). The inverse's products take
+    :data:`INVERSE_PRECISION`."""
+    if INVERSE_PRECISION not in INVERSE_PRECISIONS:
+        raise ValueError(f"kkt_solve.INVERSE_PRECISION={INVERSE_PRECISION!r} is not accepted: "
+                         f"expected one of {list(INVERSE_PRECISIONS)}")
     tokens, H, K = k.shape
     HV = g.shape[1]
     a = k.new_empty((tokens, HV, CHUNK))
     rq = rk = None
     if use_qk_l2norm:
         rq, rk = (k.new_empty((tokens, H), dtype=torch.float32) for _ in range(2))
-    launch("kkt_solve", kkt_solve_kernel, CONFIGS, INTERPRETER_CONFIG, ["DK", "USE_L2NORM"],
+    launch("kkt_solve", kkt_solve_kernel, CONFIGS, INTERPRETER_CONFIG,
+           ["DK", "USE_L2NORM", "INV_PRECISION"],
            lambda meta: (seqs.num_chunks, HV),
            q, k, g, beta, a, rq, rk, seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0),
            q.stride(1), k.stride(0), k.stride(1), HV, HV // H, DK=K, BK=block(K),
-           USE_L2NORM=use_qk_l2norm, PRECISION=precision)
+           USE_L2NORM=use_qk_l2norm, PRECISION=precision, INV_PRECISION=INVERSE_PRECISION)
     return a, rq, rk
