@@ -70,24 +70,19 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
     ``keep_states`` (the backward reuses the forward's states), ``dv_from_dh`` (the dh kernel
     writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
     ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
-    shared memory), ``inverse_precision`` (kkt_solve.INVERSE_PRECISION while it runs); or why
-    they cannot run here."""
+    shared memory), ``inverse_precision`` (the WY inverse's float32 products); or why they
+    cannot run here."""
     try:
-        from attnplug_triton.ops.gated_delta_rule import kkt_solve
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
         return f"attnplug_triton does not import ({exc})"
 
     def run(q, k, v, g, beta):
-        served = kkt_solve.INVERSE_PRECISION
-        kkt_solve.INVERSE_PRECISION = inverse_precision or served
-        try:
-            return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
-                                          split_output=split_output, keep_states=keep_states,
-                                          dv_from_dh=dv_from_dh, local_dv=local_dv,
-                                          split_dk=split_dk, lean_walk=lean_walk)
-        finally:
-            kkt_solve.INVERSE_PRECISION = served
+        return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
+                                      split_output=split_output, keep_states=keep_states,
+                                      dv_from_dh=dv_from_dh, local_dv=local_dv,
+                                      split_dk=split_dk, lean_walk=lean_walk,
+                                      inverse_precision=inverse_precision)
 
     return run
 

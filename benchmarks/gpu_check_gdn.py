@@ -130,20 +130,6 @@ def failed_row(part: str, label: str, dtype: torch.dtype, exc: Exception) -> dic
             "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
-def with_inverse_precision(fn, precision: str):
-    """``fn`` with kkt_solve.INVERSE_PRECISION set to ``precision`` while it runs."""
-    from attnplug_triton.ops.gated_delta_rule import kkt_solve
-
-    def call(*args, **kwargs):
-        served, kkt_solve.INVERSE_PRECISION = kkt_solve.INVERSE_PRECISION, precision
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            kkt_solve.INVERSE_PRECISION = served
-
-    return call
-
-
 def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
     """Part 1: the autotuned kernels at real shapes (those whose label contains one of
     ``only``, when given)."""
@@ -167,16 +153,12 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
         variants = [("", {})] + ([(" all variants", dict(split_output=True, keep_states=True,
                                                          dv_from_dh=True, local_dv=True)),
                                   (" lean walk", dict(lean_walk=True)),
-                                  (" lean walk, tf32x3 inverse", dict(lean_walk=True,
-                                                                       inverse="tf32x3"))]
+                                  (" lean walk, tf32x3 inverse",
+                                   dict(lean_walk=True, inverse_precision="tf32x3"))]
                                  if label in QUICK else [])
         for suffix, switches in variants:
-            switches = dict(switches)
-            inverse = switches.pop("inverse", None)
             try:
                 fn = functools.partial(chunk_gated_delta_rule, **switches)
-                if inverse is not None:
-                    fn = with_inverse_precision(fn, inverse)
                 outs = run(fn, x, lambda t: t.clone(), cu, l2norm)
                 rows.append(row("shapes", name + suffix, dtype, errors(outs, refs)))
             except Exception as exc:  # a compile failure or an OOM is a failed row

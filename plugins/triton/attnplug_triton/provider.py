@@ -11,7 +11,9 @@ forward and backward match float64 at the project shape and at head dims 16, 32,
 (benchmarks/results/2026-11-28-h200-session3.md). Configs whose GDN head dims exceed the largest
 verified on a GPU (:data:`GPU_VERIFIED_GDN_DIM`) get ``local``'s there (:meth:`configure`; the
 plan says so); GDN at those head dims is served only when asked for —
-``TritonSpecProvider(experimental_kernels=True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1``. The DSA
+``TritonSpecProvider(experimental_kernels=True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1``, which
+also turns on the chunked kernels' variants not yet checked on a GPU (the lean state walk and
+the WY inverse in TF32×3 products: ``EXPERIMENTAL_CHUNK_OPTIONS``). The DSA
 kernels (``dsa_indexer_topk``, ``sparse_attention``, ``dsa_indexer_loss``) are served since
 session 7: right against float64 on the H200 at T = 4096, topk = 2048, and a DSA model's
 training step took 368 ms with them against 1223 ms with ``local``'s DSA ops
@@ -52,7 +54,8 @@ class TritonSpecProvider(LocalSpecProvider):
     the DSA kernels; everything else from the local backend.
 
     Args:
-        experimental_kernels: serve GDN at any head dim the kernels take; ``None`` reads
+        experimental_kernels: serve GDN at any head dim the kernels take, with the chunked
+            kernels' variants not yet checked on a GPU; ``None`` reads
             ``ATTNPLUG_TRITON_EXPERIMENTAL`` (``1`` enables).
         gdn_kernel: serve ``gated_delta_rule`` (without experimental kernels, :meth:`configure`
             turns it off for head dims above :data:`GPU_VERIFIED_GDN_DIM`).
@@ -138,12 +141,18 @@ class TritonSpecProvider(LocalSpecProvider):
     def gated_delta_rule(self) -> Callable:
         """:func:`attnplug_triton.ops.gated_delta_rule.gated_delta_rule`: the chunked kernels
         (forward and backward), or the token-by-token kernel for short sequences without
-        autograd; K and V up to 256. Triton is imported on the first call."""
+        autograd; K and V up to 256. With experimental kernels,
+        :func:`~attnplug_triton.ops.gated_delta_rule.experimental_gated_delta_rule`: the same
+        with the chunked kernels' variants not yet checked on a GPU. Triton is imported on the
+        first call."""
         if not self._serves("gated_delta_rule"):
             return super().gated_delta_rule()
-        from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
+        from attnplug_triton.ops.gated_delta_rule import (
+            experimental_gated_delta_rule,
+            gated_delta_rule,
+        )
 
-        return gated_delta_rule
+        return experimental_gated_delta_rule if self.experimental_kernels else gated_delta_rule
 
     def dsa_indexer_topk(self) -> Callable:
         """:func:`attnplug_triton.ops.dsa.topk_blocked.dsa_indexer_topk_threshold`: the

@@ -163,21 +163,28 @@ def test_the_tf32x3_inverse_matches_float64(case, monkeypatch) -> None:
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
-    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x3")
     x, kwargs = _case_inputs(case, 5)
-    _check(functools.partial(triton_gdr, lean_walk=True), x, f"tf32x3 inverse {case[0]}",
-           torch.float32, case[7], **kwargs)
+    _check(functools.partial(triton_gdr, lean_walk=True, inverse_precision="tf32x3"), x,
+           f"tf32x3 inverse {case[0]}", torch.float32, case[7], **kwargs)
+    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x3")  # the module's default
+    _check(triton_gdr, x, f"tf32x3 inverse by default {case[0]}", torch.float32, case[7],
+           **kwargs)
 
 
 def test_an_unknown_inverse_precision_is_named(monkeypatch) -> None:
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
-    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x2")
     x, kwargs = _case_inputs(CASES[1], 0)
-    with pytest.raises(ValueError, match=r"INVERSE_PRECISION='tf32x2' is not accepted: "
-                                         r"expected one of \['ieee', 'tf32x3'\]"):
-        triton_gdr(*(x[n] for n in NAMES[:5]), **kwargs)
+    args = [x[n] for n in NAMES[:5]]
+    with pytest.raises(ValueError, match=r"chunk_gated_delta_rule: inverse_precision='tf32' is "
+                                         r"not accepted: expected None or one of "
+                                         r"\['ieee', 'tf32x3'\]"):
+        triton_gdr(*args, inverse_precision="tf32", **kwargs)
+    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x2")
+    with pytest.raises(ValueError, match=r"kkt_solve.INVERSE_PRECISION='tf32x2' is not "
+                                         r"accepted: expected one of \['ieee', 'tf32x3'\]"):
+        triton_gdr(*args, **kwargs)
 
 
 # every case with y from the dh kernel (the default); three with y from the dv pass
@@ -300,6 +307,31 @@ def test_decoding_kernel_matches_the_step_op() -> None:
     assert_matches("state", state, state_ref, torch.float32)
 
 
+@pytest.mark.parametrize("case", LEAN_CASES[1:4], ids=[c[0] for c in LEAN_CASES[1:4]])
+def test_the_experimental_slot_runs_the_unchecked_variants_and_matches_float64(
+        case, monkeypatch) -> None:
+    """``TritonSpecProvider(experimental_kernels=True)``'s slot: the chunked kernels with the
+    lean walk and the TF32×3 inverse (seen through the calls they make), every output and
+    gradient against float64."""
+    from attnplug_triton.ops import gated_delta_rule as gdr
+    from attnplug_triton.ops.gated_delta_rule import chunk
+    from attnplug_triton.provider import TritonSpecProvider
+
+    slot = TritonSpecProvider(experimental_kernels=True).gated_delta_rule()
+    assert slot is gdr.experimental_gated_delta_rule
+    seen = []
+    real = chunk.run_chunk
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in gdr.EXPERIMENTAL_CHUNK_OPTIONS})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunk, "run_chunk", spy)
+    x, kwargs = _case_inputs(case, 6)
+    _check(slot, x, f"experimental slot {case[0]}", torch.float32, case[7], **kwargs)
+    assert seen == [gdr.EXPERIMENTAL_CHUNK_OPTIONS]
+
+
 def test_the_slot_goes_token_by_token_without_autograd_and_chunked_with_it() -> None:
     from attnplug_triton.ops.gated_delta_rule import gated_delta_rule
     from attnplug_triton.ops.gated_delta_rule.fused_recurrent import (
@@ -309,7 +341,6 @@ def test_the_slot_goes_token_by_token_without_autograd_and_chunked_with_it() -> 
 
     assert TritonSpecProvider(experimental_kernels=False).gated_delta_rule() is gated_delta_rule
     provider = TritonSpecProvider(experimental_kernels=True)
-    assert provider.gated_delta_rule() is gated_delta_rule
     assert provider.served_by("gated_delta_rule") == "triton"
     torch.manual_seed(2)
     cu = torch.tensor([0, 3, 40, 41], device=DEVICE)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RECURRENT_MAX_TOKENS", "gated_delta_rule"]
+__all__ = ["RECURRENT_MAX_TOKENS", "EXPERIMENTAL_CHUNK_OPTIONS", "gated_delta_rule",
+           "experimental_gated_delta_rule"]
 
 # Without autograd, sequences up to this long go token by token (fla's layer does the same
 # below 64 tokens); longer ones, or any call that needs gradients, go through the chunked kernels.
@@ -42,10 +43,31 @@ def gated_delta_rule(
                              use_qk_l2norm=use_qk_l2norm)
 
 
+# The chunked kernels' variants not yet checked on a GPU, which the experimental slot turns on
+# (benchmarks/results/2026-11-28-cpu-session11.md): the state walk's LEAN ordering (two
+# programs a SM at K = V = 128) and the WY inverse in TF32×3 products.
+EXPERIMENTAL_CHUNK_OPTIONS = {"lean_walk": True, "inverse_precision": "tf32x3"}
+
+
+def experimental_gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`gated_delta_rule` with the chunked kernels' variants not yet checked on a GPU
+    (:data:`EXPERIMENTAL_CHUNK_OPTIONS`): the slot of ``TritonSpecProvider(
+    experimental_kernels=True)`` (``ATTNPLUG_TRITON_EXPERIMENTAL=1``). Same function, same
+    arguments; right against float64 under the interpreter."""
+    return _gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                             use_qk_l2norm=use_qk_l2norm, **EXPERIMENTAL_CHUNK_OPTIONS)
+
+
 def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                       scale: float | None, initial_state: Tensor | None,
                       output_final_state: bool, cu_seqlens: Tensor | None,
-                      use_qk_l2norm: bool, **chunk_options: bool) -> tuple[Tensor, Tensor | None]:
+                      use_qk_l2norm: bool, **chunk_options: bool | str,
+                      ) -> tuple[Tensor, Tensor | None]:
     from attnplug_triton.ops.gated_delta_rule.common import check_args
 
     seqs = check_args("gated_delta_rule", q, k, v, g, beta, initial_state, cu_seqlens, scale)

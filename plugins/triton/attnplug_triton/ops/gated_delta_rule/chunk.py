@@ -62,7 +62,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     precision,
     token_major,
 )
-from attnplug_triton.ops.gated_delta_rule.kkt_solve import kkt_solve
+from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, kkt_solve
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
@@ -128,10 +128,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
                 fused_group_grads: bool, split_dk: bool,
-                lean_walk: bool) -> tuple[Tensor, Tensor | None]:
+                lean_walk: bool, inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
-        a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec)
+        a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec, inverse_precision)
         o, states, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale,
                                        use_qk_l2norm, prec, output=not split_output,
                                        store_states=split_output or keep_states,
@@ -173,7 +173,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                           split_dk=ctx.split_dk)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None, None)
+                None, None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -194,8 +194,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               use_qk_l2norm: bool, split_output: bool | None = None,
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
               local_dv: bool | None = None, fused_group_grads: bool | None = None,
-              split_dk: bool | None = None,
-              lean_walk: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              split_dk: bool | None = None, lean_walk: bool | None = None,
+              inverse_precision: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -220,9 +220,13 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
     two_dk = SPLIT_DK if split_dk is None else bool(split_dk)
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
+    if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
+        raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
+                         f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
-                                                 dv_dh, local, fused, two_dk, lean)
+                                                 dv_dh, local, fused, two_dk, lean,
+                                                 inverse_precision)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -233,7 +237,7 @@ def chunk_gated_delta_rule(
     split_output: bool | None = None, keep_states: bool | None = None,
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
-    lean_walk: bool | None = None,
+    lean_walk: bool | None = None, inverse_precision: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -261,6 +265,8 @@ def chunk_gated_delta_rule(
             :data:`SPLIT_DK`.
         lean_walk: the state walk's products ordered to need less shared memory (two
             programs a GPU SM at K = V = 128); ``None`` takes :data:`LEAN_WALK`.
+        inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
+            ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -276,4 +282,4 @@ def chunk_gated_delta_rule(
                      split_output=split_output, keep_states=keep_states,
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
                      fused_group_grads=fused_group_grads, split_dk=split_dk,
-                     lean_walk=lean_walk)
+                     lean_walk=lean_walk, inverse_precision=inverse_precision)

@@ -205,14 +205,18 @@ def kkt_solve_kernel(
     tl.store(p3 + 48, a33.to(dt), mask=ok3)
 
 def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
-              use_qk_l2norm: bool, precision: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+              use_qk_l2norm: bool, precision: str, inverse_precision: str | None = None,
+              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(A[tokens, HV, 64]`` in k's dtype, and with ``use_qk_l2norm`` the inverse norms
     ``rq, rk[tokens, H]`` float32 (else None)``)`` for token-major ``q, k[tokens, H, K]`` and
     float32 ``g, beta[tokens, HV]`` (contiguous). The inverse's products take
-    :data:`INVERSE_PRECISION`."""
-    if INVERSE_PRECISION not in INVERSE_PRECISIONS:
-        raise ValueError(f"kkt_solve.INVERSE_PRECISION={INVERSE_PRECISION!r} is not accepted: "
-                         f"expected one of {list(INVERSE_PRECISIONS)}")
+    ``inverse_precision`` (None: :data:`INVERSE_PRECISION`)."""
+    inverse = INVERSE_PRECISION if inverse_precision is None else inverse_precision
+    if inverse not in INVERSE_PRECISIONS:
+        which = ("kkt_solve.INVERSE_PRECISION" if inverse_precision is None
+                 else "inverse_precision")
+        raise ValueError(f"{which}={inverse!r} is not accepted: expected one of "
+                         f"{list(INVERSE_PRECISIONS)}")
     tokens, H, K = k.shape
     HV = g.shape[1]
     a = k.new_empty((tokens, HV, CHUNK))
@@ -224,5 +228,5 @@ def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
            lambda meta: (seqs.num_chunks, HV),
            q, k, g, beta, a, rq, rk, seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0),
            q.stride(1), k.stride(0), k.stride(1), HV, HV // H, DK=K, BK=block(K),
-           USE_L2NORM=use_qk_l2norm, PRECISION=precision, INV_PRECISION=INVERSE_PRECISION)
+           USE_L2NORM=use_qk_l2norm, PRECISION=precision, INV_PRECISION=inverse)
     return a, rq, rk
