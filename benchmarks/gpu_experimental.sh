@@ -23,6 +23,10 @@
 #       kkt_solve configuration with both and the served switches, a process each, at K=V
 #       32/64/128; then the forward and forward+backward benchmark, triton against
 #       triton-lean, triton-tf32inv, both, fla and SDPA;
+#   bash benchmarks/gpu_experimental.sh gdn-step   a training step of the GPU-sized example
+#       hybrid (bench_backends.py) with the triton backend as served, then with
+#       ATTNPLUG_TRITON_EXPERIMENTAL=1 (the lean walk and the TF32×3 inverse: run gdn-walks
+#       first to see that they are right);
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -37,8 +41,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -85,6 +89,13 @@ case ${1:-} in
     step gdn_lean_bench 300 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd \
       --impls triton-lean triton-tf32inv triton-lean-tf32inv fla --rounds 4 \
       --out "$OUT/gdn_lean_bench"
+    ;;
+  gdn-step)
+    STEP_GREP="ms/step|skipped|Error" step gdn_step_served 270 python3 benchmarks/bench_backends.py \
+      --backends triton --steps 8 --warmup 3 --json "$OUT/gdn_step_served.json"
+    ATTNPLUG_TRITON_EXPERIMENTAL=1 STEP_GREP="ms/step|skipped|Error" step gdn_step_experimental \
+      270 python3 benchmarks/bench_backends.py --backends triton --steps 8 --warmup 3 \
+      --json "$OUT/gdn_step_experimental.json"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"
