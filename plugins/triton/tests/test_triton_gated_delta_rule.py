@@ -58,12 +58,14 @@ def _run(fn, x: dict[str, torch.Tensor], cast, with_h0: bool, **kwargs) -> dict:
     return out
 
 
-def _check(fn, x: dict, label: str, dtype: torch.dtype, with_h0: bool, **kwargs) -> None:
+def _check(fn, x: dict, label: str, dtype: torch.dtype, with_h0: bool, **kwargs) -> dict:
+    """Assert ``fn``'s outputs and gradients match float64; return them (as :func:`_run`)."""
     outs = _run(fn, x, lambda t: t.clone(), with_h0, **kwargs)
     refs = _run(naive_recurrent_gated_delta_rule, x, lambda t: t.double(), with_h0, **kwargs)
     assert outs["o"].dtype == x["v"].dtype and outs["final"].dtype == torch.float32
     for name, ref in refs.items():
         assert_matches(f"{label} {name}", outs[name], ref, dtype)
+    return outs
 
 
 # (label, B, T, H, HV, K, V, initial state, use_qk_l2norm, cu_seqlens). HV = 2·H (grouped value
@@ -147,8 +149,7 @@ def test_the_lean_walk_matches_float64_and_the_served_walk(case) -> None:
     x, kwargs = _case_inputs(case, 4)
     with_h0 = case[7]
     lean = functools.partial(triton_gdr, lean_walk=True, split_output=False)
-    _check(lean, x, f"lean {case[0]}", torch.float32, with_h0, **kwargs)
-    got = _run(lean, x, lambda t: t.clone(), with_h0, **kwargs)
+    got = _check(lean, x, f"lean {case[0]}", torch.float32, with_h0, **kwargs)
     served = _run(functools.partial(triton_gdr, lean_walk=False, split_output=False), x,
                   lambda t: t.clone(), with_h0, **kwargs)
     for name, want in served.items():
@@ -202,8 +203,7 @@ def test_split_dk_matches_float64_and_the_single_dk_pass(case, dv_from_dh: bool)
     x, kwargs = _case_inputs(case, 3)
     with_h0 = case[7]
     two = functools.partial(triton_gdr, split_dk=True, dv_from_dh=dv_from_dh)
-    _check(two, x, f"split_dk {case[0]}", torch.float32, with_h0, **kwargs)
-    got = _run(two, x, lambda t: t.clone(), with_h0, **kwargs)
+    got = _check(two, x, f"split_dk {case[0]}", torch.float32, with_h0, **kwargs)
     one = _run(functools.partial(triton_gdr, split_dk=False, dv_from_dh=dv_from_dh), x,
                lambda t: t.clone(), with_h0, **kwargs)
     for name, want in one.items():
@@ -254,8 +254,7 @@ def test_fused_group_grads_match_float64_and_the_torch_finish(case, l2norm: bool
     label, with_h0 = case[0], case[7]
     x, kwargs = _case_inputs(case, 2, l2norm)
     fused = functools.partial(triton_gdr, fused_group_grads=True)
-    _check(fused, x, f"fused group grads {label}", torch.float32, with_h0, **kwargs)
-    got = _run(fused, x, lambda t: t.clone(), with_h0, **kwargs)
+    got = _check(fused, x, f"fused group grads {label}", torch.float32, with_h0, **kwargs)
     torch_finish = _run(functools.partial(triton_gdr, fused_group_grads=False), x,
                         lambda t: t.clone(), with_h0, **kwargs)
     for name in ("dq", "dk"):
