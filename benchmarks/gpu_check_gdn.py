@@ -266,9 +266,18 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
                  "chunk_h": chunk_h.CONFIGS[0],
                  "kkt_solve": kkt_solve.CONFIGS[0], "chunk_o": chunk_o.CONFIGS[0],
                  "chunk_dv": chunk_dv.CONFIGS[0]}
+        # the split dk's passes prune more (chunk_bwd._MISCOMPILED_SPLIT_DK): their first
+        # is their own (session 12's probe forced BV = 32 on them at K = 32 and saw the
+        # miscompile the autotuner never picks)
+        first_split_dk = chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim, PASS=3)[0]
         for fam, names in PROBE_FAMILIES.items():
             for name in names:
-                forced[name] = probe_configs(fam)[index] if fam == family else first[fam]
+                if fam == family:
+                    forced[name] = probe_configs(fam)[index]
+                elif name in ("chunk_bwd_dk_stats", "chunk_bwd_dk_sum"):
+                    forced[name] = first_split_dk
+                else:
+                    forced[name] = first[fam]
     with ExitStack() as stack:
         for name, forced_config in forced.items():
             stack.enter_context(force_config(name, forced_config))

@@ -27,6 +27,10 @@
 #       hybrid (bench_backends.py) with the triton backend as served, then with
 #       ATTNPLUG_TRITON_EXPERIMENTAL=1 (the lean walk and the TF32×3 inverse: run gdn-walks
 #       first to see that they are right);
+#   bash benchmarks/gpu_experimental.sh gdn-served   after a change of the served switches
+#       (session 12: the lean walk): every chunk_h configuration as served at K=V 16 and 32
+#       (64 and 128 were checked with the variant on), the forward and forward+backward
+#       benchmark (served triton, fla, SDPA), then the example hybrid's training step;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -41,8 +45,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -96,6 +100,14 @@ case ${1:-} in
     ATTNPLUG_TRITON_EXPERIMENTAL=1 STEP_GREP="ms/step|skipped|Error" step gdn_step_experimental \
       270 python3 benchmarks/bench_backends.py --backends triton --steps 8 --warmup 3 \
       --json "$OUT/gdn_step_experimental.json"
+    ;;
+  gdn-served)
+    step gdn_served_probe 150 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dims 16 32 \
+      --probe-families chunk_h --out "$OUT/gdn_served_probe"
+    step gdn_served_bench 240 python3 benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd \
+      --impls triton fla --rounds 4 --out "$OUT/gdn_served_bench"
+    STEP_GREP="ms/step|skipped|Error" step gdn_served_step 170 python3 benchmarks/bench_backends.py \
+      --backends triton --steps 8 --warmup 3 --json "$OUT/gdn_served_step.json"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

@@ -12,8 +12,8 @@ forward and backward match float64 at the project shape and at head dims 16, 32,
 verified on a GPU (:data:`GPU_VERIFIED_GDN_DIM`) get ``local``'s there (:meth:`configure`; the
 plan says so); GDN at those head dims is served only when asked for —
 ``TritonSpecProvider(experimental_kernels=True)`` or ``ATTNPLUG_TRITON_EXPERIMENTAL=1``, which
-also turns on the chunked kernels' variants not yet checked on a GPU (the lean state walk and
-the WY inverse in TF32×3 products: ``EXPERIMENTAL_CHUNK_OPTIONS``). The DSA
+also turns on the chunked kernels' variants not yet checked on a GPU
+(``EXPERIMENTAL_CHUNK_OPTIONS``; none since session 12 checked the last two). The DSA
 kernels (``dsa_indexer_topk``, ``sparse_attention``, ``dsa_indexer_loss``) are served since
 session 7: right against float64 on the H200 at T = 4096, topk = 2048, and a DSA model's
 training step took 368 ms with them against 1223 ms with ``local``'s DSA ops

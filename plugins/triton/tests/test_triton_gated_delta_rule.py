@@ -309,13 +309,16 @@ def test_decoding_kernel_matches_the_step_op() -> None:
 @pytest.mark.parametrize("case", LEAN_CASES[1:4], ids=[c[0] for c in LEAN_CASES[1:4]])
 def test_the_experimental_slot_runs_the_unchecked_variants_and_matches_float64(
         case, monkeypatch) -> None:
-    """``TritonSpecProvider(experimental_kernels=True)``'s slot: the chunked kernels with the
-    lean walk and the TF32×3 inverse (seen through the calls they make), every output and
-    gradient against float64."""
+    """``TritonSpecProvider(experimental_kernels=True)``'s slot: the chunked kernels with
+    EXPERIMENTAL_CHUNK_OPTIONS (empty since session 12; here set to the TF32×3 inverse and the
+    served walk's ordering, seen through the calls they make), every output and gradient
+    against float64."""
     from attnplug_triton.ops import gated_delta_rule as gdr
     from attnplug_triton.ops.gated_delta_rule import chunk
     from attnplug_triton.provider import TritonSpecProvider
 
+    monkeypatch.setattr(gdr, "EXPERIMENTAL_CHUNK_OPTIONS",
+                        {"lean_walk": False, "inverse_precision": "tf32x3"})
     slot = TritonSpecProvider(experimental_kernels=True).gated_delta_rule()
     assert slot is gdr.experimental_gated_delta_rule
     seen = []

@@ -43,10 +43,12 @@ def gated_delta_rule(
                              use_qk_l2norm=use_qk_l2norm)
 
 
-# The chunked kernels' variants not yet checked on a GPU, which the experimental slot turns on
-# (benchmarks/results/2026-11-28-cpu-session11.md): the state walk's LEAN ordering (two
-# programs a SM at K = V = 128) and the WY inverse in TF32×3 products.
-EXPERIMENTAL_CHUNK_OPTIONS = {"lean_walk": True, "inverse_precision": "tf32x3"}
+# The chunked kernels' variants not yet checked on a GPU, which the experimental slot turns on.
+# None now: the two of session 11 were checked on the H200 in session 12
+# (benchmarks/results/2026-11-28-h200-session12.md) — the lean state walk was right and faster
+# and is served (chunk.LEAN_WALK); the WY inverse in TF32×3 products was right but slower (the
+# forward 1.43× the served one's time), so it stays an argument (inverse_precision="tf32x3").
+EXPERIMENTAL_CHUNK_OPTIONS: dict[str, bool | str] = {}
 
 
 def experimental_gated_delta_rule(

@@ -111,11 +111,13 @@ SPLIT_DK = True
 # orders the same products so that the walk needs 115,456 instead of 116,224 bytes of shared
 # memory at K = V = 128, BV = 64, four warps, two stages — two programs a sm_90 SM instead of
 # one, so 128 sequence·value-head pairs (B = 8, HV = 16) walk in one wave instead of two.
-# Found on the CPU in session 11 (benchmarks/ptxas_report.py); right under the interpreter;
-# not yet timed or checked on the GPU (session 11 had no device time left): opt-in until
-# `bash benchmarks/gpu_experimental.sh gdn-walks` and `gdn-lean` say it is right there and
-# faster.
-LEAN_WALK = False
+# Found on the CPU in session 11 (benchmarks/ptxas_report.py). True since session 12: on the
+# H200 (Triton 3.6, bf16) right against float64 at the project shape and with every chunk_h
+# configuration at K = V = 64 and 128 (gpu_check_gdn.py --parts probe --probe-variants
+# lean_walk ...), the walk alone 0.366 instead of 0.631 ms (probe_gdn_walks.py), the forward
+# at B = 8, T = 4096, H = 16, K = V = 128 0.695 instead of 1.010 ms (fla 1.002 ms) and
+# forward+backward 4.453 instead of 4.745 ms (benchmarks/results/2026-11-28-h200-session12.md).
+LEAN_WALK = True
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
