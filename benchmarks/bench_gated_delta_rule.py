@@ -28,8 +28,7 @@ backward pass of its own instead of from the dh kernel, the default since sessio
 ``triton-localdv-splitdk`` (both), ``triton-lean`` (``LEAN_WALK``: the state walk's products
 ordered to need less shared memory — two programs a SM at K = V = 128), ``triton-tf32inv``
 (kkt_solve's inverse in three TF32 products, ``kkt_solve.INVERSE_PRECISION``) and
-``triton-lean-tf32inv`` (both), ``triton-statsdq`` (``STATS_FROM_DQ``: the dk stats pass
-reads dPᵀ from the dq pass)
+``triton-lean-tf32inv`` (both)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -64,17 +63,15 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None,
                dv_from_dh: bool | None = None, local_dv: bool | None = None,
                split_dk: bool | None = None, lean_walk: bool | None = None,
-               inverse_precision: str | None = None,
-               stats_from_dq: bool | None = None) -> GDN | str:
+               inverse_precision: str | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
     ``keep_states`` (the backward reuses the forward's states), ``dv_from_dh`` (the dh kernel
     writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
     ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
-    shared memory), ``inverse_precision`` (the WY inverse's float32 products),
-    ``stats_from_dq`` (the dk stats pass reads dPᵀ from the dq pass); or why they cannot run
-    here."""
+    shared memory), ``inverse_precision`` (the WY inverse's float32 products); or why they
+    cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -85,8 +82,7 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                                       split_output=split_output, keep_states=keep_states,
                                       dv_from_dh=dv_from_dh, local_dv=local_dv,
                                       split_dk=split_dk, lean_walk=lean_walk,
-                                      inverse_precision=inverse_precision,
-                                      stats_from_dq=stats_from_dq)
+                                      inverse_precision=inverse_precision)
 
     return run
 
@@ -248,8 +244,9 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     pass, chunk_bwd's three passes) are numbered in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    # the served defaults, or with the dk stats pass reading dPᵀ from the dq pass
-    fn = triton_gdn(stats_from_dq=True) if variant == "statsdq" else triton_gdn()
+    # the served defaults, or every variant on (triton-all)
+    fn = (triton_gdn(split_output=True, keep_states=True, dv_from_dh=True, local_dv=True)
+          if variant == "all" else triton_gdn())
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -272,7 +269,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = " (dPᵀ from the dq pass)" if variant == "statsdq" else " (served defaults)"
+    which = " (every variant on)" if variant == "all" else " (served defaults)"
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
           f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
@@ -286,7 +283,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
-              "triton-lean", "triton-tf32inv", "triton-lean-tf32inv", "triton-statsdq", "fla")
+              "triton-lean", "triton-tf32inv", "triton-lean-tf32inv", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
              "triton-lean": triton_gdn(lean_walk=True),
              "triton-tf32inv": triton_gdn(inverse_precision="tf32x3"),
              "triton-lean-tf32inv": triton_gdn(lean_walk=True, inverse_precision="tf32x3"),
-             "triton-statsdq": triton_gdn(stats_from_dq=True),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()
@@ -366,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         benches.append(bench)
     if "stages" in args.parts:
         stage_times(B, T, H, D, dtype)
-        stage_times(B, T, H, D, dtype, variant="statsdq")
+        stage_times(B, T, H, D, dtype, variant="all")
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for bench in benches:

@@ -232,8 +232,7 @@ def probe_configs(family: str) -> list:
             "chunk_dv": chunk_dv.CONFIGS, "autotune": [None]}[family]
 
 
-VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk",
-            "stats_from_dq")
+VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk")
 
 
 def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ()) -> int:
@@ -243,8 +242,7 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
     B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
     against float64; ``variants`` names the switches of chunk_gated_delta_rule turned on (of
     VARIANTS: the split forward, kept states, dv from the dh kernel, the local dv kernel and
-    the two-pass dk, the lean walk, dPᵀ from the dq pass), the others off; none named: the
-    served defaults.
+    the two-pass dk), the others off; none named: the served defaults.
     Prints one JSON line; a fault ends the process (the parent reports it)."""
     from contextlib import ExitStack
 

@@ -31,10 +31,6 @@
 #       (session 12: the lean walk): every chunk_h configuration as served at K=V 16 and 32
 #       (64 and 128 were checked with the variant on), the forward and forward+backward
 #       benchmark (served triton, fla, SDPA), then the example hybrid's training step;
-#   bash benchmarks/gpu_experimental.sh gdn-statsdq   the dk stats pass reading dPᵀ from the
-#       dq pass (chunk.STATS_FROM_DQ, session 12, not yet run on a GPU): every chunk_bwd
-#       configuration with it and the served switches at K=V 32, 64 and 128, a process each;
-#       then the forward+backward benchmark against the served one, and each kernel's share;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -49,8 +45,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-statsdq | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-statsdq|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -112,13 +108,6 @@ case ${1:-} in
       --impls triton fla --rounds 4 --out "$OUT/gdn_served_bench"
     STEP_GREP="ms/step|skipped|Error" step gdn_served_step 170 python3 benchmarks/bench_backends.py \
       --backends triton --steps 8 --warmup 3 --json "$OUT/gdn_served_step.json"
-    ;;
-  gdn-statsdq)
-    step gdn_statsdq_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
-      dv_from_dh local_dv split_dk lean_walk stats_from_dq --probe-dims 32 64 128 \
-      --probe-families chunk_bwd --out "$OUT/gdn_statsdq_probe"
-    step gdn_statsdq_bench 200 python3 benchmarks/bench_gated_delta_rule.py --parts fwd+bwd \
-      stages --impls triton triton-statsdq --rounds 4 --out "$OUT/gdn_statsdq_bench"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

@@ -40,8 +40,7 @@ ATTN = "attnplug_triton.ops.attention.kernels"
 CONV = "attnplug_triton.ops.conv.fused"
 # pointers to float32 and int32 (every other pointer argument is bfloat16)
 F32_PTRS = {"g_ptr", "beta_ptr", "rq_ptr", "rk_ptr", "y_ptr", "dg_ptr", "dbeta_ptr", "ht_ptr",
-            "h0_ptr", "dht_ptr", "dh0_ptr", "dvl_ptr", "LSE", "DELTA", "dw_ptr", "dkp_ptr",
-            "dpt_ptr", "tq_ptr"}
+            "h0_ptr", "dht_ptr", "dh0_ptr", "dvl_ptr", "LSE", "DELTA", "dw_ptr", "dkp_ptr"}
 I32_PTRS = {"chunk_seq", "cu", "chunk_off"}
 FLOATS = {"scale", "qk_scale", "softmax_scale"}
 ATTN_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV_OUT", "DQ"}
@@ -93,9 +92,6 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
     *[(f"gdn chunk_bwd pass {p}", f"{GDN}.chunk_bwd", "chunk_bwd_kernel",
        {**GDN_DIMS, "FINALIZE": True, "PASS": p},
        [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for p in (0, 1, 2, 3, 4)],
-    *[(f"gdn chunk_bwd pass {p} from dq", f"{GDN}.chunk_bwd", "chunk_bwd_kernel",  # chunk.
-       {**GDN_DIMS, "FINALIZE": True, "PASS": p, "STATS_FROM_DQ": True},  # STATS_FROM_DQ
-       [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for p in (0, 3)],
     ("conv fwd", CONV, "causal_conv1d_fwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
      CONV_BLOCKS),
     ("conv dpre", CONV, "causal_conv1d_dpre_kernel", dict(K=4, HAS_STATE=False), CONV_BLOCKS),

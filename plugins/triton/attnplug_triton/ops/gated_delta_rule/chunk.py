@@ -66,7 +66,7 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, k
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "LEAN_WALK", "STATS_FROM_DQ", "splits_output"]
+           "LEAN_WALK", "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -118,14 +118,6 @@ SPLIT_DK = True
 # at B = 8, T = 4096, H = 16, K = V = 128 0.695 instead of 1.010 ms (fla 1.002 ms) and
 # forward+backward 4.453 instead of 4.745 ms (benchmarks/results/2026-11-28-h200-session12.md).
 LEAN_WALK = True
-# The split dk's stats pass (chunk_bwd PASS 3): False accumulates dPᵀ (a (64, 64) float32
-# tile) and Σ_k q ⊙ dO hᵀ again in its loop; True reads them from the dq pass, which has them
-# whole and stores them (float32 scratch, [tokens, HV, 64] and [tokens, HV]). On sm_90 the
-# stats pass holds 255 registers and spills 662 / 888 B a thread at its served configuration
-# (BV = 32, four warps; benchmarks/ptxas_report.py) and took 1.67 of the 4.43 ms of the
-# project shape's forward+backward on the H200 (session 12, bench_gated_delta_rule.py --parts
-# stages). Right under the interpreter; opt-in until checked on the GPU.
-STATS_FROM_DQ = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -138,8 +130,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
                 fused_group_grads: bool, split_dk: bool,
-                lean_walk: bool, inverse_precision: str | None,
-                stats_from_dq: bool) -> tuple[Tensor, Tensor | None]:
+                lean_walk: bool, inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec, inverse_precision)
@@ -156,7 +147,6 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.fused_group_grads = fused_group_grads
         ctx.split_dk, ctx.lean_walk = split_dk, lean_walk
-        ctx.stats_from_dq = stats_from_dq
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -182,11 +172,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec, y=y, dv=dv,
                                           fused_group_grads=ctx.fused_group_grads,
-                                          split_dk=ctx.split_dk,
-                                          stats_from_dq=ctx.stats_from_dq)
+                                          split_dk=ctx.split_dk)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None, None, None, None)
+                None, None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -208,8 +197,7 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
               local_dv: bool | None = None, fused_group_grads: bool | None = None,
               split_dk: bool | None = None, lean_walk: bool | None = None,
-              inverse_precision: str | None = None,
-              stats_from_dq: bool | None = None) -> tuple[Tensor, Tensor | None]:
+              inverse_precision: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -234,14 +222,13 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
     two_dk = SPLIT_DK if split_dk is None else bool(split_dk)
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
-    from_dq = STATS_FROM_DQ if stats_from_dq is None else bool(stats_from_dq)
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
                          f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
                                                  dv_dh, local, fused, two_dk, lean,
-                                                 inverse_precision, from_dq)
+                                                 inverse_precision)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -253,7 +240,6 @@ def chunk_gated_delta_rule(
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
     lean_walk: bool | None = None, inverse_precision: str | None = None,
-    stats_from_dq: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -283,8 +269,6 @@ def chunk_gated_delta_rule(
             programs a GPU SM at K = V = 128); ``None`` takes :data:`LEAN_WALK`.
         inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
             ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
-        stats_from_dq: with ``split_dk``, the dq pass stores ``dPᵀ`` for the dk stats pass
-            instead of that pass accumulating it again; ``None`` takes :data:`STATS_FROM_DQ`.
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -300,5 +284,4 @@ def chunk_gated_delta_rule(
                      split_output=split_output, keep_states=keep_states,
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
                      fused_group_grads=fused_group_grads, split_dk=split_dk,
-                     lean_walk=lean_walk, inverse_precision=inverse_precision,
-                     stats_from_dq=stats_from_dq)
+                     lean_walk=lean_walk, inverse_precision=inverse_precision)

@@ -97,25 +97,20 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
 @triton.jit
 def chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dkp_ptr, dpt_ptr, tq_ptr, chunk_seq, cu,
-    chunk_off, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV,
-    GROUP, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dkp_ptr, chunk_seq, cu, chunk_off,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
-    PASS: tl.constexpr, STATS_FROM_DQ: tl.constexpr = False,
+    PASS: tl.constexpr,
 ):
     """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
     and dβ from that Y (``PASS`` 2) — or the same in two passes: dg, dβ and the closing terms
     of dk into the float32 scratch ``dkp`` (``PASS`` 3), then dk's loop terms plus ``dkp``
-    (``PASS`` 4). With ``STATS_FROM_DQ`` the dq pass also stores ``dPᵀ`` (float32
-    ``dpt_ptr[t, hv, :]``) and the row sums ``Σ_k q ⊙ dO hᵀ`` (``tq_ptr[t, hv]``), which it
-    has whole, and the stats pass reads them instead of accumulating them in its loop: one
-    (64, 64) float32 accumulator, the q tile and a dot an iteration fewer there."""
+    (``PASS`` 4)."""
     DQ_PASS: tl.constexpr = PASS == 0
     DV_PASS: tl.constexpr = PASS == 1
     DK_STATS: tl.constexpr = PASS == 3  # no dk accumulation in the loop
     DK_SUM: tl.constexpr = PASS == 4  # only dk's accumulation in the loop
-    # dPᵀ and Σ_k q ⊙ dO hᵀ: accumulated in the loop, or (stats pass) read from the dq pass
-    LOOP_DPT: tl.constexpr = not DK_SUM and not (DK_STATS and STATS_FROM_DQ)
     c = tl.program_id(0)
     hv = tl.program_id(1)
     hk = hv // GROUP
@@ -187,7 +182,7 @@ def chunk_bwd_kernel(
         kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
         x = v * beta[:, None] - kh * c_w[:, None]
         v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
-        if LOOP_DPT:
+        if not DK_SUM:
             dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
         if DQ_PASS:
             dqk = tl.dot(do, tl.trans(h), dqk, input_precision=PRECISION)
@@ -217,7 +212,7 @@ def chunk_bwd_kernel(
                 # K̂ in W, −Aᵀ dV_new hᵀ
                 dqk = tl.dot((y * (-beta * eg)[:, None]).to(dt), tl.trans(h), dqk,
                              input_precision=PRECISION)
-            if LOOP_DPT:
+            if not DK_SUM:
                 t_q += tl.sum(do.to(tl.float32) * tl.dot(q, h, input_precision=PRECISION), 1)
 
     # q, k and the gates again (from cache) rather than kept in registers through the loop
@@ -232,10 +227,6 @@ def chunk_bwd_kernel(
         dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
                                          input_precision=PRECISION)
         dqh = dqs * scale  # gradient of q̂
-        if STATS_FROM_DQ:  # for the stats pass: dPᵀ whole, and Σ_k q ⊙ dO hᵀ per row
-            store_rows(dpt_ptr + hv * 64, dpt, rows, r_ok, HV * 64, offs_c, offs_c < 64)
-            tl.store(tq_ptr + rows.to(tl.int64) * HV + hv,
-                     tl.sum(q.to(tl.float32) * dqk, 1), mask=r_ok)
         if FINALIZE:
             if USE_L2NORM:
                 q_hat = q.to(tl.float32) * rq[:, None]
@@ -244,9 +235,6 @@ def chunk_bwd_kernel(
     elif DK_SUM:  # the loop's terms and the closing ones of the stats pass
         dqk += load_rows(dkp_ptr + hv * DK, rows, r_ok, HV * DK, offs_k, k_ok)
     else:
-        if not LOOP_DPT:  # the dq pass's (rows past the sequence's end are zeros either way)
-            dpt = load_rows(dpt_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)
-            t_q = tl.load(tq_ptr + rows.to(tl.int64) * HV + hv, mask=r_ok, other=0.0)
         dgam = t_q * rqs * eg - t_end + t_w * beta * eg
         dbeta += t_w * eg
         p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
@@ -294,16 +282,14 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
               states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
               use_qk_l2norm: bool, precision: str, y: Tensor | None = None,
               dv: Tensor | None = None, fused_group_grads: bool = False,
-              split_dk: bool = False, stats_from_dq: bool = False) -> tuple[Tensor, ...]:
+              split_dk: bool = False) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
     inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
     and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped.
     With grouped value heads, ``fused_group_grads`` sums dq, dk over each group and applies the
     L2 norm's backward in one kernel (:mod:`.group_grads`) instead of in torch. ``split_dk``
     runs the dk pass as two (``PASS`` 3 then 4, a float32 ``[tokens, HV, K]`` scratch between
-    them), each with fewer live tiles than the single one; with it, ``stats_from_dq`` has the
-    dq pass store ``dPᵀ`` and ``Σ_k q ⊙ dO hᵀ`` for the stats pass (float32 ``[tokens, HV, 64]``
-    and ``[tokens, HV]``) instead of the stats pass accumulating them again."""
+    them), each with fewer live tiles than the single one."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -318,11 +304,6 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     if split_dk:
         passes[2:] = [("chunk_bwd_dk_stats", 3), ("chunk_bwd_dk_sum", 4)]
         dk_part = g.new_empty((tokens, HV, K))  # dk's closing terms, float32
-    from_dq = split_dk and stats_from_dq
-    dpt = tq = None
-    if from_dq:
-        dpt = g.new_empty((tokens, HV, 64))  # dPᵀ, float32, from the dq pass to the stats pass
-        tq = g.new_empty((tokens, HV))
     if y is None:
         dv = v.new_empty((tokens, HV, V))
         y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
@@ -330,15 +311,13 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
         passes.pop(1)
     for name, which in passes:
         launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
-               ["DK", "DV", "USE_L2NORM", "FINALIZE", "STATS_FROM_DQ"],
-               lambda meta: (seqs.num_chunks, HV),
+               ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
                q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
-               y if dk_part is None else dk_part, dpt, tq, seqs.chunk_seq, seqs.cu,
-               seqs.chunk_off,
+               y if dk_part is None else dk_part, seqs.chunk_seq, seqs.cu, seqs.chunk_off,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, PASS=which, STATS_FROM_DQ=from_dq, prune=prune)
+               PRECISION=precision, PASS=which, prune=prune)
     if not finalize and fused_group_grads:
         from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
 
