@@ -28,7 +28,7 @@ backward pass of its own instead of from the dh kernel, the default since sessio
 ``triton-localdv-splitdk`` (both), ``triton-lean`` (``LEAN_WALK``: the state walk's products
 ordered to need less shared memory — two programs a SM at K = V = 128), ``triton-tf32inv``
 (kkt_solve's inverse in three TF32 products, ``kkt_solve.INVERSE_PRECISION``) and
-``triton-lean-tf32inv`` (both)
+``triton-lean-tf32inv`` (both), ``triton-nolean`` (the walk's earlier ordering)
 and ``triton-all`` (split, keep, dv from dh and local dv) — the choices of ``SPLIT_OUTPUT``,
 ``KEEP_STATES``, ``DV_FROM_DH`` and ``LOCAL_DV`` in ``attnplug_triton.ops.gated_delta_rule.chunk``,
 measured side by side (keep and dvpass only with the backward).
@@ -283,7 +283,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
-              "triton-lean", "triton-tf32inv", "triton-lean-tf32inv", "fla")
+              "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
              "triton-all": triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                       local_dv=True),
              "triton-lean": triton_gdn(lean_walk=True),
+             "triton-nolean": triton_gdn(lean_walk=False),
              "triton-tf32inv": triton_gdn(inverse_precision="tf32x3"),
              "triton-lean-tf32inv": triton_gdn(lean_walk=True, inverse_precision="tf32x3"),
              "fla": fla_gdn()}
