@@ -13,8 +13,8 @@
 #       with 64K tokens a step, forward and forward+backward, SDPA and fla's forward alongside;
 #   bash benchmarks/gpu_experimental.sh gdn-few   the scaling table's few-pairs cases (T = 32K
 #       at B = 2, 64K at B = 1) with every backward variant, to choose the backward there;
-#   bash benchmarks/gpu_experimental.sh gdn-walks   the state walks' launches (session 11, not
-#       yet run on a GPU): probe_gdn_walks.py (each walk's candidate launches — the autotuner's,
+#   bash benchmarks/gpu_experimental.sh gdn-walks   the state walks' launches (run in session
+#       12): probe_gdn_walks.py (each walk's candidate launches — the autotuner's,
 #       one stage, BV = 128 with 8 warps, the forward's LEAN ordering — with their occupancy,
 #       checked a process each, then the walks alone timed against the served one), then the
 #       project shape (served, and with the lean walk) against float64;
@@ -25,8 +25,7 @@
 #       triton-lean, triton-tf32inv, both, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh gdn-step   a training step of the GPU-sized example
 #       hybrid (bench_backends.py) with the triton backend as served, then with
-#       ATTNPLUG_TRITON_EXPERIMENTAL=1 (the lean walk and the TF32×3 inverse: run gdn-walks
-#       first to see that they are right);
+#       ATTNPLUG_TRITON_EXPERIMENTAL=1 (EXPERIMENTAL_CHUNK_OPTIONS: none since session 12);
 #   bash benchmarks/gpu_experimental.sh gdn-served   after a change of the served switches
 #       (session 12: the lean walk): every chunk_h configuration as served at K=V 16 and 32
 #       (64 and 128 were checked with the variant on), the forward and forward+backward

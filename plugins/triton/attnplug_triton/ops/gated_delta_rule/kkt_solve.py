@@ -39,9 +39,10 @@ INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
 # shared-memory accesses and 75 barriers a thread (Triton 3.6 PTX), each product's operands
 # passing through shared memory; "tf32x3" (three TF32 tensor-core products, float32's
 # accuracy to about 2⁻²²) about 640 mma.sync, 1,200 register shuffles, 50 shared-memory
-# accesses and 42 barriers. Right under the interpreter (which multiplies in float32 either
-# way); not yet timed or checked on the GPU (session 11 had no device time): "ieee" until
-# `bash benchmarks/gpu_experimental.sh gdn-lean` says tf32x3 is right there and faster.
+# accesses and 42 barriers. Both right on the H200 (Triton 3.6, bf16, against float64 at
+# K = V = 64 and 128 and the project shape), but tf32x3 slower: the forward at B = 8,
+# T = 4096, H = 16, K = V = 128 took 1.429 ms with it against 1.010 (session 12,
+# benchmarks/results/2026-11-28-h200-session12.md). "ieee" is served.
 INVERSE_PRECISION = "ieee"
 INVERSE_PRECISIONS = ("ieee", "tf32x3")
 
