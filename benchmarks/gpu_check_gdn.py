@@ -290,6 +290,22 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
     return 0
 
 
+def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> str | None:
+    """Why a probe's forced configuration is one the autotuner never picks at ``dim`` (its
+    ``prune``: known miscompilations), or None: only chunk_bwd prunes."""
+    if family != "chunk_bwd":
+        return None
+    from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd
+
+    config = chunk_bwd.CONFIGS[index]
+    split = "split_dk" in variants if variants else chunk.SPLIT_DK
+    if config not in chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim):
+        return f"pruned at K={dim}"
+    if split and config not in chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim, PASS=3):
+        return f"pruned for the split dk at K={dim}"
+    return None
+
+
 def inverse_precision() -> str:
     """kkt_solve's INVERSE_PRECISION in this process (handed to the probe's processes)."""
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
@@ -313,11 +329,17 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
                 what = "autotuned" if config is None else (
                     f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}")
                 on = f" ({'+'.join(variants)})" if variants else ""
-                label = f"D{dim} {family}{on} {what}"
-                cases.append((family, index, dim, label))
+                pruned = None if config is None else pruned_for(family, index, dim, variants)
+                label = f"D{dim} {family}{on} {what}" + (f" [{pruned}]" if pruned else "")
+                cases.append((family, index, dim, label, pruned))
 
     def one(case: tuple) -> dict:
-        family, index, dim, label = case
+        r = check(*case[:4])
+        if case[4]:  # a failure here is a known one (finish_checks)
+            r["pruned"] = case[4]
+        return r
+
+    def check(family: str, index: int, dim: int, label: str) -> dict:
         try:
             command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim),
                        "--inverse-precision", inverse_precision()]
