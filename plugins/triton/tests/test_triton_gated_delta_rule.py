@@ -68,6 +68,15 @@ def _check(fn, x: dict, label: str, dtype: torch.dtype, with_h0: bool, **kwargs)
     return outs
 
 
+def _check_against(fn, baseline, x: dict, label: str, with_h0: bool, **kwargs) -> None:
+    """Assert a variant ``fn`` matches float64 in float32 (:func:`_check`) and the ``baseline``
+    it replaces, every output and gradient, to float32 rounding."""
+    got = _check(fn, x, label, torch.float32, with_h0, **kwargs)
+    want = _run(baseline, x, lambda t: t.clone(), with_h0, **kwargs)
+    for name, ref in want.items():
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # (label, B, T, H, HV, K, V, initial state, use_qk_l2norm, cu_seqlens). HV = 2·H (grouped value
 # heads) except where a case says otherwise; H = HV takes the path that finishes dq, dk in the
 # kernel. K, V not powers of two pad the blocks; K = V = 256 is the largest head.
@@ -147,13 +156,9 @@ def test_the_lean_walk_matches_float64_and_the_served_walk(case) -> None:
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(case, 4)
-    with_h0 = case[7]
-    lean = functools.partial(triton_gdr, lean_walk=True, split_output=False)
-    got = _check(lean, x, f"lean {case[0]}", torch.float32, with_h0, **kwargs)
-    served = _run(functools.partial(triton_gdr, lean_walk=False, split_output=False), x,
-                  lambda t: t.clone(), with_h0, **kwargs)
-    for name, want in served.items():
-        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
+    _check_against(functools.partial(triton_gdr, lean_walk=True, split_output=False),
+                   functools.partial(triton_gdr, lean_walk=False, split_output=False), x,
+                   f"lean {case[0]}", case[7], **kwargs)
 
 
 @pytest.mark.parametrize("case", LEAN_CASES[:3], ids=[c[0] for c in LEAN_CASES[:3]])
@@ -201,13 +206,9 @@ def test_split_dk_matches_float64_and_the_single_dk_pass(case, dv_from_dh: bool)
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(case, 3)
-    with_h0 = case[7]
-    two = functools.partial(triton_gdr, split_dk=True, dv_from_dh=dv_from_dh)
-    got = _check(two, x, f"split_dk {case[0]}", torch.float32, with_h0, **kwargs)
-    one = _run(functools.partial(triton_gdr, split_dk=False, dv_from_dh=dv_from_dh), x,
-               lambda t: t.clone(), with_h0, **kwargs)
-    for name, want in one.items():
-        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5, msg=name)
+    _check_against(functools.partial(triton_gdr, split_dk=True, dv_from_dh=dv_from_dh),
+                   functools.partial(triton_gdr, split_dk=False, dv_from_dh=dv_from_dh), x,
+                   f"split_dk {case[0]}", case[7], **kwargs)
 
 
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
