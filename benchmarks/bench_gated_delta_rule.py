@@ -63,15 +63,16 @@ GDN = Callable[..., tuple[Tensor, Tensor | None]]
 def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None,
                dv_from_dh: bool | None = None, local_dv: bool | None = None,
                split_dk: bool | None = None, lean_walk: bool | None = None,
-               inverse_precision: str | None = None) -> GDN | str:
+               inverse_precision: str | None = None,
+               dm_from_y: bool | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
     ``keep_states`` (the backward reuses the forward's states), ``dv_from_dh`` (the dh kernel
     writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
     ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
-    shared memory), ``inverse_precision`` (the WY inverse's float32 products); or why they
-    cannot run here."""
+    shared memory), ``inverse_precision`` (the WY inverse's float32 products), ``dm_from_y``
+    (dk, dg, dβ from the stored Y, no dA); or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -82,7 +83,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                                       split_output=split_output, keep_states=keep_states,
                                       dv_from_dh=dv_from_dh, local_dv=local_dv,
                                       split_dk=split_dk, lean_walk=lean_walk,
-                                      inverse_precision=inverse_precision)
+                                      inverse_precision=inverse_precision,
+                                      dm_from_y=dm_from_y)
 
     return run
 
@@ -244,9 +246,11 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     pass, chunk_bwd's three passes) are numbered in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    # the served defaults, or every variant on (triton-all)
-    fn = (triton_gdn(split_output=True, keep_states=True, dv_from_dh=True, local_dv=True)
-          if variant == "all" else triton_gdn())
+    # the served defaults, every variant on (triton-all), or dk from Y (triton-wy)
+    fn = {"all": lambda: triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
+                                    local_dv=True),
+          "wy": lambda: triton_gdn(dm_from_y=True),
+          "default": triton_gdn}[variant]()
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -269,7 +273,8 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = " (every variant on)" if variant == "all" else " (served defaults)"
+    which = {"all": " (every variant on)", "wy": " (dm_from_y)",
+             "default": " (served defaults)"}[variant]
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
           f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
@@ -283,7 +288,8 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
-              "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv", "fla")
+              "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv",
+              "triton-wy", "triton-wy1", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling", "stages"],
                         default=["fwd", "fwd+bwd", "scaling"],
                         help="stages: each kernel's time in one forward+backward (profiler)")
+    parser.add_argument("--stage-variants", nargs="+", choices=["default", "all", "wy"],
+                        default=["default", "all"],
+                        help="the stages part's runs: served defaults, every variant on, "
+                             "dm_from_y")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gated_delta_rule: no CUDA device; nothing to measure", file=sys.stderr)
@@ -326,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
              "triton-nolean": triton_gdn(lean_walk=False),
              "triton-tf32inv": triton_gdn(inverse_precision="tf32x3"),
              "triton-lean-tf32inv": triton_gdn(lean_walk=True, inverse_precision="tf32x3"),
+             "triton-wy": triton_gdn(dm_from_y=True),
+             "triton-wy1": triton_gdn(dm_from_y=True, split_dk=False),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()
@@ -362,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         benches.append(bench)
     if "stages" in args.parts:
-        stage_times(B, T, H, D, dtype)
-        stage_times(B, T, H, D, dtype, variant="all")
+        for variant in args.stage_variants:
+            stage_times(B, T, H, D, dtype, variant=variant)
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for bench in benches:

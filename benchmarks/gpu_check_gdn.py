@@ -154,7 +154,10 @@ def check_shapes(quick: bool, only: list[str] | None = None) -> list[dict]:
                                                          dv_from_dh=True, local_dv=True)),
                                   (" lean walk", dict(lean_walk=True)),
                                   (" lean walk, tf32x3 inverse",
-                                   dict(lean_walk=True, inverse_precision="tf32x3"))]
+                                   dict(lean_walk=True, inverse_precision="tf32x3")),
+                                  (" dm from y", dict(dm_from_y=True)),
+                                  (" dm from y, one pass",
+                                   dict(dm_from_y=True, split_dk=False))]
                                  if label in QUICK else [])
         for suffix, switches in variants:
             try:
@@ -178,7 +181,9 @@ def check_configs() -> list[dict]:
                "chunk_fwd_h_h": chunk_h.CONFIGS, "chunk_bwd_dh": chunk_h.CONFIGS,
                "chunk_bwd_dq": chunk_bwd.CONFIGS, "chunk_bwd_dv": chunk_bwd.CONFIGS,
                "chunk_bwd_dk": chunk_bwd.CONFIGS, "chunk_bwd_dk_stats": chunk_bwd.CONFIGS,
-               "chunk_bwd_dk_sum": chunk_bwd.CONFIGS, "chunk_fwd_o": chunk_o.CONFIGS}
+               "chunk_bwd_dk_sum": chunk_bwd.CONFIGS, "chunk_bwd_dq_dp": chunk_bwd.CONFIGS,
+               "chunk_bwd_wy_stats": chunk_bwd.CONFIGS, "chunk_bwd_wy_sum": chunk_bwd.CONFIGS,
+               "chunk_bwd_wy": chunk_bwd.CONFIGS, "chunk_fwd_o": chunk_o.CONFIGS}
     rows = []
     dtype = torch.bfloat16
     for dim in (128, 64):
@@ -190,10 +195,15 @@ def check_configs() -> list[dict]:
                 label = (f"D{dim} {kernel} {config.kwargs} warps={config.num_warps} "
                          f"stages={config.num_stages}")
                 # chunk_fwd_o runs in the split forward only, the dk stats/sum passes with
-                # split_dk only
+                # split_dk only, the dq pass with the dPᵀ terms and the WY passes with
+                # dm_from_y only (the one-pass WY without split_dk)
+                wy = kernel in ("chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum",
+                                "chunk_bwd_wy")
                 fn = functools.partial(chunk_gated_delta_rule,
                                        split_output=kernel == "chunk_fwd_o",
-                                       split_dk=kernel.startswith("chunk_bwd_dk_"))
+                                       split_dk=(kernel.startswith("chunk_bwd_dk_")
+                                                 or (wy and kernel != "chunk_bwd_wy")),
+                                       dm_from_y=wy)
                 with force_config(kernel, config):
                     try:
                         outs = run(fn, x, lambda t: t.clone(), None)
@@ -207,7 +217,9 @@ def check_configs() -> list[dict]:
 # at their first); "autotune" forces nothing, as a user's run.
 PROBE_FAMILIES = {
     "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk", "chunk_bwd_dk_stats",
-                  "chunk_bwd_dk_sum"),  # the last two with --probe-variants (split_dk)
+                  "chunk_bwd_dk_sum",  # these two with --probe-variants split_dk
+                  "chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum",
+                  "chunk_bwd_wy"),  # these with dm_from_y (the last without split_dk)
     "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_bwd_dh",
                 "chunk_bwd_dh_y", "chunk_bwd_dh_y_l"),
     "kkt_solve": ("kkt_solve",),
@@ -232,7 +244,8 @@ def probe_configs(family: str) -> list:
             "chunk_dv": chunk_dv.CONFIGS, "autotune": [None]}[family]
 
 
-VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk")
+VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk",
+            "dm_from_y")
 
 
 def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ()) -> int:
@@ -299,6 +312,8 @@ def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> 
 
     config = chunk_bwd.CONFIGS[index]
     split = "split_dk" in variants if variants else chunk.SPLIT_DK
+    from_y = "dm_from_y" in variants if variants else chunk.DM_FROM_Y
+    split = split and not from_y  # dm_from_y runs the WY passes instead of the split dk's
     if config not in chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim):
         return f"pruned at K={dim}"
     if split and config not in chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim, PASS=3):

@@ -30,6 +30,12 @@
 #       (session 12: the lean walk): every chunk_h configuration as served at K=V 16 and 32
 #       (64 and 128 were checked with the variant on), the forward and forward+backward
 #       benchmark (served triton, fla, SDPA), then the example hybrid's training step;
+#   bash benchmarks/gpu_experimental.sh gdn-wy   dk, dg and dβ from the stored Y (chunk.DM_FROM_Y,
+#       session 13): the forward+backward benchmark (served, dm_from_y in two passes and in
+#       one, SDPA) and each kernel's share, then the project shape and the quick shapes with
+#       it against float64;
+#   bash benchmarks/gpu_experimental.sh gdn-wy-probe   every chunk_bwd configuration with
+#       dm_from_y, a process each, at K=V 32/64/128 (two passes) and 64/128 (one pass);
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -44,8 +50,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -107,6 +113,20 @@ case ${1:-} in
       --impls triton fla --rounds 4 --out "$OUT/gdn_served_bench"
     STEP_GREP="ms/step|skipped|Error" step gdn_served_step 170 python3 benchmarks/bench_backends.py \
       --backends triton --steps 8 --warmup 3 --json "$OUT/gdn_served_step.json"
+    ;;
+  gdn-wy)
+    STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  |GPU time" step gdn_wy_bench 330 python3 \
+      benchmarks/bench_gated_delta_rule.py --parts fwd+bwd stages --impls triton-wy triton-wy1 \
+      --stage-variants default wy --rounds 4 --out "$OUT/gdn_wy_bench"
+    step gdn_wy_shapes 200 python3 benchmarks/gpu_check_gdn.py --quick --out "$OUT/gdn_wy_shapes"
+    ;;
+  gdn-wy-probe)
+    step gdn_wy_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
+      dm_from_y split_dk dv_from_dh local_dv lean_walk --probe-dims 32 64 128 \
+      --probe-families chunk_bwd --out "$OUT/gdn_wy_probe"
+    step gdn_wy1_probe 150 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
+      dm_from_y dv_from_dh local_dv lean_walk --probe-dims 64 128 \
+      --probe-families chunk_bwd --out "$OUT/gdn_wy1_probe"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

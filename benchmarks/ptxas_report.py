@@ -90,8 +90,17 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
       "PARALLELISM": 1},  # as served (chunk.DV_FROM_DH, chunk.LOCAL_DV)
      [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]),
     *[(f"gdn chunk_bwd pass {p}", f"{GDN}.chunk_bwd", "chunk_bwd_kernel",
-       {**GDN_DIMS, "FINALIZE": True, "PASS": p},
+       {**GDN_DIMS, "FINALIZE": True, "PASS": p, "CLOSE_DP": False},
        [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for p in (0, 1, 2, 3, 4)],
+    # chunk.DM_FROM_Y: the dq pass with the dPᵀ terms, then the WY passes (two, or one)
+    ("gdn chunk_bwd pass 0 close_dp", f"{GDN}.chunk_bwd", "chunk_bwd_kernel",
+     {**GDN_DIMS, "FINALIZE": True, "PASS": 0, "CLOSE_DP": True},
+     [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]),
+    *[(f"gdn chunk_bwd_wy {label}", f"{GDN}.chunk_bwd_wy", "chunk_bwd_wy_kernel",
+       {**GDN_DIMS, "FINALIZE": True, "STATS": stats, "SUM": total},
+       [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)])
+      for label, stats, total in (("stats", True, False), ("sum", False, True),
+                                  ("one pass", True, True))],
     ("conv fwd", CONV, "causal_conv1d_fwd_kernel", dict(K=4, HAS_STATE=False, SILU=True),
      CONV_BLOCKS),
     ("conv dpre", CONV, "causal_conv1d_dpre_kernel", dict(K=4, HAS_STATE=False), CONV_BLOCKS),

@@ -211,6 +211,31 @@ def test_split_dk_matches_float64_and_the_single_dk_pass(case, dv_from_dh: bool)
                    f"split_dk {case[0]}", case[7], **kwargs)
 
 
+# every case in two passes with y from the dh kernel; the one-pass form and y from the dv pass
+# at three
+DM_CASES = [(c, True, True) for c in CASES] + [
+    (c, split, False) for c in CASES if c[0] in ("T=37 strided", "cu_seqlens", "HV=3H K=48 V=40")
+    for split in (True, False)] + [
+    (c, False, True) for c in CASES if c[0] in ("T=64+5 H=HV", "K=V=256 H=HV", "T=130")]
+
+
+@pytest.mark.parametrize(("case", "split", "dv_from_dh"), DM_CASES,
+                         ids=[f"{c[0]}-{'two' if s else 'one'}-{'dh' if dh else 'dv pass'}"
+                              for c, s, dh in DM_CASES])
+def test_dm_from_y_matches_float64_and_the_da_passes(case, split: bool, dv_from_dh: bool) -> None:
+    """dk, dg and dβ from the stored Y (dM = −Y V_newᵀ, the dPᵀ terms in the dq pass), in two
+    passes or one: every output and gradient against float64, and against the dA passes'
+    to float32 rounding."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    x, kwargs = _case_inputs(case, 4)
+    _check_against(functools.partial(triton_gdr, dm_from_y=True, split_dk=split,
+                                     dv_from_dh=dv_from_dh),
+                   functools.partial(triton_gdr, dm_from_y=False, split_dk=True,
+                                     dv_from_dh=dv_from_dh), x,
+                   f"dm_from_y {case[0]}", case[7], **kwargs)
+
+
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
 
 

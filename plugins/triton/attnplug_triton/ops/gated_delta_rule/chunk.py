@@ -66,7 +66,7 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, k
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "LEAN_WALK", "splits_output"]
+           "LEAN_WALK", "DM_FROM_Y", "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -118,6 +118,11 @@ SPLIT_DK = True
 # at B = 8, T = 4096, H = 16, K = V = 128 0.695 instead of 1.010 ms (fla 1.002 ms) and
 # forward+backward 4.453 instead of 4.745 ms (benchmarks/results/2026-11-28-h200-session12.md).
 LEAN_WALK = True
+# The backward's dk, dg and dβ: False through dA (``chunk_bwd``'s dk passes: dV_new rebuilt,
+# dA accumulated, dM = −Aᵀ dA Aᵀ); True from the stored Y = Aᵀ dV_new as dM = −Y V_newᵀ
+# (:mod:`.chunk_bwd_wy`; two passes with SPLIT_DK, else one), the dq pass adding the dPᵀ
+# terms. Same values; found on the CPU in session 13, not yet measured on a GPU.
+DM_FROM_Y = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -130,7 +135,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
                 fused_group_grads: bool, split_dk: bool,
-                lean_walk: bool, inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
+                lean_walk: bool, dm_from_y: bool,
+                inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
         a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec, inverse_precision)
@@ -146,7 +152,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.seqs, ctx.scale, ctx.use_qk_l2norm = seqs, scale, use_qk_l2norm
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.fused_group_grads = fused_group_grads
-        ctx.split_dk, ctx.lean_walk = split_dk, lean_walk
+        ctx.split_dk, ctx.lean_walk, ctx.dm_from_y = split_dk, lean_walk, dm_from_y
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -172,10 +178,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec, y=y, dv=dv,
                                           fused_group_grads=ctx.fused_group_grads,
-                                          split_dk=ctx.split_dk)
+                                          split_dk=ctx.split_dk, dm_from_y=ctx.dm_from_y)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -197,6 +203,7 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
               local_dv: bool | None = None, fused_group_grads: bool | None = None,
               split_dk: bool | None = None, lean_walk: bool | None = None,
+              dm_from_y: bool | None = None,
               inverse_precision: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
@@ -222,12 +229,13 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
     two_dk = SPLIT_DK if split_dk is None else bool(split_dk)
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
+    from_y = DM_FROM_Y if dm_from_y is None else bool(dm_from_y)
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
                          f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
-                                                 dv_dh, local, fused, two_dk, lean,
+                                                 dv_dh, local, fused, two_dk, lean, from_y,
                                                  inverse_precision)
     return o.view(B, T, HV, V).to(v.dtype), final
 
@@ -239,7 +247,8 @@ def chunk_gated_delta_rule(
     split_output: bool | None = None, keep_states: bool | None = None,
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
-    lean_walk: bool | None = None, inverse_precision: str | None = None,
+    lean_walk: bool | None = None, dm_from_y: bool | None = None,
+    inverse_precision: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -267,6 +276,8 @@ def chunk_gated_delta_rule(
             :data:`SPLIT_DK`.
         lean_walk: the state walk's products ordered to need less shared memory (two
             programs a GPU SM at K = V = 128); ``None`` takes :data:`LEAN_WALK`.
+        dm_from_y: the backward's dk, dg and dβ from the stored ``Aᵀ dV_new`` (no dA);
+            ``None`` takes :data:`DM_FROM_Y`.
         inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
             ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
 
@@ -284,4 +295,5 @@ def chunk_gated_delta_rule(
                      split_output=split_output, keep_states=keep_states,
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
                      fused_group_grads=fused_group_grads, split_dk=split_dk,
-                     lean_walk=lean_walk, inverse_precision=inverse_precision)
+                     lean_walk=lean_walk, dm_from_y=dm_from_y,
+                     inverse_precision=inverse_precision)

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attnplug_triton.ops.gated_delta_rule.chunk_bwd_wy import chunk_bwd_wy_kernel
 from attnplug_triton.ops.gated_delta_rule.common import (
     Sequences,
     block,
@@ -101,12 +102,14 @@ def chunk_bwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
-    PASS: tl.constexpr,
+    PASS: tl.constexpr, CLOSE_DP: tl.constexpr,
 ):
     """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
     and dβ from that Y (``PASS`` 2) — or the same in two passes: dg, dβ and the closing terms
     of dk into the float32 scratch ``dkp`` (``PASS`` 3), then dk's loop terms plus ``dkp``
-    (``PASS`` 4)."""
+    (``PASS`` 4). With ``CLOSE_DP`` the dq pass also writes the ``dPᵀ`` terms of dk (into
+    ``dkp``) and of dg (into ``dg``, the within-chunk ``dγ`` so far) for
+    :mod:`.chunk_bwd_wy`'s passes, which finish them."""
     DQ_PASS: tl.constexpr = PASS == 0
     DV_PASS: tl.constexpr = PASS == 1
     DK_STATS: tl.constexpr = PASS == 3  # no dk accumulation in the loop
@@ -223,8 +226,11 @@ def chunk_bwd_kernel(
     # the intra-chunk product P V_new, P = (q_used K̂ᵀ) ⊙ Γ; dP = (dPᵀ)ᵀ stays float32
     gl = decay_lower(gam, 64, False)  # Γ on and below the diagonal
     if DQ_PASS:
+        if CLOSE_DP:  # Σ_k q ⊙ dO hᵀ while the accumulator is whole
+            dgam = tl.sum(q.to(tl.float32) * dqk, 1) * rqs * eg
         # O ∋ (q_used ⊙ e^γ) h and P V_new; then the L2 norm's backward
-        dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
+        dpg = tl.trans(dpt) * gl  # dP ⊙ Γ, float32
+        dqs = dqk * eg[:, None] + tl.dot(dpg * rk[None, :], k.to(tl.float32),
                                          input_precision=PRECISION)
         dqh = dqs * scale  # gradient of q̂
         if FINALIZE:
@@ -232,6 +238,14 @@ def chunk_bwd_kernel(
                 q_hat = q.to(tl.float32) * rq[:, None]
                 dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
         store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
+        if CLOSE_DP:  # the dPᵀ terms of dγ and dk, as the dk pass below makes them
+            yp = dpg * tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] \
+                * rk[None, :]
+            dgam += tl.sum(yp, 1) - tl.sum(yp, 0)
+            tl.store(dg_ptr + rows.to(tl.int64) * HV + hv, dgam, mask=r_ok)
+            dst = (dpt * decay_upper(gam, 64, False) * rqs[None, :]).to(dt)
+            store_rows(dkp_ptr + hv * DK, tl.dot(dst, q, input_precision=PRECISION), rows, r_ok,
+                       HV * DK, offs_k, k_ok)
     elif DK_SUM:  # the loop's terms and the closing ones of the stats pass
         dqk += load_rows(dkp_ptr + hv * DK, rows, r_ok, HV * DK, offs_k, k_ok)
     else:
@@ -240,7 +254,7 @@ def chunk_bwd_kernel(
         p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] * rk[None, :] * gl
         yp = tl.trans(dpt) * p
         dgam += tl.sum(yp, 1) - tl.sum(yp, 0)
-        dst = (dpt * decay_upper(gam, 64) * rqs[None, :]).to(dt)
+        dst = (dpt * decay_upper(gam, 64, False) * rqs[None, :]).to(dt)
         dqk += tl.dot(dst, q, input_precision=PRECISION)
         # the WY inverse: dM = −Aᵀ dA Aᵀ, kept on the strictly lower triangle by Γ_strict
         dm = tl.dot(da.to(dt), tl.trans(a), input_precision=PRECISION).to(dt)
@@ -282,14 +296,16 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
               states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
               use_qk_l2norm: bool, precision: str, y: Tensor | None = None,
               dv: Tensor | None = None, fused_group_grads: bool = False,
-              split_dk: bool = False) -> tuple[Tensor, ...]:
+              split_dk: bool = False, dm_from_y: bool = False) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
     inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
     and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped.
     With grouped value heads, ``fused_group_grads`` sums dq, dk over each group and applies the
     L2 norm's backward in one kernel (:mod:`.group_grads`) instead of in torch. ``split_dk``
     runs the dk pass as two (``PASS`` 3 then 4, a float32 ``[tokens, HV, K]`` scratch between
-    them), each with fewer live tiles than the single one."""
+    them), each with fewer live tiles than the single one. ``dm_from_y`` makes dk, dg and dβ
+    in :mod:`.chunk_bwd_wy`'s passes instead (the WY gradient from ``Y``; two passes with
+    ``split_dk``, else one), the dq pass adding the ``dPᵀ`` terms."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -301,23 +317,38 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     dbeta = g.new_empty((tokens, HV))
     passes = [("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)]
     dk_part = None
-    if split_dk:
-        passes[2:] = [("chunk_bwd_dk_stats", 3), ("chunk_bwd_dk_sum", 4)]
+    if split_dk or dm_from_y:
         dk_part = g.new_empty((tokens, HV, K))  # dk's closing terms, float32
+    if dm_from_y:
+        passes[0], passes[2:] = ("chunk_bwd_dq_dp", 0), []
+    elif split_dk:
+        passes[2:] = [("chunk_bwd_dk_stats", 3), ("chunk_bwd_dk_sum", 4)]
     if y is None:
         dv = v.new_empty((tokens, HV, V))
         y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
     else:
         passes.pop(1)
+    key = ["DK", "DV", "USE_L2NORM", "FINALIZE"]
     for name, which in passes:
-        launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG,
-               ["DK", "DV", "USE_L2NORM", "FINALIZE"], lambda meta: (seqs.num_chunks, HV),
+        launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG, key,
+               lambda meta: (seqs.num_chunks, HV),
                q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
                y if dk_part is None else dk_part, seqs.chunk_seq, seqs.cu, seqs.chunk_off,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, PASS=which, prune=prune)
+               PRECISION=precision, PASS=which, CLOSE_DP=dm_from_y, prune=prune)
+    if dm_from_y:
+        wy = ([("chunk_bwd_wy_stats", True, False), ("chunk_bwd_wy_sum", False, True)]
+              if split_dk else [("chunk_bwd_wy", True, True)])
+        for name, stats, total in wy:
+            launch(name, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
+                   lambda meta: (seqs.num_chunks, HV),
+                   k, v, g, beta, a, rk, states, dstates, y, dk, dg, dbeta, dk_part,
+                   seqs.chunk_seq, seqs.cu, seqs.chunk_off,
+                   k.stride(0), k.stride(1), v.stride(0), v.stride(1), HV, group, DK=K, DV=V,
+                   BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
+                   PRECISION=precision, STATS=stats, SUM=total, prune=prune)
     if not finalize and fused_group_grads:
         from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
 

@@ -235,10 +235,13 @@ def decay_lower(gam, BT: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def decay_upper(gam, BT: tl.constexpr):
-    """``Γᵀ``: ``exp(γ_j − γ_i)`` for ``j >= i``, else 0."""
+def decay_upper(gam, BT: tl.constexpr, STRICT: tl.constexpr):
+    """``Γᵀ``: ``exp(γ_j − γ_i)`` for ``j > i`` (``j >= i`` unless ``STRICT``), else 0."""
     i = tl.arange(0, BT)
-    keep = i[:, None] <= i[None, :]
+    if STRICT:
+        keep = i[:, None] < i[None, :]
+    else:
+        keep = i[:, None] <= i[None, :]
     return tl.where(keep, tl.exp(tl.where(keep, gam[None, :] - gam[:, None], 0.0)), 0.0)
 
 
@@ -255,7 +258,7 @@ def intra_chunk_pt(k, q, rk, rq, gam, PRECISION: tl.constexpr):
     """``Pᵀ`` built as ``(k qᵀ) ⊙ r_k r_qᵀ ⊙ Γᵀ`` from loaded tiles — never a transposed dot
     result (the Hopper miscompilation) — float32."""
     st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (C, C) KQᵀ
-    return st * rk[:, None] * rq[None, :] * decay_upper(gam, 64)
+    return st * rk[:, None] * rq[None, :] * decay_upper(gam, 64, False)
 
 
 @triton.jit
