@@ -236,6 +236,37 @@ def test_dm_from_y_matches_float64_and_the_da_passes(case, split: bool, dv_from_
                    f"dm_from_y {case[0]}", case[7], **kwargs)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["two passes", "one pass"])
+def test_every_backward_launch_survives_the_autotuners_repeated_runs(monkeypatch,
+                                                                     split: bool) -> None:
+    """On a GPU the autotuner runs a kernel once per configuration it times, restoring only
+    the arguments its launch names in ``restore``: a pass that reads a buffer it overwrites
+    and does not name it computes garbage there (session 13: dg NaN on the H200, right under
+    the interpreter). Here every backward launch runs twice, as timed, with that restore."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    original = chunk_bwd.launch
+    timed = []
+
+    def as_timed(name, kernel, *args, restore=(), **meta):
+        names = kernel.arg_names
+        params = args[4:]  # after configs, interpreter config, key and grid
+        saved = {n: params[names.index(n)].clone() for n in restore}
+        original(name, kernel, *args, restore=restore, **meta)
+        for n, value in saved.items():
+            params[names.index(n)].copy_(value)
+        original(name, kernel, *args, restore=restore, **meta)
+        timed.append(name)
+
+    monkeypatch.setattr(chunk_bwd, "launch", as_timed)
+    case = next(c for c in CASES if c[0] == "cu_seqlens")
+    x, kwargs = _case_inputs(case, 5)
+    _check(functools.partial(triton_gdr, dm_from_y=True, split_dk=split), x, "timed twice",
+           torch.float32, case[7], **kwargs)
+    assert ("chunk_bwd_wy_sum" in timed) == split and "chunk_bwd_dq_dp" in timed
+
+
 SPLIT_CASES = [c for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "HV=3H K=48 V=40")]
 
 

@@ -339,16 +339,19 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
                PRECISION=precision, PASS=which, CLOSE_DP=dm_from_y, prune=prune)
     if dm_from_y:
-        wy = ([("chunk_bwd_wy_stats", True, False), ("chunk_bwd_wy_sum", False, True)]
-              if split_dk else [("chunk_bwd_wy", True, True)])
-        for name, stats, total in wy:
+        # each reads the dγ (and the stats pass dk's scratch) that it then overwrites
+        wy = ([("chunk_bwd_wy_stats", True, False, ("dg_ptr", "dkp_ptr")),
+               ("chunk_bwd_wy_sum", False, True, ("dg_ptr",))]
+              if split_dk else [("chunk_bwd_wy", True, True, ("dg_ptr",))])
+        for name, stats, total, overwritten in wy:
             launch(name, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
                    lambda meta: (seqs.num_chunks, HV),
                    k, v, g, beta, a, rk, states, dstates, y, dk, dg, dbeta, dk_part,
                    seqs.chunk_seq, seqs.cu, seqs.chunk_off,
                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), HV, group, DK=K, DV=V,
                    BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-                   PRECISION=precision, STATS=stats, SUM=total, prune=prune)
+                   PRECISION=precision, STATS=stats, SUM=total, prune=prune,
+                   restore=overwritten)
     if not finalize and fused_group_grads:
         from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
 

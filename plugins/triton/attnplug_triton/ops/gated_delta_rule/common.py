@@ -154,12 +154,15 @@ def force_config(name: str, config: triton.Config) -> Iterator[None]:
 
 def launch(name: str, kernel: Any, configs: list[triton.Config], interpreter: triton.Config,
            key: list[str], grid: Callable[[dict[str, Any]], tuple[int, ...]], *args: Any,
-           prune: Callable[..., list[triton.Config]] | None = None, **meta: Any) -> None:
+           prune: Callable[..., list[triton.Config]] | None = None,
+           restore: tuple[str, ...] = (), **meta: Any) -> None:
     """Run ``kernel``: autotuned over ``configs`` on a GPU (keyed on ``key``; ``prune``, when
     given, is Triton's ``early_config_prune``: it drops configurations per call before they
     are timed), with the ``interpreter`` config under ``TRITON_INTERPRET=1``, or with a config
     forced by :func:`force_config` (never pruned: the GPU checks force each one).
-    ``grid(meta)`` gives the launch grid for a config's meta-parameters."""
+    ``grid(meta)`` gives the launch grid for a config's meta-parameters. ``restore`` names the
+    arguments the kernel reads and then overwrites: the autotuner runs it once per
+    configuration it times, so it restores them after each (Triton's ``restore_value``)."""
     config = _FORCED.get(name) or (interpreter if interpreting() else None)
     if config is not None:
         kernel[grid({**meta, **config.kwargs})](*args, **meta, **config.kwargs,
@@ -168,7 +171,8 @@ def launch(name: str, kernel: Any, configs: list[triton.Config], interpreter: tr
         return
     if name not in _TUNERS:
         by = {"early_config_prune": prune} if prune is not None else None
-        _TUNERS[name] = triton.autotune(configs=configs, key=key, prune_configs_by=by)(kernel)
+        _TUNERS[name] = triton.autotune(configs=configs, key=key, prune_configs_by=by,
+                                        restore_value=list(restore) or None)(kernel)
     _TUNERS[name][grid](*args, **meta)
 
 
