@@ -226,26 +226,26 @@ def chunk_bwd_kernel(
     # the intra-chunk product P V_new, P = (q_used K̂ᵀ) ⊙ Γ; dP = (dPᵀ)ᵀ stays float32
     gl = decay_lower(gam, 64, False)  # Γ on and below the diagonal
     if DQ_PASS:
-        if CLOSE_DP:  # Σ_k q ⊙ dO hᵀ while the accumulator is whole
-            dgam = tl.sum(q.to(tl.float32) * dqk, 1) * rqs * eg
         # O ∋ (q_used ⊙ e^γ) h and P V_new; then the L2 norm's backward
-        dpg = tl.trans(dpt) * gl  # dP ⊙ Γ, float32
-        dqs = dqk * eg[:, None] + tl.dot(dpg * rk[None, :], k.to(tl.float32),
+        dqs = dqk * eg[:, None] + tl.dot(tl.trans(dpt) * gl * rk[None, :], k.to(tl.float32),
                                          input_precision=PRECISION)
         dqh = dqs * scale  # gradient of q̂
+        if CLOSE_DP or (FINALIZE and USE_L2NORM):
+            q_hat = q.to(tl.float32) * rq[:, None]
+            qdq = tl.sum(q_hat * dqh, 1)
         if FINALIZE:
             if USE_L2NORM:
-                q_hat = q.to(tl.float32) * rq[:, None]
-                dqh = (dqh - q_hat * tl.sum(q_hat * dqh, 1)[:, None]) * rq[:, None]
+                dqh = (dqh - q_hat * qdq[:, None]) * rq[:, None]
         store_rows(dq_ptr + hv * DK, dqh, rows, r_ok, HV * DK, offs_k, k_ok)
-        if CLOSE_DP:  # the dPᵀ terms of dγ and dk, as the dk pass below makes them
-            yp = dpg * tl.dot(q, tl.trans(k), input_precision=PRECISION) * rqs[:, None] \
-                * rk[None, :]
-            dgam += tl.sum(yp, 1) - tl.sum(yp, 0)
-            tl.store(dg_ptr + rows.to(tl.int64) * HV + hv, dgam, mask=r_ok)
+        if CLOSE_DP:
+            # the dPᵀ terms of dk, (dPᵀ ⊙ Γᵀ) q_used, and of dγ, Σ_j dP ⊙ P by rows minus by
+            # columns — read off the gradients: Σ_k q̂ ⊙ dq̂ is the rows' sum plus the
+            # q ⊙ dO hᵀ term, Σ_k K̂ ⊙ (dPᵀ ⊙ Γᵀ) q_used the columns' (no P needed)
             dst = (dpt * decay_upper(gam, 64, False) * rqs[None, :]).to(dt)
-            store_rows(dkp_ptr + hv * DK, tl.dot(dst, q, input_precision=PRECISION), rows, r_ok,
-                       HV * DK, offs_k, k_ok)
+            dkdp = tl.dot(dst, q, input_precision=PRECISION)  # (C, BK)
+            store_rows(dkp_ptr + hv * DK, dkdp, rows, r_ok, HV * DK, offs_k, k_ok)
+            dgam = qdq - tl.sum(k.to(tl.float32) * dkdp, 1) * rk
+            tl.store(dg_ptr + rows.to(tl.int64) * HV + hv, dgam, mask=r_ok)
     elif DK_SUM:  # the loop's terms and the closing ones of the stats pass
         dqk += load_rows(dkp_ptr + hv * DK, rows, r_ok, HV * DK, offs_k, k_ok)
     else:
