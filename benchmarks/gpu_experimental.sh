@@ -35,7 +35,7 @@
 #       one, SDPA) and each kernel's share, then the project shape and the quick shapes with
 #       it against float64;
 #   bash benchmarks/gpu_experimental.sh gdn-wy-probe   every chunk_bwd configuration with
-#       dm_from_y, a process each, at K=V 32/64/128 (two passes) and 64/128 (one pass);
+#       dm_from_y, a process each, at K=V 32/64/128 (two passes) and 16/32/64/128 (one pass);
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -124,8 +124,8 @@ case ${1:-} in
     step gdn_wy_probe 200 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
       dm_from_y split_dk dv_from_dh local_dv lean_walk --probe-dims 32 64 128 \
       --probe-families chunk_bwd --out "$OUT/gdn_wy_probe"
-    step gdn_wy1_probe 150 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
-      dm_from_y dv_from_dh local_dv lean_walk --probe-dims 64 128 \
+    step gdn_wy1_probe 230 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
+      dm_from_y dv_from_dh local_dv lean_walk --probe-dims 16 32 64 128 \
       --probe-families chunk_bwd --out "$OUT/gdn_wy1_probe"
     ;;
   dsa)
