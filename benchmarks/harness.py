@@ -104,7 +104,7 @@ def finish_checks(name: str, rows: list[dict[str, Any]], started: float, out: Pa
     import torch
     import triton
 
-    def name(r: dict[str, Any]) -> str:
+    def label(r: dict[str, Any]) -> str:
         return " ".join(str(r[k]) for k in ("part", "dtype", "case") if k in r)
 
     failed = [r for r in rows if not r["ok"] and not r.get("pruned")]
@@ -113,8 +113,8 @@ def finish_checks(name: str, rows: list[dict[str, Any]], started: float, out: Pa
           f"{time.time() - started:.0f} s"
           + (f"; {len(known)} failed on configurations the autotuner prunes (never served)"
              if known else "")
-          + "".join("\nFAILED: " + name(r) for r in failed)
-          + "".join("\nknown, pruned: " + name(r) for r in known))
+          + "".join("\nFAILED: " + label(r) for r in failed)
+          + "".join("\nknown, pruned: " + label(r) for r in known))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from harness import Bench, quantile  # noqa: E402
+from harness import Bench, finish_checks, quantile  # noqa: E402
 
 
 class DriftingTimer:
@@ -103,3 +103,22 @@ def test_the_anchor_must_be_measured_and_rounds_be_positive() -> None:
 def test_quantile_is_torchs_linear_quantile(values: list[float], q: float) -> None:
     want = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
     assert quantile(values, q) == pytest.approx(want, rel=1e-9, abs=1e-6)
+
+
+def test_finish_checks_names_failures_spares_pruned_ones_and_writes_its_json(
+        tmp_path, capsys, monkeypatch) -> None:
+    """A failed row fails the run and is named; a failed row of a pruned configuration is
+    named as known and does not; the JSON lands at ``<out>/<name>.json`` (session 12's version
+    wrote it under a function's repr)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a card")
+    good = {"part": "shapes", "dtype": "bf16", "case": "fine", "ok": True}
+    pruned = {"part": "probe", "dtype": "bf16", "case": "D32 forced", "ok": False,
+              "pruned": "pruned at K=32"}
+    bad = {"part": "probe", "dtype": "bf16", "case": "D64 forced", "ok": False}
+    assert finish_checks("gdn_check", [good, pruned], 0.0, tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 2 checks passed" in printed and "known, pruned: probe bf16 D32 forced" in printed
+    saved = json.loads((tmp_path / "gdn_check.json").read_text())
+    assert saved["device"] == "a card" and len(saved["rows"]) == 2
+    assert finish_checks("gdn_check", [good, pruned, bad], 0.0, None) == 1
+    assert "FAILED: probe bf16 D64 forced" in capsys.readouterr().out
