@@ -249,7 +249,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     # the served defaults, every variant on (triton-all), or dk from Y (triton-wy)
     fn = {"all": lambda: triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                     local_dv=True),
-          "wy": lambda: triton_gdn(dm_from_y=True),
+          "wy": lambda: triton_gdn(dm_from_y=True, split_dk=True),
           "default": triton_gdn}[variant]()
     if isinstance(fn, str):
         print(f"stages: {fn}")
@@ -289,7 +289,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
               "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv",
-              "triton-wy", "triton-wy1", "fla")
+              "triton-wy", "triton-wy1", "triton-da", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
              "triton-nolean": triton_gdn(lean_walk=False),
              "triton-tf32inv": triton_gdn(inverse_precision="tf32x3"),
              "triton-lean-tf32inv": triton_gdn(lean_walk=True, inverse_precision="tf32x3"),
-             "triton-wy": triton_gdn(dm_from_y=True),
+             "triton-wy": triton_gdn(dm_from_y=True, split_dk=True),
              "triton-wy1": triton_gdn(dm_from_y=True, split_dk=False),
+             "triton-da": triton_gdn(dm_from_y=False, split_dk=True),  # served until session 12
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()

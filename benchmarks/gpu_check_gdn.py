@@ -274,21 +274,17 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
     refs = reference(x, None)
     forced = {}
     if family != "autotune":
-        # chunk_bwd at the first configuration its autotuner may pick at this dim
-        first = {"chunk_bwd": chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim)[0],
-                 "chunk_h": chunk_h.CONFIGS[0],
+        first = {"chunk_h": chunk_h.CONFIGS[0],
                  "kkt_solve": kkt_solve.CONFIGS[0], "chunk_o": chunk_o.CONFIGS[0],
                  "chunk_dv": chunk_dv.CONFIGS[0]}
-        # the split dk's passes prune more (chunk_bwd._MISCOMPILED_SPLIT_DK): their first
-        # is their own (session 12's probe forced BV = 32 on them at K = 32 and saw the
-        # miscompile the autotuner never picks)
-        first_split_dk = chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim, PASS=3)[0]
         for fam, names in PROBE_FAMILIES.items():
             for name in names:
                 if fam == family:
                     forced[name] = probe_configs(fam)[index]
-                elif name in ("chunk_bwd_dk_stats", "chunk_bwd_dk_sum"):
-                    forced[name] = first_split_dk
+                elif fam == "chunk_bwd":
+                    # each pass at the first configuration its autotuner may pick at this
+                    # dim (the passes prune differently: chunk_bwd.PASS_ARGS)
+                    forced[name] = chunk_bwd.safe_configs(name, dim)[0]
                 else:
                     forced[name] = first[fam]
     with ExitStack() as stack:
@@ -311,14 +307,23 @@ def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> 
     from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd
 
     config = chunk_bwd.CONFIGS[index]
-    split = "split_dk" in variants if variants else chunk.SPLIT_DK
-    from_y = "dm_from_y" in variants if variants else chunk.DM_FROM_Y
-    split = split and not from_y  # dm_from_y runs the WY passes instead of the split dk's
-    if config not in chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim):
-        return f"pruned at K={dim}"
-    if split and config not in chunk_bwd.prune(chunk_bwd.CONFIGS, {}, DK=dim, PASS=3):
-        return f"pruned for the split dk at K={dim}"
-    return None
+    if variants:
+        on = lambda name: name in variants  # noqa: E731
+        split, from_y = on("split_dk"), on("dm_from_y")
+    else:  # as served (chunk.run_chunk)
+        on = lambda name: getattr(chunk, name.upper())  # noqa: E731
+        from_y = chunk.DM_FROM_Y and dim <= chunk.WY_MAX_DIM
+        split = not from_y if chunk.SPLIT_DK is None else chunk.SPLIT_DK
+    # the passes that run with these switches
+    names = ["chunk_bwd_dq_dp" if from_y else "chunk_bwd_dq"]
+    if not on("dv_from_dh"):
+        names.append("chunk_bwd_dv")
+    if from_y:
+        names += ["chunk_bwd_wy_stats", "chunk_bwd_wy_sum"] if split else ["chunk_bwd_wy"]
+    else:
+        names += ["chunk_bwd_dk_stats", "chunk_bwd_dk_sum"] if split else ["chunk_bwd_dk"]
+    pruned = [name for name in names if config not in chunk_bwd.safe_configs(name, dim)]
+    return f"pruned at K={dim} for {', '.join(pruned)}" if pruned else None
 
 
 def inverse_precision() -> str:

@@ -36,6 +36,11 @@
 #       it against float64;
 #   bash benchmarks/gpu_experimental.sh gdn-wy-probe   every chunk_bwd configuration with
 #       dm_from_y, a process each, at K=V 32/64/128 (two passes) and 16/32/64/128 (one pass);
+#   bash benchmarks/gpu_experimental.sh gdn-wy-served   after serving dm_from_y (session 13): the
+#       forward and forward+backward benchmark (served, two WY passes, the dA passes, fla,
+#       SDPA) and each kernel's share, then every shape of gpu_check_gdn.py against float64;
+#   bash benchmarks/gpu_experimental.sh gdn-wy-scaling   the scaling table's T = 1K, 16K, 64K
+#       rows, served against the dA passes, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -50,8 +55,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-wy-scaling | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-wy-scaling|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -127,6 +132,18 @@ case ${1:-} in
     step gdn_wy1_probe 230 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
       dm_from_y dv_from_dh local_dv lean_walk --probe-dims 16 32 64 128 \
       --probe-families chunk_bwd --out "$OUT/gdn_wy1_probe"
+    ;;
+  gdn-wy-served)
+    STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  |GPU time" step gdn_wys_bench 330 python3 \
+      benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages --impls triton-wy \
+      triton-da fla --stage-variants default --rounds 4 --out "$OUT/gdn_wys_bench"
+    step gdn_wys_shapes 250 python3 benchmarks/gpu_check_gdn.py --parts shapes \
+      --out "$OUT/gdn_wys_shapes"
+    ;;
+  gdn-wy-scaling)
+    step gdn_wys_scaling 540 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
+      --scaling-seqlens 1024 16384 65536 --scaling-impls triton triton-da fla \
+      --out "$OUT/gdn_wys_scaling"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

@@ -206,8 +206,10 @@ def test_split_dk_matches_float64_and_the_single_dk_pass(case, dv_from_dh: bool)
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(case, 3)
-    _check_against(functools.partial(triton_gdr, split_dk=True, dv_from_dh=dv_from_dh),
-                   functools.partial(triton_gdr, split_dk=False, dv_from_dh=dv_from_dh), x,
+    _check_against(functools.partial(triton_gdr, split_dk=True, dv_from_dh=dv_from_dh,
+                                     dm_from_y=False),
+                   functools.partial(triton_gdr, split_dk=False, dv_from_dh=dv_from_dh,
+                                     dm_from_y=False), x,
                    f"split_dk {case[0]}", case[7], **kwargs)
 
 
@@ -485,6 +487,15 @@ def test_the_autotuner_never_sees_a_configuration_miscompiled_at_that_key_dim(dk
                 c for c in kept if c.kwargs["BV"] == 32]
         else:
             assert split == kept
+    # dm_from_y's passes keep only BV = 64 with 8 warps at K = 32
+    for name in ("chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum", "chunk_bwd_wy"):
+        wy = chunk_bwd.safe_configs(name, dk)
+        if block(dk) == 32:
+            assert {(c.kwargs["BV"], c.num_warps) for c in wy} == {(64, 8)}, name
+        else:
+            assert wy == kept, name
+    for name in ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"):
+        assert chunk_bwd.safe_configs(name, dk) == kept, name
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -509,8 +520,10 @@ def test_kept_states_spare_the_backward_its_state_pass(monkeypatch, keep: bool) 
     assert calls == [False]
 
 
+@pytest.mark.parametrize("from_y", [False, True], ids=["dA", "dm from y"])
 @pytest.mark.parametrize("dv_dh", [False, True])
-def test_dv_from_the_dh_kernel_spares_the_dv_pass(monkeypatch, dv_dh: bool) -> None:
+def test_dv_from_the_dh_kernel_spares_the_dv_pass(monkeypatch, dv_dh: bool,
+                                                  from_y: bool) -> None:
     from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd, chunk_dv, chunk_h
 
     launched = []
@@ -522,14 +535,36 @@ def test_dv_from_the_dh_kernel_spares_the_dv_pass(monkeypatch, dv_dh: bool) -> N
     torch.manual_seed(0)
     x = _inputs(1, 70, 1, 2, 16, 16, 1, True, torch.float32)
     _run(functools.partial(chunk.chunk_gated_delta_rule, dv_from_dh=dv_dh, local_dv=dv_dh,
-                           split_dk=False), x,
+                           split_dk=False, dm_from_y=from_y), x,
          lambda t: t.clone(), True, use_qk_l2norm=True)
     backward = [n for n in launched if n.startswith("chunk_bwd")]
+    dq, dk = ("chunk_bwd_dq_dp", "chunk_bwd_wy") if from_y else ("chunk_bwd_dq", "chunk_bwd_dk")
     if dv_dh:  # with local_dv too: its kernel first, then the dh kernel that reads it
-        assert backward == ["chunk_bwd_dv_local", "chunk_bwd_dh_y_l", "chunk_bwd_dq",
-                            "chunk_bwd_dk"]
+        assert backward == ["chunk_bwd_dv_local", "chunk_bwd_dh_y_l", dq, dk]
     else:
-        assert backward == ["chunk_bwd_dh", "chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk"]
+        assert backward == ["chunk_bwd_dh", dq, "chunk_bwd_dv", dk]
+
+
+@pytest.mark.parametrize(("K", "V", "served"), [(16, 16, ["chunk_bwd_dq_dp", "chunk_bwd_wy"]),
+                                               (128, 40, ["chunk_bwd_dq_dp", "chunk_bwd_wy"]),
+                                               (129, 16, ["chunk_bwd_dq", "chunk_bwd_dk_stats",
+                                                          "chunk_bwd_dk_sum"]),
+                                               (16, 256, ["chunk_bwd_dq", "chunk_bwd_dk_stats",
+                                                          "chunk_bwd_dk_sum"])])
+def test_the_backward_takes_the_wy_passes_up_to_their_largest_head_dim(
+        monkeypatch, K: int, V: int, served: list[str]) -> None:
+    """By default dk, dg and dβ come from the WY passes (one) while K and V are at most
+    ``chunk.WY_MAX_DIM`` (they faulted on the H200 at 256), else from the dA passes (two)."""
+    from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd
+
+    launched = []
+    real = chunk_bwd.launch
+    monkeypatch.setattr(chunk_bwd, "launch", lambda name, *a, **kw: launched.append(name)
+                        or real(name, *a, **kw))
+    torch.manual_seed(0)
+    x = _inputs(1, 20, 1, 1, K, V, 1, True, torch.float32)
+    _run(chunk.chunk_gated_delta_rule, x, lambda t: t.clone(), False, use_qk_l2norm=True)
+    assert launched == served
 
 
 @pytest.mark.parametrize("B,HV,bucket", [(1, 2, 0), (2, 2, 1), (3, 1, 0), (1, 4, 1)])

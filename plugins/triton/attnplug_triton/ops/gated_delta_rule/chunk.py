@@ -13,8 +13,11 @@ inputs once and writing only what a later stage cannot rebuild in registers:
    start of every chunk.
 4. ``chunk_bwd_dh_kernel`` (:mod:`.chunk_h`), backward: q, k, g, β, A, dO → the gradient of the
    state after every chunk, and of the initial state.
-5. ``chunk_bwd_kernel`` (:mod:`.chunk_bwd`), backward, three times: q, k, v, g, β, A, dO and
-   the states → dq; with the states' gradients → ``Aᵀ dV_new`` and dv; then dk, dg, dβ.
+5. ``chunk_bwd_kernel`` (:mod:`.chunk_bwd`), backward: q, k, v, g, β, A, dO and the states →
+   dq (and the ``dPᵀ`` terms of dk and dg); then ``chunk_bwd_wy_kernel``
+   (:mod:`.chunk_bwd_wy`) with the states' gradients and ``Y = Aᵀ dV_new`` (stored by stage 4)
+   → dk, dg, dβ, the WY gradient taken as ``dM = −Y V_newᵀ`` (``dm_from_y``; without it, and
+   above ``WY_MAX_DIM``, chunk_bwd's dk passes accumulate ``dA`` instead).
 
 With ``split_output`` the forward's stage 2 only stores the chunk states (as stage 3 does) and
 ``chunk_fwd_o_kernel`` (:mod:`.chunk_o`) writes the output from them, all chunks in parallel;
@@ -39,9 +42,9 @@ heads (key head ``h`` serves value heads ``h·G … h·G + G − 1``); ``cu_seql
 How the Hopper miscompilation of Triton 3.4–3.7.0 (a dot result cast to 16 bits and transposed
 into another dot with 64-wide blocks, which broke fla's dk/dβ) is avoided: no kernel transposes a
 16-bit dot result. The forward and the dh kernel transpose only tiles loaded from memory (and
-build ``Pᵀ`` as ``K qᵀ`` instead of transposing ``P``); the last backward kernel has exactly
-three dot results it must transpose (``X`` for ``dA``, ``dP``, and the WY term ``S``) and keeps
-them in float32, feeding float32 dots. ``benchmarks/gpu_check_gdn.py`` checks every block
+build ``Pᵀ`` as ``K qᵀ`` instead of transposing ``P``); the backward's last kernels transpose
+only float32 dot results (``dP``, the WY term ``S``; ``X`` for ``dA`` in the dA passes), which
+feed float32 dots, and load ``Yᵀ`` transposed from memory. ``benchmarks/gpu_check_gdn.py`` checks every block
 configuration of every kernel on the GPU.
 """
 
@@ -66,7 +69,7 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, k
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "LEAN_WALK", "DM_FROM_Y", "splits_output"]
+           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -106,7 +109,9 @@ FUSED_GROUP_GRADS = True
 # faster forward and backward at 64K tokens a step, HV = 16, K = V = 128 (bench_gated_delta_rule
 # --parts scaling): 9.53 vs 10.40 ms at B = 16 × 4K, 10.69 vs 12.26 at 2 × 32K, 13.67 vs 16.79
 # at 1 × 64K (either alone: 10.13 / 9.81, 11.29 / 11.68, 14.26 / 16.11).
-SPLIT_DK = True
+# None since session 13: one pass with DM_FROM_Y (below; one WY pass measured faster than two,
+# 3.817 vs 3.877 ms), two without it.
+SPLIT_DK: bool | None = None
 # The state walk's formulation (chunk_h.chunk_fwd_h_kernel's LEAN): False as before; True
 # orders the same products so that the walk needs 115,456 instead of 116,224 bytes of shared
 # memory at K = V = 128, BV = 64, four warps, two stages — two programs a sm_90 SM instead of
@@ -121,8 +126,16 @@ LEAN_WALK = True
 # The backward's dk, dg and dβ: False through dA (``chunk_bwd``'s dk passes: dV_new rebuilt,
 # dA accumulated, dM = −Aᵀ dA Aᵀ); True from the stored Y = Aᵀ dV_new as dM = −Y V_newᵀ
 # (:mod:`.chunk_bwd_wy`; two passes with SPLIT_DK, else one), the dq pass adding the dPᵀ
-# terms. Same values; found on the CPU in session 13, not yet measured on a GPU.
-DM_FROM_Y = False
+# terms. Same values. True since session 13: on the H200 (Triton 3.6, bf16) right against
+# float64 at the project shape (dg 4.3e-3, the rest as before) and at every configuration the
+# autotuner may pick at K = V = 16, 32, 64, 128 (gpu_experimental.sh gdn-wy-probe; two at
+# K = 32 miscompile and are pruned, chunk_bwd._MISCOMPILED_WY), and forward+backward at
+# B = 8, T = 4096, H = 16, K = V = 128 in 3.817 ms in one pass, 3.877 in two, against 4.455
+# through dA (SDPA's cuDNN attention 3.898; benchmarks/results/2026-11-28-h200-session13.md).
+# Served up to WY_MAX_DIM: at K = V = 256 its kernels fault on the H200 (illegal memory
+# access; the dA passes run right there), so larger head dims take the dA passes.
+DM_FROM_Y = True
+WY_MAX_DIM = 128
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -227,9 +240,10 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     dv_dh = DV_FROM_DH if dv_from_dh is None else bool(dv_from_dh)
     local = LOCAL_DV if local_dv is None else bool(local_dv)
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
-    two_dk = SPLIT_DK if split_dk is None else bool(split_dk)
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
-    from_y = DM_FROM_Y if dm_from_y is None else bool(dm_from_y)
+    from_y = (DM_FROM_Y and max(K, V) <= WY_MAX_DIM) if dm_from_y is None else bool(dm_from_y)
+    split_default = not from_y if SPLIT_DK is None else SPLIT_DK
+    two_dk = split_default if split_dk is None else bool(split_dk)
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
                          f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")
@@ -272,12 +286,14 @@ def chunk_gated_delta_rule(
             ``None`` takes :data:`LOCAL_DV`.
         fused_group_grads: with grouped value heads, finish dq and dk (group sum, L2 norm's
             backward, cast) in one kernel; ``None`` takes :data:`FUSED_GROUP_GRADS`.
-        split_dk: the backward's dk pass as two passes with fewer live tiles; ``None`` takes
-            :data:`SPLIT_DK`.
+        split_dk: the backward's dk pass as two passes with fewer live tiles (with
+            ``dm_from_y``: the WY passes); ``None`` takes :data:`SPLIT_DK` (whose ``None`` is
+            one pass with ``dm_from_y``, two without).
         lean_walk: the state walk's products ordered to need less shared memory (two
             programs a GPU SM at K = V = 128); ``None`` takes :data:`LEAN_WALK`.
         dm_from_y: the backward's dk, dg and dβ from the stored ``Aᵀ dV_new`` (no dA);
-            ``None`` takes :data:`DM_FROM_Y`.
+            ``None`` takes :data:`DM_FROM_Y` for K, V up to :data:`WY_MAX_DIM` (beyond it its
+            kernels faulted on the H200; ``True`` still runs them there).
         inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
             ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
 

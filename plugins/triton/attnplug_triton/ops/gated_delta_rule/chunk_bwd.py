@@ -1,4 +1,5 @@
-"""Stage 4, the backward's parallel part: every gradient of one chunk, in three passes.
+"""Stage 5, the backward's parallel part: every gradient of one chunk, in three passes (dk, dg
+and dβ from :mod:`.chunk_bwd_wy` instead with ``dm_from_y``, served up to K, V = 128).
 
 One program per (chunk, value head) has the chunk's starting state ``h`` and the gradient ``dh``
 of the state after it (from :mod:`.chunk_h`) and rebuilds in registers what the forward had:
@@ -61,7 +62,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     store_rows,
 )
 
-__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS", "prune"]
+__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS", "PASS_ARGS", "prune", "safe_configs"]
 
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
            for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
@@ -80,19 +81,44 @@ _MISCOMPILED = {(32, 32, 4)} | {(16, bv, 8) for bv in (32, 64)}
 # interpreter with the same blocks, and on the H200 with BV = 64 at K = 32 and with every
 # configuration at K = V = 128.
 _MISCOMPILED_SPLIT_DK = {(32, 32, w) for w in (4, 8)}
+# The same for ``dm_from_y``'s passes (the dq pass with ``CLOSE_DP`` and
+# :mod:`.chunk_bwd_wy`'s), same machine and Triton (``gpu_experimental.sh gdn-wy-probe``,
+# session 13, the whole family forced to one configuration): at K = V = 32, BV = 32 with 8
+# warps wrote dk, dg, dβ with relative errors 0.85, 0.77, 0.20, and BV = 64 with 4 warps NaN in
+# dk and dg (two passes and one); right under the interpreter, and on the H200 with BV = 64
+# and 8 warps at K = 32 and every configuration at K = 16 (bar ``_MISCOMPILED``'s), 64, 128.
+_MISCOMPILED_WY = {(32, 32, 8), (32, 64, 4)}
+# launch name → the constexprs by which :func:`prune` tells that launch's pass apart
+PASS_ARGS = {"chunk_bwd_dq": {"PASS": 0, "CLOSE_DP": False},
+             "chunk_bwd_dv": {"PASS": 1, "CLOSE_DP": False},
+             "chunk_bwd_dk": {"PASS": 2, "CLOSE_DP": False},
+             "chunk_bwd_dk_stats": {"PASS": 3, "CLOSE_DP": False},
+             "chunk_bwd_dk_sum": {"PASS": 4, "CLOSE_DP": False},
+             "chunk_bwd_dq_dp": {"PASS": 0, "CLOSE_DP": True},
+             "chunk_bwd_wy_stats": {"STATS": True, "SUM": False},
+             "chunk_bwd_wy_sum": {"STATS": False, "SUM": True},
+             "chunk_bwd_wy": {"STATS": True, "SUM": True}}
 
 
 def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configurations that are safe for this call's key dim and pass (Triton's
     ``early_config_prune``): none of ``_MISCOMPILED`` (nor, for the split dk's passes, of
-    ``_MISCOMPILED_SPLIT_DK``)."""
+    ``_MISCOMPILED_SPLIT_DK``; nor, for ``dm_from_y``'s, of ``_MISCOMPILED_WY``)."""
     dk = kwargs.get("DK", named_args.get("DK"))
     if dk is None:
         return configs
     bad = _MISCOMPILED
     if kwargs.get("PASS", named_args.get("PASS")) in (3, 4):
         bad = bad | _MISCOMPILED_SPLIT_DK
+    if kwargs.get("CLOSE_DP") or "STATS" in kwargs:  # dm_from_y's dq pass, the WY kernel
+        bad = bad | _MISCOMPILED_WY
     return [c for c in configs if (block(dk), c.kwargs["BV"], c.num_warps) not in bad]
+
+
+def safe_configs(name: str, dk: int) -> list[triton.Config]:
+    """The configurations the autotuner may pick for launch ``name`` (a key of
+    :data:`PASS_ARGS`) at key dim ``dk``."""
+    return prune(CONFIGS, {}, DK=dk, **PASS_ARGS[name])
 
 
 @triton.jit
