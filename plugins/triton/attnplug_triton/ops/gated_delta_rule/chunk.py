@@ -44,8 +44,8 @@ into another dot with 64-wide blocks, which broke fla's dk/dβ) is avoided: no k
 16-bit dot result. The forward and the dh kernel transpose only tiles loaded from memory (and
 build ``Pᵀ`` as ``K qᵀ`` instead of transposing ``P``); the backward's last kernels transpose
 only float32 dot results (``dP``, the WY term ``S``; ``X`` for ``dA`` in the dA passes), which
-feed float32 dots, and load ``Yᵀ`` transposed from memory. ``benchmarks/gpu_check_gdn.py`` checks every block
-configuration of every kernel on the GPU.
+feed float32 dots, and load ``Yᵀ`` transposed from memory. ``benchmarks/gpu_check_gdn.py``
+checks every block configuration of every kernel on the GPU.
 """
 
 from __future__ import annotations
