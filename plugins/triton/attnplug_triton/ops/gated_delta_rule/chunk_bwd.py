@@ -51,8 +51,8 @@ from attnplug_triton.ops.gated_delta_rule.chunk_bwd_wy import chunk_bwd_wy_kerne
 from attnplug_triton.ops.gated_delta_rule.common import (
     Sequences,
     block,
+    chunk_bounds,
     chunk_gates,
-    chunk_rows,
     decay_lower,
     decay_upper,
     intra_chunk_pt,
@@ -144,7 +144,12 @@ def chunk_bwd_kernel(
     hv = tl.program_id(1)
     hk = hv // GROUP
     dt = k_ptr.dtype.element_ty
-    rows, r_ok, offs_c, offs_k, k_ok = chunk_rows(chunk_seq, cu, chunk_off, c, BK, DK)
+    _, start, eos = chunk_bounds(chunk_seq, cu, chunk_off, c, 64)
+    offs_c = tl.arange(0, 64)
+    offs_k = tl.arange(0, BK)
+    rows = start + offs_c
+    r_ok = rows < eos
+    k_ok = offs_k < DK
     # q and k enter the dots as loaded; norms, scale and gates scale rows and columns
     q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)  # (C, BK)
     k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from attnplug_triton.ops.gated_delta_rule.common import (
+    chunk_bounds,
     chunk_gates,
-    chunk_rows,
     decay_upper,
     load_norms,
     load_rows,
@@ -59,7 +59,12 @@ def chunk_bwd_wy_kernel(
     hv = tl.program_id(1)
     hk = hv // GROUP
     dt = k_ptr.dtype.element_ty
-    rows, r_ok, offs_c, offs_k, k_ok = chunk_rows(chunk_seq, cu, chunk_off, c, BK, DK)
+    _, start, eos = chunk_bounds(chunk_seq, cu, chunk_off, c, 64)
+    offs_c = tl.arange(0, 64)
+    offs_k = tl.arange(0, BK)
+    rows = start + offs_c
+    r_ok = rows < eos
+    k_ok = offs_k < DK
     k = load_rows(k_ptr + hk * stride_kh, rows, r_ok, stride_kt, offs_k, k_ok)  # (C, BK)
     rk = load_norms(rk_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM)
     gam, gam_c, beta = chunk_gates(g_ptr, beta_ptr, rows, r_ok, hv, HV)

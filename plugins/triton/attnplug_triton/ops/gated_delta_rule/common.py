@@ -29,7 +29,7 @@ from attnplug_triton.ops.utils import (
 
 __all__ = ["CHUNK", "MAX_DIM", "Sequences", "check_args", "sequences", "launch", "force_config",
            "chosen_configs", "precision", "block", "token_major", "load_rows", "store_rows",
-           "load_norms", "chunk_gates", "chunk_bounds", "chunk_rows", "decay_lower", "decay_upper",
+           "load_norms", "chunk_gates", "chunk_bounds", "decay_lower", "decay_upper",
            "intra_chunk_p", "intra_chunk_pt", "chunk_v_new"]
 
 CHUNK = 64  # tokens per chunk (the WY block); fixed, every kernel assumes it
@@ -222,18 +222,6 @@ def chunk_bounds(chunk_seq, cu, chunk_off, c, BT: tl.constexpr):
     n = tl.load(chunk_seq + c)
     start = tl.load(cu + n) + (c - tl.load(chunk_off + n)) * BT
     return n, start, tl.load(cu + n + 1)
-
-
-@triton.jit
-def chunk_rows(chunk_seq, cu, chunk_off, c, BK: tl.constexpr, DK: tl.constexpr):
-    """Chunk ``c``'s tile coordinates: its 64 token rows and which are inside its sequence
-    (``rows``, ``r_ok``), the row offsets within the chunk (``offs_c``) and the key block's
-    columns (``offs_k``, ``k_ok``)."""
-    _, start, eos = chunk_bounds(chunk_seq, cu, chunk_off, c, 64)
-    offs_c = tl.arange(0, 64)
-    offs_k = tl.arange(0, BK)
-    rows = start + offs_c
-    return rows, rows < eos, offs_c, offs_k, offs_k < DK
 
 
 @triton.jit
