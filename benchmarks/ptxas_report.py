@@ -12,8 +12,9 @@ Triton version: match the GPU machine's (3.6 there; ``python -m venv /tmp/t36 &&
     python benchmarks/ptxas_report.py --arch 100         # another target
 
 Each row: kernel, constexprs and launch configuration, registers per thread, spill stores /
-loads (bytes per thread), shared memory (bytes per program), and how many programs an sm_90
-SM holds at once (:func:`programs_per_sm`). Integer arguments are compiled as Triton's
+loads (bytes per thread), shared memory (bytes per program), how many programs an sm_90
+SM holds at once (:func:`programs_per_sm`), and a digest of the PTX without its debug lines
+(:func:`ptx_digest`: the same before and after a refactor means the same kernel). Integer arguments are compiled as Triton's
 launcher specialises them at the project shape (multiples of 16; GROUP = 1): without that,
 session 4–10's reports showed row loads neither vectorised nor pipelined, more spills and
 less shared memory than the GPU runs.
@@ -22,6 +23,7 @@ less shared memory than the GPU runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import inspect
 import os
@@ -157,6 +159,17 @@ def ptxas_info(ptx: str, arch: int) -> dict[str, int]:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
+def ptx_digest(ptx: str) -> str:
+    """A short hash of ``ptx`` without its debug information (``.loc``/``.file`` lines, comments,
+    the debug sections), so that a change that moves source lines but compiles to the same
+    instructions keeps it: print the report before and after a refactor of a served kernel and
+    compare (session 13's ``chunk_rows`` kept every GDN backward pass's digest)."""
+    body = ptx.split(".section\t.debug")[0]
+    kept = [line for line in body.splitlines()
+            if not line.strip().startswith((".loc", ".file", "//"))]
+    return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:10]
+
+
 def programs_per_sm(registers: int, shared: int, warps: int) -> int:
     """How many programs of a kernel an sm_90 SM holds at once: 64K registers (allocated per
     warp in units of 256), 228 KB of shared memory (1 KB of it reserved per program), 64
@@ -185,7 +198,8 @@ def compile_case(module: str, name: str, constexprs: dict[str, Any], meta: dict[
                        constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    return {**ptxas_info(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
+    return {**ptxas_info(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared,
+            "digest": ptx_digest(compiled.asm["ptx"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             fit = programs_per_sm(r["registers"], r["shared"], warps)
             print(f"{where:60} {r['registers']:4d} regs  spills {r['spill_stores']:5d} / "
-                  f"{r['spill_loads']:5d} B  shared {r['shared']:6d} B  {fit} a SM")
+                  f"{r['spill_loads']:5d} B  shared {r['shared']:6d} B  {fit} a SM  "
+                  f"ptx {r['digest']}")
     return 1 if failed else 0
 
 
