@@ -14,8 +14,9 @@ Triton version: match the GPU machine's (3.6 there; ``python -m venv /tmp/t36 &&
 Each row: kernel, constexprs and launch configuration, registers per thread, spill stores /
 loads (bytes per thread), shared memory (bytes per program), how many programs an sm_90
 SM holds at once (:func:`programs_per_sm`), and a digest of the PTX without its debug lines
-(:func:`ptx_digest`: the same before and after a refactor means the same kernel). Integer arguments are compiled as Triton's
-launcher specialises them at the project shape (multiples of 16; GROUP = 1): without that,
+(:func:`ptx_digest`: the same before and after a refactor means the same kernel). Integer
+arguments are compiled as Triton's launcher specialises them at the project shape (multiples
+of 16; GROUP = 1): without that,
 session 4–10's reports showed row loads neither vectorised nor pipelined, more spills and
 less shared memory than the GPU runs.
 """
