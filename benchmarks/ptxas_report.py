@@ -16,9 +16,8 @@ loads (bytes per thread), shared memory (bytes per program), how many programs a
 SM holds at once (:func:`programs_per_sm`), and a digest of the PTX without its debug lines
 (:func:`ptx_digest`: the same before and after a refactor means the same kernel). Integer
 arguments are compiled as Triton's launcher specialises them at the project shape (multiples
-of 16; GROUP = 1): without that,
-session 4–10's reports showed row loads neither vectorised nor pipelined, more spills and
-less shared memory than the GPU runs.
+of 16; GROUP = 1): without that, session 4–10's reports showed row loads neither vectorised
+nor pipelined, more spills and less shared memory than the GPU runs.
 """
 
 from __future__ import annotations
