@@ -18,7 +18,10 @@ t_end + β e^γ t_w`` with ``t_w = −r_k Σ_v Y ⊙ (K h)``, which both passes 
 Two passes (``STATS`` then ``SUM``) or one (both): the stats pass accumulates ``V_new Yᵀ``,
 writes dβ, adds the WY terms to dk's scratch and the gate terms to dg; the sum pass accumulates
 dk's loop products (``V_new dhᵀ`` and ``Y hᵀ``), adds the scratch, and finishes dg (the reverse
-cumulative sum inside the chunk and the chunk total's term).
+cumulative sum inside the chunk and the chunk total's term). Each pass reads dg (the stats
+pass also dk's scratch) and overwrites it, so their launches name those arguments in
+``restore``: the autotuner runs a kernel once per configuration it times (session 13: without
+that, dg came out NaN on the H200 and right under the interpreter).
 
 Hopper miscompilation (a 16-bit cast of a dot result transposed into another dot): ``Yᵀ`` is
 loaded transposed from memory; ``V_new Yᵀ`` is only transposed in float32 (the symmetric WY term
