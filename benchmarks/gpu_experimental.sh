@@ -38,7 +38,9 @@
 #       dm_from_y, a process each, at K=V 32/64/128 (two passes) and 16/32/64/128 (one pass);
 #   bash benchmarks/gpu_experimental.sh gdn-wy-served   after serving dm_from_y (session 13): the
 #       forward and forward+backward benchmark (served, two WY passes, the dA passes, fla,
-#       SDPA) and each kernel's share, then every shape of gpu_check_gdn.py against float64;
+#       SDPA) and each kernel's share, then the project shape against float64;
+#   bash benchmarks/gpu_experimental.sh gdn-shapes   every shape of gpu_check_gdn.py against
+#       float64 as served (about six minutes; session 13's call ran out after four of them);
 #   bash benchmarks/gpu_experimental.sh gdn-wy-scaling   the scaling table's T = 1K, 16K, 64K
 #       rows, served against the dA passes, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
@@ -55,8 +57,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-wy-scaling | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-wy-scaling|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -137,8 +139,11 @@ case ${1:-} in
     STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  |GPU time" step gdn_wys_bench 330 python3 \
       benchmarks/bench_gated_delta_rule.py --parts fwd fwd+bwd stages --impls triton-wy \
       triton-da fla --stage-variants default --rounds 4 --out "$OUT/gdn_wys_bench"
-    step gdn_wys_shapes 250 python3 benchmarks/gpu_check_gdn.py --parts shapes \
+    step gdn_wys_shapes 200 python3 benchmarks/gpu_check_gdn.py --quick \
       --out "$OUT/gdn_wys_shapes"
+    ;;
+  gdn-shapes)
+    step gdn_shapes 540 python3 benchmarks/gpu_check_gdn.py --parts shapes --out "$OUT/gdn_shapes"
     ;;
   gdn-wy-scaling)
     step gdn_wys_scaling 540 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
