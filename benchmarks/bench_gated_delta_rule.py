@@ -64,7 +64,7 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                dv_from_dh: bool | None = None, local_dv: bool | None = None,
                split_dk: bool | None = None, lean_walk: bool | None = None,
                inverse_precision: str | None = None,
-               dm_from_y: bool | None = None) -> GDN | str:
+               dm_from_y: bool | None = None, store_v_new: bool | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
@@ -72,7 +72,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
     writes dv), ``local_dv`` (the dh kernel's within-chunk term from a parallel kernel),
     ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
     shared memory), ``inverse_precision`` (the WY inverse's float32 products), ``dm_from_y``
-    (dk, dg, dβ from the stored Y, no dA); or why they cannot run here."""
+    (dk, dg, dβ from the stored Y, no dA), ``store_v_new`` (the backward's state walk stores
+    V_new for the later passes); or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -84,7 +85,7 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                                       dv_from_dh=dv_from_dh, local_dv=local_dv,
                                       split_dk=split_dk, lean_walk=lean_walk,
                                       inverse_precision=inverse_precision,
-                                      dm_from_y=dm_from_y)
+                                      dm_from_y=dm_from_y, store_v_new=store_v_new)
 
     return run
 
@@ -250,6 +251,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     fn = {"all": lambda: triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
                                     local_dv=True),
           "wy": lambda: triton_gdn(dm_from_y=True, split_dk=True),
+          "vn": lambda: triton_gdn(store_v_new=True),
           "default": triton_gdn}[variant]()
     if isinstance(fn, str):
         print(f"stages: {fn}")
@@ -273,7 +275,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = {"all": " (every variant on)", "wy": " (dm_from_y)",
+    which = {"all": " (every variant on)", "wy": " (dm_from_y)", "vn": " (store_v_new)",
              "default": " (served defaults)"}[variant]
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
@@ -289,7 +291,7 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
               "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv",
-              "triton-wy", "triton-wy1", "triton-da", "fla")
+              "triton-wy", "triton-wy1", "triton-da", "triton-vn", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling", "stages"],
                         default=["fwd", "fwd+bwd", "scaling"],
                         help="stages: each kernel's time in one forward+backward (profiler)")
-    parser.add_argument("--stage-variants", nargs="+", choices=["default", "all", "wy"],
+    parser.add_argument("--stage-variants", nargs="+", choices=["default", "all", "wy", "vn"],
                         default=["default", "all"],
                         help="the stages part's runs: served defaults, every variant on, "
-                             "dm_from_y")
+                             "dm_from_y, store_v_new")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gated_delta_rule: no CUDA device; nothing to measure", file=sys.stderr)
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
              "triton-wy": triton_gdn(dm_from_y=True, split_dk=True),
              "triton-wy1": triton_gdn(dm_from_y=True, split_dk=False),
              "triton-da": triton_gdn(dm_from_y=False, split_dk=True),  # served until session 12
+             "triton-vn": triton_gdn(store_v_new=True),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()

@@ -219,9 +219,11 @@ PROBE_FAMILIES = {
     "chunk_bwd": ("chunk_bwd_dq", "chunk_bwd_dv", "chunk_bwd_dk", "chunk_bwd_dk_stats",
                   "chunk_bwd_dk_sum",  # these two with --probe-variants split_dk
                   "chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum",
-                  "chunk_bwd_wy"),  # these with dm_from_y (the last without split_dk)
-    "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_bwd_dh",
-                "chunk_bwd_dh_y", "chunk_bwd_dh_y_l"),
+                  "chunk_bwd_wy",  # these with dm_from_y (the last without split_dk)
+                  "chunk_bwd_dv_vn", "chunk_bwd_dq_dp_vn", "chunk_bwd_wy_stats_vn",
+                  "chunk_bwd_wy_sum_vn", "chunk_bwd_wy_vn"),  # and with store_v_new
+    "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_fwd_h_h_vn",
+                "chunk_bwd_dh", "chunk_bwd_dh_y", "chunk_bwd_dh_y_l"),
     "kkt_solve": ("kkt_solve",),
     "chunk_o": ("chunk_fwd_o",),  # runs with --probe-variants only (the split forward)
     "chunk_dv": ("chunk_bwd_dv_local",),  # likewise (local_dv)
@@ -245,7 +247,7 @@ def probe_configs(family: str) -> list:
 
 
 VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk",
-            "dm_from_y")
+            "dm_from_y", "store_v_new")
 
 
 def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ()) -> int:
@@ -320,6 +322,8 @@ def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> 
         names.append("chunk_bwd_dv")
     if from_y:
         names += ["chunk_bwd_wy_stats", "chunk_bwd_wy_sum"] if split else ["chunk_bwd_wy"]
+        if on("store_v_new") and not on("keep_states"):  # the passes reading V_new
+            names = [name + "_vn" for name in names]
     else:
         names += ["chunk_bwd_dk_stats", "chunk_bwd_dk_sum"] if split else ["chunk_bwd_dk"]
     pruned = [name for name in names if config not in chunk_bwd.safe_configs(name, dim)]

@@ -43,6 +43,10 @@
 #       float64 as served (about six minutes; session 13's call ran out after four of them);
 #   bash benchmarks/gpu_experimental.sh gdn-wy-scaling   the scaling table's T = 1K, 16K, 64K
 #       rows, served against the dA passes, fla and SDPA;
+#   bash benchmarks/gpu_experimental.sh gdn-vn   V_new stored by the backward's state walk
+#       (chunk.STORE_V_NEW, session 13, not yet on a GPU): every chunk_bwd and chunk_h
+#       configuration with it, a process each, at K=V 32/64/128; then the forward+backward
+#       benchmark (served against triton-vn, SDPA) and each kernel's share with it;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -57,8 +61,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -149,6 +153,14 @@ case ${1:-} in
     step gdn_wys_scaling 540 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
       --scaling-seqlens 1024 16384 65536 --scaling-impls triton triton-da fla \
       --out "$OUT/gdn_wys_scaling"
+    ;;
+  gdn-vn)
+    step gdn_vn_probe 230 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-variants \
+      dm_from_y store_v_new dv_from_dh local_dv lean_walk --probe-dims 32 64 128 \
+      --probe-families chunk_bwd chunk_h --out "$OUT/gdn_vn_probe"
+    STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  |GPU time" step gdn_vn_bench 300 python3 \
+      benchmarks/bench_gated_delta_rule.py --parts fwd+bwd stages --impls triton-vn \
+      --stage-variants default vn --rounds 4 --out "$OUT/gdn_vn_bench"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

@@ -238,6 +238,53 @@ def test_dm_from_y_matches_float64_and_the_da_passes(case, split: bool, dv_from_
                    f"dm_from_y {case[0]}", case[7], **kwargs)
 
 
+# V_new from the backward's state walk: two cases in two passes, three in one
+VN_CASES = [(c, True) for c in CASES if c[0] in ("T=37 strided", "HV=3H K=48 V=40")] + [
+    (c, False) for c in CASES if c[0] in ("T=64+5 H=HV", "cu_seqlens", "T=130")]
+
+
+@pytest.mark.parametrize(("case", "split"), VN_CASES,
+                         ids=[f"{c[0]}-{'two' if s else 'one'}" for c, s in VN_CASES])
+def test_v_new_from_the_state_walk_matches_float64_and_recomputing_it(monkeypatch, case,
+                                                                      split: bool) -> None:
+    """``store_v_new``: the backward's state walk stores ``U − W h`` and the dq and WY passes
+    read it (their ``_vn`` launches): every output and gradient against float64, and against
+    the passes that compute it, to float32 rounding."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_bwd, chunk_h
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    launched = []
+    for module in (chunk_bwd, chunk_h):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda name, *a, real=real, **kw:
+                            launched.append(name) or real(name, *a, **kw))
+    x, kwargs = _case_inputs(case, 6)
+    _check_against(functools.partial(triton_gdr, dm_from_y=True, split_dk=split,
+                                     store_v_new=True),
+                   functools.partial(triton_gdr, dm_from_y=True, split_dk=split,
+                                     store_v_new=False), x,
+                   f"store_v_new {case[0]}", case[7], **kwargs)
+    wy = ["chunk_bwd_wy_stats_vn", "chunk_bwd_wy_sum_vn"] if split else ["chunk_bwd_wy_vn"]
+    assert {"chunk_fwd_h_h_vn", "chunk_bwd_dq_dp_vn", *wy} <= set(launched)
+
+
+def test_v_new_is_not_stored_without_dm_from_y_or_with_kept_states(monkeypatch) -> None:
+    """Only the WY path reads V_new, and kept states skip the walk that would store it."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_h
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    launched = []
+    real = chunk_h.launch
+    monkeypatch.setattr(chunk_h, "launch", lambda name, *a, **kw: launched.append(name)
+                        or real(name, *a, **kw))
+    torch.manual_seed(0)
+    x = _inputs(1, 20, 1, 1, 16, 16, 1, True, torch.float32)
+    for switches in (dict(dm_from_y=False), dict(keep_states=True)):
+        _run(functools.partial(triton_gdr, store_v_new=True, **switches), x,
+             lambda t: t.clone(), False, use_qk_l2norm=True)
+    assert launched and not any(name.endswith("_vn") for name in launched)
+
+
 @pytest.mark.parametrize("split", [True, False], ids=["two passes", "one pass"])
 def test_every_backward_launch_survives_the_autotuners_repeated_runs(monkeypatch,
                                                                      split: bool) -> None:

@@ -28,7 +28,8 @@ Fused away compared with flash-linear-attention 0.6's eight-plus kernels: the q/
 norms come from stage 1; q and k enter every dot as loaded and the norms scale rows and columns
 of the products; the norm's backward is in stage 5), the gate cumsum (``tl.cumsum`` in each
 kernel), ``w`` and ``u`` (``U − W h`` is computed as ``A(β⊙V − β⊙e^γ⊙K̂ h)``, never stored),
-``v_new`` (never stored), the per-chunk states in the forward (only the backward writes them) and
+``v_new`` (never stored, unless ``store_v_new`` asks the backward's state walk to), the
+per-chunk states in the forward (only the backward writes them) and
 the separate output kernel (the state kernel writes o). Saved for the backward: the inputs,
 ``A`` and the norms; the per-chunk states are recomputed in the backward rather than kept from
 the forward, which keeps activation memory at the inputs plus ``A`` (``keep_states`` keeps them
@@ -69,7 +70,7 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, k
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "splits_output"]
+           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "STORE_V_NEW", "splits_output"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -136,6 +137,14 @@ LEAN_WALK = True
 # access; the dA passes run right there), so larger head dims take the dA passes.
 DM_FROM_Y = True
 WY_MAX_DIM = 128
+# With DM_FROM_Y and recomputed states: False has the dq and WY passes compute V_new = A X per
+# value block again (two products in the dq pass, one in the WY pass); True has the backward's
+# state walk, which computes it anyway, store it (the inputs' dtype, [tokens, HV, V], freed
+# after the backward) and those passes read it. Same values to rounding. Found on the CPU in
+# session 13 (ptxas, sm_90: the dq pass 228 → 120 B of spills at BV 64 / 4 warps and 88 → 64
+# KB of shared memory, the one WY pass 356 → 232 B at BV 32 / 4 warps; the walk unchanged in
+# shared memory, 247 → 254 registers); not yet measured on a GPU.
+STORE_V_NEW = False
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -148,7 +157,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
                 fused_group_grads: bool, split_dk: bool,
-                lean_walk: bool, dm_from_y: bool,
+                lean_walk: bool, dm_from_y: bool, store_v_new: bool,
                 inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
@@ -166,6 +175,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.fused_group_grads = fused_group_grads
         ctx.split_dk, ctx.lean_walk, ctx.dm_from_y = split_dk, lean_walk, dm_from_y
+        ctx.store_v_new = store_v_new
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -176,10 +186,13 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         prec = precision(k.dtype)
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        if states is None:  # not kept by the forward: recompute them
+        v_new = None
+        if states is None:  # not kept by the forward: recompute them (and V_new, when wanted)
+            if ctx.store_v_new and ctx.dm_from_y:
+                v_new = v.new_empty(v.shape)  # contiguous, as the kernels index it
             _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
                                        output=False, store_states=True, final_state=False,
-                                       lean=ctx.lean_walk)
+                                       lean=ctx.lean_walk, v_new=v_new)
         initial_grad = h0 is not None and ctx.needs_input_grad[5]
         dv_local = (chunk_bwd_dv_local(q, k, g, beta, rq, rk, do, seqs, scale, l2, prec)
                     if ctx.local_dv else None)
@@ -191,10 +204,11 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec, y=y, dv=dv,
                                           fused_group_grads=ctx.fused_group_grads,
-                                          split_dk=ctx.split_dk, dm_from_y=ctx.dm_from_y)
+                                          split_dk=ctx.split_dk, dm_from_y=ctx.dm_from_y,
+                                          v_new=v_new)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -216,7 +230,7 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               keep_states: bool | None = None, dv_from_dh: bool | None = None,
               local_dv: bool | None = None, fused_group_grads: bool | None = None,
               split_dk: bool | None = None, lean_walk: bool | None = None,
-              dm_from_y: bool | None = None,
+              dm_from_y: bool | None = None, store_v_new: bool | None = None,
               inverse_precision: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
@@ -243,6 +257,7 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
     from_y = (DM_FROM_Y and max(K, V) <= WY_MAX_DIM) if dm_from_y is None else bool(dm_from_y)
     split_default = not from_y if SPLIT_DK is None else SPLIT_DK
+    vn = STORE_V_NEW if store_v_new is None else bool(store_v_new)
     two_dk = split_default if split_dk is None else bool(split_dk)
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
@@ -250,7 +265,7 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
                                                  dv_dh, local, fused, two_dk, lean, from_y,
-                                                 inverse_precision)
+                                                 vn, inverse_precision)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -262,7 +277,7 @@ def chunk_gated_delta_rule(
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
     lean_walk: bool | None = None, dm_from_y: bool | None = None,
-    inverse_precision: str | None = None,
+    store_v_new: bool | None = None, inverse_precision: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -294,6 +309,9 @@ def chunk_gated_delta_rule(
         dm_from_y: the backward's dk, dg and dβ from the stored ``Aᵀ dV_new`` (no dA);
             ``None`` takes :data:`DM_FROM_Y` for K, V up to :data:`WY_MAX_DIM` (beyond it its
             kernels faulted on the H200; ``True`` still runs them there).
+        store_v_new: with ``dm_from_y`` and recomputed states, the backward's state walk
+            stores ``U − W h`` for the later passes to read; ``None`` takes
+            :data:`STORE_V_NEW`.
         inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
             ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
 
@@ -311,5 +329,5 @@ def chunk_gated_delta_rule(
                      split_output=split_output, keep_states=keep_states,
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
                      fused_group_grads=fused_group_grads, split_dk=split_dk,
-                     lean_walk=lean_walk, dm_from_y=dm_from_y,
+                     lean_walk=lean_walk, dm_from_y=dm_from_y, store_v_new=store_v_new,
                      inverse_precision=inverse_precision)

@@ -98,6 +98,9 @@ PASS_ARGS = {"chunk_bwd_dq": {"PASS": 0, "CLOSE_DP": False},
              "chunk_bwd_wy_stats": {"STATS": True, "SUM": False},
              "chunk_bwd_wy_sum": {"STATS": False, "SUM": True},
              "chunk_bwd_wy": {"STATS": True, "SUM": True}}
+# the same passes reading V_new from the backward's state walk (``v_new``)
+PASS_ARGS |= {name + "_vn": PASS_ARGS[name] for name in (
+    "chunk_bwd_dv", "chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum", "chunk_bwd_wy")}
 
 
 def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -124,11 +127,11 @@ def safe_configs(name: str, dk: int) -> list[triton.Config]:
 @triton.jit
 def chunk_bwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, do_ptr, hs_ptr, dhs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dkp_ptr, chunk_seq, cu, chunk_off,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, y_ptr, dkp_ptr, vn_ptr, chunk_seq, cu,
+    chunk_off, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV,
+    GROUP, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
-    PASS: tl.constexpr, CLOSE_DP: tl.constexpr,
+    PASS: tl.constexpr, CLOSE_DP: tl.constexpr, VNEW: tl.constexpr = False,
 ):
     """One (chunk, value head): dq (``PASS`` 0); ``Y = Aᵀ dV_new`` and dv (``PASS`` 1); dk, dg
     and dβ from that Y (``PASS`` 2) — or the same in two passes: dg, dβ and the closing terms
@@ -203,14 +206,19 @@ def chunk_bwd_kernel(
         v_ok = offs_v < DV
         state_offs = state + offs_k[:, None] * DV + offs_v[None, :]
         state_ok = k_ok[:, None] & v_ok[None, :]
-        v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v, v_ok).to(tl.float32)
+        if not VNEW:
+            v = load_rows(v_ptr + hv * stride_vh, rows, r_ok, stride_vt, offs_v,
+                          v_ok).to(tl.float32)
         if not DK_SUM:
             do = load_rows(do_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # (C, BV)
         h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
-        # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
-        kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
-        x = v * beta[:, None] - kh * c_w[:, None]
-        v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
+        if VNEW:  # the dq pass only: V_new as the backward's state walk stored it
+            v_new = load_rows(vn_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)
+        else:
+            # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
+            kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
+            x = v * beta[:, None] - kh * c_w[:, None]
+            v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
         if not DK_SUM:
             dpt = tl.dot(v_new, tl.trans(do), dpt, input_precision=PRECISION)
         if DQ_PASS:
@@ -322,7 +330,8 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
               states: Tensor, dstates: Tensor, seqs: Sequences, scale: float,
               use_qk_l2norm: bool, precision: str, y: Tensor | None = None,
               dv: Tensor | None = None, fused_group_grads: bool = False,
-              split_dk: bool = False, dm_from_y: bool = False) -> tuple[Tensor, ...]:
+              split_dk: bool = False, dm_from_y: bool = False,
+              v_new: Tensor | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)``: dq, dk ``[tokens, H, K]`` and dv ``[tokens, HV, V]`` in the
     inputs' dtype, dg and dbeta ``[tokens, HV]`` float32. Given ``y`` (``Aᵀ dV_new``, float32)
     and ``dv`` — as ``chunk_bwd_dh(..., store_y=True)`` writes them — the dv pass is skipped.
@@ -331,7 +340,9 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     runs the dk pass as two (``PASS`` 3 then 4, a float32 ``[tokens, HV, K]`` scratch between
     them), each with fewer live tiles than the single one. ``dm_from_y`` makes dk, dg and dβ
     in :mod:`.chunk_bwd_wy`'s passes instead (the WY gradient from ``Y``; two passes with
-    ``split_dk``, else one), the dq pass adding the ``dPᵀ`` terms."""
+    ``split_dk``, else one), the dq pass adding the ``dPᵀ`` terms; given ``v_new``
+    (``U − W h`` ``[tokens, HV, V]`` in the inputs' dtype, as ``chunk_fwd_h(...,
+    store_v_new=True)`` writes it) those passes read it instead of computing it."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -355,28 +366,33 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     else:
         passes.pop(1)
     key = ["DK", "DV", "USE_L2NORM", "FINALIZE"]
+    from_walk = dm_from_y and v_new is not None  # V_new read, not recomputed
+    suffix = "_vn" if from_walk else ""
     for name, which in passes:
-        launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG, key,
+        launch(name + suffix, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG, key,
                lambda meta: (seqs.num_chunks, HV),
                q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
-               y if dk_part is None else dk_part, seqs.chunk_seq, seqs.cu, seqs.chunk_off,
+               y if dk_part is None else dk_part, v_new if from_walk else None, seqs.chunk_seq,
+               seqs.cu, seqs.chunk_off,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, PASS=which, CLOSE_DP=dm_from_y, prune=prune)
+               PRECISION=precision, PASS=which, CLOSE_DP=dm_from_y,
+               VNEW=from_walk and which == 0, prune=prune)
     if dm_from_y:
         # each reads the dγ (and the stats pass dk's scratch) that it then overwrites
         wy = ([("chunk_bwd_wy_stats", True, False, ("dg_ptr", "dkp_ptr")),
                ("chunk_bwd_wy_sum", False, True, ("dg_ptr",))]
               if split_dk else [("chunk_bwd_wy", True, True, ("dg_ptr",))])
         for name, stats, total, overwritten in wy:
-            launch(name, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
+            launch(name + suffix, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
                    lambda meta: (seqs.num_chunks, HV),
                    k, v, g, beta, a, rk, states, dstates, y, dk, dg, dbeta, dk_part,
+                   v_new if from_walk else None,
                    seqs.chunk_seq, seqs.cu, seqs.chunk_off,
                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), HV, group, DK=K, DV=V,
                    BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-                   PRECISION=precision, STATS=stats, SUM=total, prune=prune,
+                   PRECISION=precision, STATS=stats, SUM=total, VNEW=from_walk, prune=prune,
                    restore=overwritten)
     if not finalize and fused_group_grads:
         from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads

@@ -48,11 +48,11 @@ __all__ = ["chunk_bwd_wy_kernel"]
 @triton.jit
 def chunk_bwd_wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rk_ptr, hs_ptr, dhs_ptr, y_ptr,
-    dk_ptr, dg_ptr, dbeta_ptr, dkp_ptr, chunk_seq, cu, chunk_off,
+    dk_ptr, dg_ptr, dbeta_ptr, dkp_ptr, vn_ptr, chunk_seq, cu, chunk_off,
     stride_kt, stride_kh, stride_vt, stride_vh, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, FINALIZE: tl.constexpr, PRECISION: tl.constexpr,
-    STATS: tl.constexpr, SUM: tl.constexpr,
+    STATS: tl.constexpr, SUM: tl.constexpr, VNEW: tl.constexpr = False,
 ):
     """One (chunk, value head): with ``STATS`` dβ, the WY terms of dk (added to ``dkp``) and
     of dγ (added to ``dg``); with ``SUM`` dk's loop terms plus ``dkp`` (dk, finished) and dg
@@ -74,7 +74,8 @@ def chunk_bwd_wy_kernel(
     eg = tl.exp(gam)
     e_end = tl.exp(gam_c - gam)
     c_w = rk * beta * eg  # β⊙e^γ⊙K̂ = c_w ⊙ K
-    a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
+    if not VNEW:
+        a = load_rows(a_ptr + hv * 64, rows, r_ok, HV * 64, offs_c, offs_c < 64)  # (C, C)
 
     dqk = tl.zeros([64, BK], tl.float32)  # dk's loop terms
     vyt = tl.zeros([64, 64], tl.float32)  # V_new Yᵀ = −dMᵀ
@@ -91,8 +92,11 @@ def chunk_bwd_wy_kernel(
         h = tl.load(hs_ptr + state_offs, mask=state_ok, other=0.0)  # (BK, BV)
         # forward again: X = β⊙V − (β⊙e^γ⊙K̂) h, V_new = A X
         kh = tl.dot(k, h, input_precision=PRECISION)  # (C, BV)
-        x = v * beta[:, None] - kh * c_w[:, None]
-        v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
+        if VNEW:  # as the backward's state walk stored it
+            v_new = load_rows(vn_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)
+        else:
+            x = v * beta[:, None] - kh * c_w[:, None]
+            v_new = tl.dot(a, x.to(dt), input_precision=PRECISION).to(dt)  # (C, BV)
         y = load_rows(y_ptr + hv * DV, rows, r_ok, HV * DV, offs_v, v_ok)  # Aᵀ dV_new, float32
         t_w += tl.sum(y * kh, 1)
         if STATS:

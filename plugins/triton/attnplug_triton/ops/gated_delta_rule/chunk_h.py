@@ -64,12 +64,12 @@ def parallelism(pairs: int) -> int:
 @triton.jit
 def chunk_fwd_h_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, h0_ptr, o_ptr, hs_ptr, ht_ptr,
-    cu, chunk_off,
+    vn_ptr, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, scale, HV, GROUP,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT: tl.constexpr,
     STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-    PARALLELISM: tl.constexpr, LEAN: tl.constexpr = False,
+    PARALLELISM: tl.constexpr, LEAN: tl.constexpr = False, STORE_VNEW: tl.constexpr = False,
 ):
     """One (sequence·value head, value block): the output and/or per-chunk states.
 
@@ -127,6 +127,8 @@ def chunk_fwd_h_kernel(
             w_new = v_new * rk[:, None]  # 1/‖k‖ on V_new's rows: P's columns and the state's
         else:
             v_new = chunk_v_new(k, hd, v, a, beta, rk, gam, PRECISION)  # (C, BV) U − W h
+        if STORE_VNEW:
+            store_rows(vn_ptr + hv * DV, v_new, rows, r_ok, HV * DV, offs_v, v_ok)
         if OUTPUT:
             q = load_rows(q_ptr + hk * stride_qh, rows, r_ok, stride_qt, offs_k, k_ok)
             rq = load_norms(rq_ptr, rows, r_ok, HV // GROUP, hk, USE_L2NORM) * scale
@@ -223,28 +225,32 @@ def chunk_bwd_dh_kernel(
 def chunk_fwd_h(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tensor,
                 rq: Tensor | None, rk: Tensor | None, h0: Tensor | None, seqs: Sequences,
                 scale: float, use_qk_l2norm: bool, precision: str, *, output: bool,
-                store_states: bool, final_state: bool,
-                lean: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                store_states: bool, final_state: bool, lean: bool = False,
+                v_new: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(o[tokens, HV, V] | None, states[NC, HV, K, V] | None, final[N, HV, K, V] | None)``.
 
     q, k ``[tokens, H, K]``, v ``[tokens, HV, V]`` token-major with unit last strides; g, beta
     float32 ``[tokens, HV]`` and a ``[tokens, HV, 64]`` contiguous; h0 ``[N, HV, K, V]``.
-    ``lean``: the kernel's ``LEAN`` ordering (same values, less shared memory).
+    ``lean``: the kernel's ``LEAN`` ordering (same values, less shared memory). ``v_new``
+    (``[tokens, HV, V]`` in v's dtype): also store every chunk's ``U − W h`` there, for the
+    backward's passes to read instead of computing it (``STORE_VNEW``).
     """
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     o = v.new_empty((tokens, HV, V)) if output else None
     states = k.new_empty((seqs.num_chunks, HV, K, V)) if store_states else None
     final = k.new_empty((seqs.num_seqs, HV, K, V), dtype=torch.float32) if final_state else None
-    launch(f"chunk_fwd_h{'_o' if output else ''}{'_h' if store_states else ''}",
+    launch(f"chunk_fwd_h{'_o' if output else ''}{'_h' if store_states else ''}"
+           f"{'_vn' if v_new is not None else ''}",
            chunk_fwd_h_kernel, CONFIGS, INTERPRETER_CONFIG, _KEY,
            lambda meta: (seqs.num_seqs * HV, triton.cdiv(V, meta["BV"])),
-           q, k, v, g, beta, a, rq, rk, h0, o, states, final, seqs.cu, seqs.chunk_off,
+           q, k, v, g, beta, a, rq, rk, h0, o, states, final, v_new, seqs.cu, seqs.chunk_off,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            scale, HV, HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm,
            HAS_H0=h0 is not None, OUTPUT=output, STORE_H=store_states,
            STORE_FINAL=final_state, PRECISION=precision,
-           PARALLELISM=parallelism(seqs.num_seqs * HV), LEAN=lean)
+           PARALLELISM=parallelism(seqs.num_seqs * HV), LEAN=lean,
+           STORE_VNEW=v_new is not None)
     return o, states, final
 
 
