@@ -220,8 +220,8 @@ PROBE_FAMILIES = {
                   "chunk_bwd_dk_sum",  # these two with --probe-variants split_dk
                   "chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum",
                   "chunk_bwd_wy",  # these with dm_from_y (the last without split_dk)
-                  "chunk_bwd_dv_vn", "chunk_bwd_dq_dp_vn", "chunk_bwd_wy_stats_vn",
-                  "chunk_bwd_wy_sum_vn", "chunk_bwd_wy_vn"),  # and with store_v_new
+                  "chunk_bwd_dq_dp_vn", "chunk_bwd_wy_stats_vn", "chunk_bwd_wy_sum_vn",
+                  "chunk_bwd_wy_vn"),  # and with store_v_new
     "chunk_h": ("chunk_fwd_h_o", "chunk_fwd_h_h", "chunk_fwd_h_o_h", "chunk_fwd_h_h_vn",
                 "chunk_bwd_dh", "chunk_bwd_dh_y", "chunk_bwd_dh_y_l"),
     "kkt_solve": ("kkt_solve",),
@@ -311,19 +311,18 @@ def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> 
     config = chunk_bwd.CONFIGS[index]
     if variants:
         on = lambda name: name in variants  # noqa: E731
-        split, from_y = on("split_dk"), on("dm_from_y")
-    else:  # as served (chunk.run_chunk)
+        from_y, split = chunk.dk_passes(dim, dim, on("dm_from_y"), on("split_dk"))
+    else:  # as served
         on = lambda name: getattr(chunk, name.upper())  # noqa: E731
-        from_y = chunk.DM_FROM_Y and dim <= chunk.WY_MAX_DIM
-        split = not from_y if chunk.SPLIT_DK is None else chunk.SPLIT_DK
-    # the passes that run with these switches
-    names = ["chunk_bwd_dq_dp" if from_y else "chunk_bwd_dq"]
+        from_y, split = chunk.dk_passes(dim, dim, None, None)
+    # the passes that run with these switches (those reading V_new named _vn)
+    vn = "_vn" if from_y and on("store_v_new") and not on("keep_states") else ""
+    names = ["chunk_bwd_dq_dp" + vn if from_y else "chunk_bwd_dq"]
     if not on("dv_from_dh"):
         names.append("chunk_bwd_dv")
     if from_y:
-        names += ["chunk_bwd_wy_stats", "chunk_bwd_wy_sum"] if split else ["chunk_bwd_wy"]
-        if on("store_v_new") and not on("keep_states"):  # the passes reading V_new
-            names = [name + "_vn" for name in names]
+        names += ([f"chunk_bwd_wy_stats{vn}", f"chunk_bwd_wy_sum{vn}"] if split
+                  else [f"chunk_bwd_wy{vn}"])
     else:
         names += ["chunk_bwd_dk_stats", "chunk_bwd_dk_sum"] if split else ["chunk_bwd_dk"]
     pruned = [name for name in names if config not in chunk_bwd.safe_configs(name, dim)]

@@ -70,7 +70,8 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, k
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "STORE_V_NEW", "splits_output"]
+           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "STORE_V_NEW", "splits_output",
+           "dk_passes"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -188,7 +189,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         v_new = None
         if states is None:  # not kept by the forward: recompute them (and V_new, when wanted)
-            if ctx.store_v_new and ctx.dm_from_y:
+            if ctx.store_v_new:
                 v_new = v.new_empty(v.shape)  # contiguous, as the kernels index it
             _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
                                        output=False, store_states=True, final_state=False,
@@ -217,6 +218,17 @@ def splits_output(pairs: int) -> bool:
     than ``FEW_PROGRAMS`` pairs (the sequential kernel then has too few programs to fill the
     GPU, and the parallel one has a program per chunk)."""
     return pairs < FEW_PROGRAMS if SPLIT_OUTPUT is None else bool(SPLIT_OUTPUT)
+
+
+def dk_passes(K: int, V: int, dm_from_y: bool | None,
+              split_dk: bool | None) -> tuple[bool, bool]:
+    """``(dm_from_y, split_dk)`` as the backward runs them at head dims ``K``, ``V``: the
+    arguments when given, else :data:`DM_FROM_Y` up to :data:`WY_MAX_DIM` and :data:`SPLIT_DK`
+    (whose ``None`` is one pass with ``dm_from_y``, two without)."""
+    from_y = (DM_FROM_Y and max(K, V) <= WY_MAX_DIM) if dm_from_y is None else bool(dm_from_y)
+    if split_dk is not None:
+        return from_y, bool(split_dk)
+    return from_y, (not from_y if SPLIT_DK is None else SPLIT_DK)
 
 
 def _common_dtype(*tensors: Tensor) -> torch.dtype:
@@ -255,10 +267,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     local = LOCAL_DV if local_dv is None else bool(local_dv)
     fused = FUSED_GROUP_GRADS if fused_group_grads is None else bool(fused_group_grads)
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
-    from_y = (DM_FROM_Y and max(K, V) <= WY_MAX_DIM) if dm_from_y is None else bool(dm_from_y)
-    split_default = not from_y if SPLIT_DK is None else SPLIT_DK
-    vn = STORE_V_NEW if store_v_new is None else bool(store_v_new)
-    two_dk = split_default if split_dk is None else bool(split_dk)
+    from_y, two_dk = dk_passes(K, V, dm_from_y, split_dk)
+    vn = from_y and (STORE_V_NEW if store_v_new is None else bool(store_v_new))
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
                          f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")

@@ -98,9 +98,9 @@ PASS_ARGS = {"chunk_bwd_dq": {"PASS": 0, "CLOSE_DP": False},
              "chunk_bwd_wy_stats": {"STATS": True, "SUM": False},
              "chunk_bwd_wy_sum": {"STATS": False, "SUM": True},
              "chunk_bwd_wy": {"STATS": True, "SUM": True}}
-# the same passes reading V_new from the backward's state walk (``v_new``)
+# the passes that read V_new from the backward's state walk (``v_new``)
 PASS_ARGS |= {name + "_vn": PASS_ARGS[name] for name in (
-    "chunk_bwd_dv", "chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum", "chunk_bwd_wy")}
+    "chunk_bwd_dq_dp", "chunk_bwd_wy_stats", "chunk_bwd_wy_sum", "chunk_bwd_wy")}
 
 
 def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -341,8 +341,8 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     them), each with fewer live tiles than the single one. ``dm_from_y`` makes dk, dg and dβ
     in :mod:`.chunk_bwd_wy`'s passes instead (the WY gradient from ``Y``; two passes with
     ``split_dk``, else one), the dq pass adding the ``dPᵀ`` terms; given ``v_new``
-    (``U − W h`` ``[tokens, HV, V]`` in the inputs' dtype, as ``chunk_fwd_h(...,
-    store_v_new=True)`` writes it) those passes read it instead of computing it."""
+    (``U − W h`` ``[tokens, HV, V]`` in the inputs' dtype, as ``chunk_fwd_h(..., v_new=)``
+    writes it) those passes read it instead of computing it."""
     tokens, H, K = k.shape
     HV, V = v.shape[1:]
     group = HV // H
@@ -366,19 +366,20 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     else:
         passes.pop(1)
     key = ["DK", "DV", "USE_L2NORM", "FINALIZE"]
-    from_walk = dm_from_y and v_new is not None  # V_new read, not recomputed
-    suffix = "_vn" if from_walk else ""
+    vn = v_new if dm_from_y else None  # V_new read, not recomputed (dq and WY passes)
+    suffix = "_vn" if vn is not None else ""
     for name, which in passes:
-        launch(name + suffix, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG, key,
-               lambda meta: (seqs.num_chunks, HV),
+        reads_vn = vn is not None and which == 0
+        launch(name + suffix if reads_vn else name, chunk_bwd_kernel, CONFIGS,
+               INTERPRETER_CONFIG, key, lambda meta: (seqs.num_chunks, HV),
                q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
-               y if dk_part is None else dk_part, v_new if from_walk else None, seqs.chunk_seq,
+               y if dk_part is None else dk_part, vn if reads_vn else None, seqs.chunk_seq,
                seqs.cu, seqs.chunk_off,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                scale, HV, group, DK=K, DV=V,
                BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
                PRECISION=precision, PASS=which, CLOSE_DP=dm_from_y,
-               VNEW=from_walk and which == 0, prune=prune)
+               VNEW=reads_vn, prune=prune)
     if dm_from_y:
         # each reads the dγ (and the stats pass dk's scratch) that it then overwrites
         wy = ([("chunk_bwd_wy_stats", True, False, ("dg_ptr", "dkp_ptr")),
@@ -387,12 +388,12 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
         for name, stats, total, overwritten in wy:
             launch(name + suffix, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
                    lambda meta: (seqs.num_chunks, HV),
-                   k, v, g, beta, a, rk, states, dstates, y, dk, dg, dbeta, dk_part,
-                   v_new if from_walk else None,
+                   k, v, g, beta, a, rk, states, dstates, y, dk, dg, dbeta, dk_part, vn,
                    seqs.chunk_seq, seqs.cu, seqs.chunk_off,
                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), HV, group, DK=K, DV=V,
                    BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-                   PRECISION=precision, STATS=stats, SUM=total, VNEW=from_walk, prune=prune,
+                   PRECISION=precision, STATS=stats, SUM=total, VNEW=vn is not None,
+                   prune=prune,
                    restore=overwritten)
     if not finalize and fused_group_grads:
         from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
