@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_session.sh check   the conformance kit on triton (`attnplug check triton
 #       --device cuda --dtype bfloat16`: every slot it serves and the hybrid model against
 #       float64; it compiles and autotunes every kernel at each shape, several minutes);
-#   bash benchmarks/gpu_session.sh train   a hybrid trained with triton and with local, losses
-#       and tokens/s side by side;
+#   bash benchmarks/gpu_session.sh train   a hybrid trained with triton and with local (two
+#       seeds, the example's 500 steps), losses and tokens/s side by side;
 #   bash benchmarks/gpu_session.sh bench   the attention benchmark, anchors in the same run.
 # The short convolution's tests (long to autotune) are in gpu_profile.sh. Every step has its own
 # time limit, so one that hangs or faults leaves the rest to run.
@@ -40,19 +40,30 @@ case $1 in
       triton --device cuda --dtype bfloat16
     ;;
   train)
-    for backend in triton local; do
-      timeout 250 python3 -m attnplug train examples/qwen3_next_hybrid.toml --device cuda \
-        --backend "$backend" --steps 150 --json > "$OUT/train_$backend.json" \
-        2> "$OUT/train_$backend.err"
-      python3 - "$OUT/train_$backend.json" <<'PY'
+    # the example's own 500 steps (its learning-rate schedule), seeds 0 and 1 (MQAR's loss falls
+    # in a jump whose step varies from run to run: one seed cannot tell a backend's error from
+    # that); the four runs at once, each printing its losses every 50 steps and its evaluations
+    for seed in 0 1; do
+      for backend in triton local; do
+        timeout 400 python3 -m attnplug train examples/qwen3_next_hybrid.toml --device cuda \
+          --backend "$backend" --seed "$seed" --json > "$OUT/train_${backend}_$seed.json" \
+          2> "$OUT/train_${backend}_$seed.err" &
+      done
+    done
+    wait
+    for f in "$OUT"/train_*_[0-9].json; do
+      python3 - "$f" <<'PY'
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))
 except (OSError, ValueError) as exc:
     print(f"{sys.argv[1]}: no result ({exc})")
 else:
-    print({k: d.get(k) for k in ("backend", "steps", "initial_loss", "final_loss", "accuracy",
-                                 "tokens_per_second", "tokens_per_second_steady")})
+    print({k: d.get(k) for k in ("backend", "seed", "steps", "initial_loss", "final_loss",
+                                 "accuracy", "tokens_per_second_steady")})
+    print("  loss every 50 steps:", [round(x, 3) for x in d["losses"][::50]])
+    print("  evaluations:", [(e["step"], round(e["loss"], 3), round(e["accuracy"], 3))
+                             for e in d["evals"]])
 PY
     done
     ;;

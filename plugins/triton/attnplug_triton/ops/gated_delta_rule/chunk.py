@@ -144,7 +144,11 @@ WY_MAX_DIM = 128
 # after the backward) and those passes read it. Same values to rounding. Found on the CPU in
 # session 13 (ptxas, sm_90: the dq pass 228 → 120 B of spills at BV 64 / 4 warps and 88 → 64
 # KB of shared memory, the one WY pass 356 → 232 B at BV 32 / 4 warps; the walk unchanged in
-# shared memory, 247 → 254 registers); not yet measured on a GPU.
+# shared memory, 247 → 254 registers). Off: on the H200 with Triton 3.6 (session 14,
+# benchmarks/results/2026-11-28-h200-session14.md) at K = V = 128 the one WY pass reading it
+# is wrong at BV 32 / 4 warps (dg 9e-2 against float64; the configuration it would be chosen
+# for) and the walk storing it faults (illegal memory access) at 8 warps or 3 stages; right at
+# K = V = 32 and 64 and under the interpreter.
 STORE_V_NEW = False
 
 
