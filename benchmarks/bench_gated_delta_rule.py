@@ -64,7 +64,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                dv_from_dh: bool | None = None, local_dv: bool | None = None,
                split_dk: bool | None = None, lean_walk: bool | None = None,
                inverse_precision: str | None = None,
-               dm_from_y: bool | None = None, store_v_new: bool | None = None) -> GDN | str:
+               dm_from_y: bool | None = None, store_v_new: bool | None = None,
+               overlap_walks: bool | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
@@ -73,7 +74,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
     ``split_dk`` (the dk pass as two), ``lean_walk`` (the state walk ordered to need less
     shared memory), ``inverse_precision`` (the WY inverse's float32 products), ``dm_from_y``
     (dk, dg, dβ from the stored Y, no dA), ``store_v_new`` (the backward's state walk stores
-    V_new for the later passes); or why they cannot run here."""
+    V_new for the later passes), ``overlap_walks`` (the backward's state recomputation on a
+    second CUDA stream alongside the dh walk); or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -85,7 +87,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                                       dv_from_dh=dv_from_dh, local_dv=local_dv,
                                       split_dk=split_dk, lean_walk=lean_walk,
                                       inverse_precision=inverse_precision,
-                                      dm_from_y=dm_from_y, store_v_new=store_v_new)
+                                      dm_from_y=dm_from_y, store_v_new=store_v_new,
+                                      overlap_walks=overlap_walks)
 
     return run
 
@@ -291,7 +294,8 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
 IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvpass",
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
               "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv",
-              "triton-wy", "triton-wy1", "triton-da", "triton-vn", "fla")
+              "triton-wy", "triton-wy1", "triton-da", "triton-vn", "triton-ovl",
+              "triton-noovl", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
              "triton-wy1": triton_gdn(dm_from_y=True, split_dk=False),
              "triton-da": triton_gdn(dm_from_y=False, split_dk=True),  # served until session 12
              "triton-vn": triton_gdn(store_v_new=True),
+             "triton-ovl": triton_gdn(overlap_walks=True),
+             "triton-noovl": triton_gdn(overlap_walks=False),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()

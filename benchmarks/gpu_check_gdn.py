@@ -247,14 +247,15 @@ def probe_configs(family: str) -> list:
 
 
 VARIANTS = ("split_output", "keep_states", "dv_from_dh", "local_dv", "split_dk", "lean_walk",
-            "dm_from_y", "store_v_new")
+            "dm_from_y", "store_v_new", "overlap_walks")
 
 
-def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ()) -> int:
+def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = (),
+              dtype: torch.dtype = torch.bfloat16) -> int:
     """One probe (in its own process): ``family``'s kernels forced to its ``index``-th
     configuration, every other kernel at its first (chunk_bwd: its first not pruned at this
-    dim; none forced for ``autotune``), fwd+bwd at
-    B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
+    dim, chunk_o its first not pruned; none forced for ``autotune``), fwd+bwd in ``dtype``
+    at B=2 T=1000 H=4/8 K=V=``dim`` (H=2/4 when ``dim`` ≤ 32, as the te GPU test's hybrid)
     against float64; ``variants`` names the switches of chunk_gated_delta_rule turned on (of
     VARIANTS: the split forward, kept states, dv from the dh kernel, the local dv kernel and
     the two-pass dk), the others off; none named: the served defaults.
@@ -272,12 +273,13 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
     from attnplug_triton.ops.gated_delta_rule.common import force_config
 
     H, HV = (2, 4) if dim <= 32 else (4, 8)
-    x = make_inputs(2, 1000, H, HV, dim, dim, 2, torch.bfloat16)
+    x = make_inputs(2, 1000, H, HV, dim, dim, 2, dtype)
     refs = reference(x, None)
     forced = {}
     if family != "autotune":
         first = {"chunk_h": chunk_h.CONFIGS[0],
-                 "kkt_solve": kkt_solve.CONFIGS[0], "chunk_o": chunk_o.CONFIGS[0],
+                 "kkt_solve": kkt_solve.CONFIGS[0],
+                 "chunk_o": chunk_o.prune(chunk_o.CONFIGS, {}, DK=dim)[0],
                  "chunk_dv": chunk_dv.CONFIGS[0]}
         for fam, names in PROBE_FAMILIES.items():
             for name in names:
@@ -303,10 +305,15 @@ def probe_one(family: str, index: int, dim: int, variants: tuple[str, ...] = ())
 
 def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> str | None:
     """Why a probe's forced configuration is one the autotuner never picks at ``dim`` (its
-    ``prune``: known miscompilations), or None: only chunk_bwd prunes."""
+    ``prune``: known miscompilations), or None: chunk_bwd and chunk_o prune."""
+    from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd, chunk_o
+
+    if family == "chunk_o":
+        config = chunk_o.CONFIGS[index]
+        safe = chunk_o.prune(chunk_o.CONFIGS, {}, DK=dim)
+        return None if config in safe else f"pruned at K={dim} for chunk_fwd_o"
     if family != "chunk_bwd":
         return None
-    from attnplug_triton.ops.gated_delta_rule import chunk, chunk_bwd
 
     config = chunk_bwd.CONFIGS[index]
     if variants:
@@ -337,7 +344,8 @@ def inverse_precision() -> str:
 
 
 def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
-                variants: tuple[str, ...] = ()) -> list[dict]:
+                variants: tuple[str, ...] = (),
+                dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Part 4: every configuration of each kernel family, each in a process of its own
     (CUDA_LAUNCH_BLOCKING=1; ``jobs`` at a time on the one GPU), so that one that faults (an
     illegal memory access ends the CUDA context) is named and the others still run."""
@@ -365,7 +373,8 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
     def check(family: str, index: int, dim: int, label: str) -> dict:
         try:
             command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim),
-                       "--inverse-precision", inverse_precision()]
+                       "--inverse-precision", inverse_precision(), "--probe-dtype",
+                       NAMES[dtype]]
             done = subprocess.run(command + ["--probe-variants", *variants] if variants
                                   else command, env=env,
                                   capture_output=True, text=True, timeout=240)
@@ -375,10 +384,10 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
             done, result = None, None
         if result is not None:
             errs = {n: {"rel": e, "max_abs": float("nan")} for n, e in result["errors"].items()}
-            return row("probe", label, torch.bfloat16, errs)
+            return row("probe", label, dtype, errs)
         tail = "timeout" if done is None else " | ".join(
             (done.stdout + done.stderr).strip().splitlines()[-3:])
-        return failed_row("probe", label, torch.bfloat16, RuntimeError(tail))
+        return failed_row("probe", label, dtype, RuntimeError(tail))
 
     with ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(one, cases))
@@ -433,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-variants", nargs="*", choices=VARIANTS, default=None,
                         help="probe: with these kernel variants on, the others off (none "
                         "named: all of them; without the flag: the served defaults)")
+    parser.add_argument("--probe-dtype", choices=sorted(NAMES.values()), default="bf16",
+                        help="probe: the inputs' dtype (default bf16)")
     parser.add_argument("--inverse-precision", choices=["ieee", "tf32x3"], default=None,
                         help="kkt_solve.INVERSE_PRECISION for the whole run (default: served)")
     parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
@@ -451,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         kkt_solve.INVERSE_PRECISION = args.inverse_precision
     variants = (() if args.probe_variants is None
                 else tuple(args.probe_variants) or VARIANTS)
+    probe_dtype = {name: dtype for dtype, name in NAMES.items()}[args.probe_dtype]
     if args.probe_one is not None:
         family, index, dim = args.probe_one
-        return probe_one(family, int(index), int(dim), variants)
+        return probe_one(family, int(index), int(dim), variants, probe_dtype)
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -467,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += check_decode()
     if "probe" in args.parts:
         rows += check_probe(tuple(args.probe_dims), tuple(args.probe_families),
-                            variants=variants)
+                            variants=variants, dtype=probe_dtype)
     from attnplug_triton.ops.gated_delta_rule.common import chosen_configs
 
     for line in chosen_configs():

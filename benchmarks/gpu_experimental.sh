@@ -47,6 +47,15 @@
 #       (chunk.STORE_V_NEW, session 13, not yet on a GPU): every chunk_bwd and chunk_h
 #       configuration with it, a process each, at K=V 32/64/128; then the forward+backward
 #       benchmark (served against triton-vn, SDPA) and each kernel's share with it;
+#   bash benchmarks/gpu_experimental.sh gdn-ovl   the backward's state recomputation on a second
+#       stream beside the dh walk (chunk.OVERLAP_WALKS, session 14): the forward+backward
+#       benchmark (served against triton-ovl, SDPA), then the GPU tests of it (float64 and the
+#       one-stream run at the project shape, grouped heads, packed sequences);
+#   bash benchmarks/gpu_experimental.sh gdn-fp32   float32 inputs at small head dims (session 14
+#       found chunk_fwd_o faulting at K = 16 with 8 warps in float32, now pruned; bf16 is what
+#       the probes checked before): every chunk_o, chunk_h, chunk_bwd, chunk_dv and kkt_solve
+#       configuration in float32 at K=V 16/32/64, a process each, with the split forward,
+#       local dv, dv from dh, dm_from_y and the lean walk on;
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -61,8 +70,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | gdn-ovl | gdn-fp32 | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|gdn-ovl|gdn-fp32|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -161,6 +170,18 @@ case ${1:-} in
     STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  |GPU time" step gdn_vn_bench 300 python3 \
       benchmarks/bench_gated_delta_rule.py --parts fwd+bwd stages --impls triton-vn \
       --stage-variants default vn --rounds 4 --out "$OUT/gdn_vn_bench"
+    ;;
+  gdn-ovl)
+    STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  " step gdn_ovl_bench 200 python3 \
+      benchmarks/bench_gated_delta_rule.py --parts fwd+bwd --impls triton-ovl --rounds 4 \
+      --out "$OUT/gdn_ovl_bench"
+    STEP_GREP="PASSED|FAILED|passed|failed|^E " step gdn_ovl_tests 150 python3 -m pytest -v -rs \
+      --tb=short plugins/triton/tests/test_triton_gated_delta_rule.py -k overlap
+    ;;
+  gdn-fp32)
+    step gdn_fp32_probe 500 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dtype fp32 \
+      --probe-variants split_output local_dv dv_from_dh dm_from_y lean_walk --probe-dims 16 32 \
+      64 --probe-families chunk_o chunk_h chunk_bwd chunk_dv kkt_solve --out "$OUT/gdn_fp32"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

@@ -507,6 +507,64 @@ def test_real_shape_in_bfloat16_on_the_gpu(B: int, HV: int, fused: bool) -> None
         assert rel <= 1e-2, f"{name}: relative error {rel:.2e} > 1e-2"
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="a second CUDA stream needs a CUDA device")
+@pytest.mark.parametrize(("B", "T", "HV", "cu"), [(8, 4096, 16, None), (2, 4096, 32, None),
+                                                  (1, 3000, 8, (0, 1, 700, 2047, 3000))],
+                         ids=["project", "grouped", "packed"])
+def test_overlapped_walks_match_float64_and_the_one_stream_backward(B: int, T: int, HV: int,
+                                                                    cu) -> None:
+    """``overlap_walks``: the backward's state recomputation on a second stream while the dh
+    walk runs on the first — bf16 within 1e-2 of float64, and the same bits as one stream (same
+    kernels, same configurations; a missing join would read states not yet written)."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    torch.manual_seed(5)
+    H = 16 if HV % 16 == 0 else HV
+    N = B if cu is None else len(cu) - 1
+    x = _inputs(B, T, H, HV, 128, 128, N, True, torch.bfloat16)
+    kwargs = {"use_qk_l2norm": True}
+    if cu is not None:
+        kwargs["cu_seqlens"] = torch.tensor(cu, device=DEVICE)
+    one = _run(functools.partial(triton_gdr, overlap_walks=False), x, lambda t: t.clone(), True,
+               **kwargs)
+    two = _run(functools.partial(triton_gdr, overlap_walks=True), x, lambda t: t.clone(), True,
+               **kwargs)
+    refs = _run(chunk_gated_delta_rule, x, lambda t: t.double(), True, **kwargs)
+    for name, ref in refs.items():
+        rel = ((two[name].double() - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-2, f"{name}: relative error {rel:.2e} > 1e-2"
+        assert torch.equal(two[name], one[name]), f"{name}: differs from the one-stream run"
+
+
+def test_overlapped_walks_match_float64_and_the_one_stream_backward_at_a_small_case() -> None:
+    """``overlap_walks`` in float32 at a small packed case: every output and gradient against
+    float64 and the one-stream backward. Off CUDA (the interpreter) there is no second stream
+    and the launches run in order; on a GPU this is the second stream at K = 16 (session 14:
+    it found chunk_fwd_o faulting there in float32 at 8 warps, now pruned)."""
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    case = next(c for c in CASES if c[0] == "cu_seqlens")
+    x, kwargs = _case_inputs(case, 7)
+    _check_against(functools.partial(triton_gdr, overlap_walks=True),
+                   functools.partial(triton_gdr, overlap_walks=False), x,
+                   f"overlap_walks {case[0]}", case[7], **kwargs)
+
+
+@pytest.mark.parametrize("dk", [1, 16, 24, 32, 64, 128, 256])
+def test_the_split_forwards_output_kernel_never_runs_8_warps_at_key_block_16(dk: int) -> None:
+    """``chunk_o.prune``: at the key block 16 no 8-warp configuration (they faulted on the H200
+    in float32); at every other block all of them."""
+    from attnplug_triton.ops.gated_delta_rule import chunk_o
+    from attnplug_triton.ops.gated_delta_rule.common import block
+
+    kept = chunk_o.prune(chunk_o.CONFIGS, {}, DK=dk)
+    assert chunk_o.prune(chunk_o.CONFIGS, {"DK": dk}) == kept  # DK positional or keyword
+    if block(dk) == 16:
+        assert kept and {c.num_warps for c in kept} == {4}
+    else:
+        assert kept == chunk_o.CONFIGS
+
+
 @pytest.mark.parametrize("dk", [1, 16, 24, 32, 48, 64, 128, 256])
 def test_the_autotuner_never_sees_a_configuration_miscompiled_at_that_key_dim(dk: int) -> None:
     """``chunk_bwd.prune`` (the autotuner's ``early_config_prune``) drops exactly the

@@ -22,7 +22,9 @@ inputs once and writing only what a later stage cannot rebuild in registers:
 With ``split_output`` the forward's stage 2 only stores the chunk states (as stage 3 does) and
 ``chunk_fwd_o_kernel`` (:mod:`.chunk_o`) writes the output from them, all chunks in parallel;
 ``keep_states`` skips stage 3; ``dv_from_dh`` has stage 4 write dv (one pass of stage 5 fewer);
-``local_dv`` moves stage 4's within-chunk term to a parallel kernel (:mod:`.chunk_dv`).
+``local_dv`` moves stage 4's within-chunk term to a parallel kernel (:mod:`.chunk_dv`);
+``overlap_walks`` runs stage 3 on a second CUDA stream alongside stage 4 (and the local dv),
+which do not read the states.
 
 Fused away compared with flash-linear-attention 0.6's eight-plus kernels: the q/k L2 norm (the
 norms come from stage 1; q and k enter every dot as loaded and the norms scale rows and columns
@@ -70,8 +72,8 @@ from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, k
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
-           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "STORE_V_NEW", "splits_output",
-           "dk_passes"]
+           "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "STORE_V_NEW", "OVERLAP_WALKS",
+           "splits_output", "dk_passes", "side_stream"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
 # True lets that kernel only store the chunk states and computes the output from them in a
@@ -150,6 +152,24 @@ WY_MAX_DIM = 128
 # for) and the walk storing it faults (illegal memory access) at 8 warps or 3 stages; right at
 # K = V = 32 and 64 and under the interpreter.
 STORE_V_NEW = False
+# On CUDA, with recomputed states: True runs the backward's state recomputation (stage 3) on a
+# second stream, concurrently with the local dv and the dh walk (stage 4), which do not read
+# the states; the passes after them wait for both. The walks are latency-bound (one program per
+# sequence·value head and value block: 256 at B = 8, H = 16, V = 128), so each leaves most of
+# the GPU idle. Same kernels, same values (bit for bit on the H200 at the project shape,
+# grouped heads and packed sequences). Measured on the H200 (session 14) at B = 8, T = 4096,
+# H = 16, K = V = 128, bf16: forward+backward 3.750 against 3.771 ms, 0.6% — the walks hardly
+# run side by side there — so not served: False, one stream, in order.
+OVERLAP_WALKS = False
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The second CUDA stream of ``device`` for :data:`OVERLAP_WALKS` (made on first use)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -162,7 +182,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 output_final_state: bool, split_output: bool, keep_states: bool,
                 dv_from_dh: bool, local_dv: bool,
                 fused_group_grads: bool, split_dk: bool,
-                lean_walk: bool, dm_from_y: bool, store_v_new: bool,
+                lean_walk: bool, dm_from_y: bool, store_v_new: bool, overlap_walks: bool,
                 inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
@@ -180,7 +200,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         ctx.dv_from_dh, ctx.local_dv = dv_from_dh, local_dv
         ctx.fused_group_grads = fused_group_grads
         ctx.split_dk, ctx.lean_walk, ctx.dm_from_y = split_dk, lean_walk, dm_from_y
-        ctx.store_v_new = store_v_new
+        ctx.store_v_new, ctx.overlap_walks = store_v_new, overlap_walks
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -192,12 +212,19 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
         v_new = None
+        main = side = None
+        if states is None and ctx.overlap_walks and q.is_cuda:
+            # the recomputation on a second stream, once it has what the main one enqueued
+            main = torch.cuda.current_stream(q.device)
+            side = side_stream(q.device)
+            side.wait_stream(main)
         if states is None:  # not kept by the forward: recompute them (and V_new, when wanted)
-            if ctx.store_v_new:
-                v_new = v.new_empty(v.shape)  # contiguous, as the kernels index it
-            _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2, prec,
-                                       output=False, store_states=True, final_state=False,
-                                       lean=ctx.lean_walk, v_new=v_new)
+            with torch.cuda.stream(side):  # None: the current stream
+                if ctx.store_v_new:
+                    v_new = v.new_empty(v.shape)  # contiguous, as the kernels index it
+                _, states, _ = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale, l2,
+                                           prec, output=False, store_states=True,
+                                           final_state=False, lean=ctx.lean_walk, v_new=v_new)
         initial_grad = h0 is not None and ctx.needs_input_grad[5]
         dv_local = (chunk_bwd_dv_local(q, k, g, beta, rq, rk, do, seqs, scale, l2, prec)
                     if ctx.local_dv else None)
@@ -206,6 +233,11 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                            store_y=ctx.dv_from_dh, dv_dtype=v.dtype,
                                            dv_local=dv_local)
         del dv_local
+        if side is not None:  # join: the passes below read the states
+            main.wait_stream(side)
+            for t in (states, v_new):
+                if t is not None:  # made on the side stream, used on the main one
+                    t.record_stream(main)
         dq, dk, dv, dg, dbeta = chunk_bwd(q, k, v, g, beta, a, rq, rk, do, states, dstates,
                                           seqs, scale, l2, prec, y=y, dv=dv,
                                           fused_group_grads=ctx.fused_group_grads,
@@ -213,7 +245,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                           v_new=v_new)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -247,6 +279,7 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               local_dv: bool | None = None, fused_group_grads: bool | None = None,
               split_dk: bool | None = None, lean_walk: bool | None = None,
               dm_from_y: bool | None = None, store_v_new: bool | None = None,
+              overlap_walks: bool | None = None,
               inverse_precision: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
@@ -273,13 +306,14 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
     from_y, two_dk = dk_passes(K, V, dm_from_y, split_dk)
     vn = from_y and (STORE_V_NEW if store_v_new is None else bool(store_v_new))
+    overlap = OVERLAP_WALKS if overlap_walks is None else bool(overlap_walks)
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
                          f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
                                                  dv_dh, local, fused, two_dk, lean, from_y,
-                                                 vn, inverse_precision)
+                                                 vn, overlap, inverse_precision)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -291,7 +325,8 @@ def chunk_gated_delta_rule(
     dv_from_dh: bool | None = None, local_dv: bool | None = None,
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
     lean_walk: bool | None = None, dm_from_y: bool | None = None,
-    store_v_new: bool | None = None, inverse_precision: str | None = None,
+    store_v_new: bool | None = None, overlap_walks: bool | None = None,
+    inverse_precision: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -326,6 +361,8 @@ def chunk_gated_delta_rule(
         store_v_new: with ``dm_from_y`` and recomputed states, the backward's state walk
             stores ``U − W h`` for the later passes to read; ``None`` takes
             :data:`STORE_V_NEW`.
+        overlap_walks: on CUDA, the backward recomputes the chunk states on a second stream
+            while the dh walk runs; ``None`` takes :data:`OVERLAP_WALKS`.
         inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
             ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
 
@@ -344,4 +381,4 @@ def chunk_gated_delta_rule(
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
                      fused_group_grads=fused_group_grads, split_dk=split_dk,
                      lean_walk=lean_walk, dm_from_y=dm_from_y, store_v_new=store_v_new,
-                     inverse_precision=inverse_precision)
+                     overlap_walks=overlap_walks, inverse_precision=inverse_precision)

@@ -33,7 +33,7 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     store_rows,
 )
 
-__all__ = ["chunk_fwd_o", "chunk_fwd_o_kernel", "CONFIGS"]
+__all__ = ["chunk_fwd_o", "chunk_fwd_o_kernel", "CONFIGS", "prune"]
 
 # BV = 32 with 4 warps is left out: on an H200 with Triton 3.6 (bf16) it wrote o with relative
 # error 1.2 at K = V = 32 and faulted (illegal memory access) at K = V = 128
@@ -42,6 +42,18 @@ __all__ = ["chunk_fwd_o", "chunk_fwd_o_kernel", "CONFIGS"]
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
            for bv in (32, 64) for w in (4, 8) for s in (1, 2) if (bv, w) != (32, 4)]
 INTERPRETER_CONFIG = triton.Config({"BV": 16}, num_warps=1, num_stages=1)
+
+
+def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configurations safe at this call's key dim (Triton's ``early_config_prune``): none
+    with 8 warps when the key block is 16. On the H200 with Triton 3.6 every 8-warp
+    configuration faulted (illegal memory access) in float32 at K = 16, V = 32 (session 14,
+    benchmarks/results/2026-11-28-h200-session14.md), in bf16 they ran; chunk_bwd drops 8 warps
+    at that block for wrong gradients in bf16 (``chunk_bwd._MISCOMPILED``)."""
+    dk = kwargs.get("DK", named_args.get("DK"))
+    if dk is None or block(dk) != 16:
+        return configs
+    return [c for c in configs if c.num_warps != 8]
 
 
 @triton.jit
@@ -99,5 +111,5 @@ def chunk_fwd_o(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Ten
            q, k, v, g, beta, a, rq, rk, states, o, seqs.chunk_seq, seqs.cu, seqs.chunk_off,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            scale, HV, HV // H, DK=K, DV=V, BK=block(K), USE_L2NORM=use_qk_l2norm,
-           PRECISION=precision)
+           PRECISION=precision, prune=prune)
     return o
