@@ -49,8 +49,11 @@
 #       benchmark (served against triton-vn, SDPA) and each kernel's share with it;
 #   bash benchmarks/gpu_experimental.sh gdn-ovl   the backward's state recomputation on a second
 #       stream beside the dh walk (chunk.OVERLAP_WALKS, session 14): the forward+backward
-#       benchmark (served against triton-ovl, SDPA), then the GPU tests of it (float64 and the
-#       one-stream run at the project shape, grouped heads, packed sequences);
+#       benchmark (served against triton-ovl, SDPA; session 14: 0.6% at B = 8, T = 4096), the
+#       scaling table's few-pairs rows (T = 16K, 64K: walks of 64 and 16 sequence·head pairs,
+#       where a second stream has more idle GPU to use; not yet measured), then the GPU tests
+#       of it (float64 and the one-stream run at the project shape, grouped heads, packed
+#       sequences);
 #   bash benchmarks/gpu_experimental.sh gdn-fp32   float32 inputs at small head dims (session 14
 #       found chunk_fwd_o faulting at K = 16 with 8 warps in float32, now pruned; bf16 is what
 #       the probes checked before): every chunk_o, chunk_h, chunk_bwd, chunk_dv and kkt_solve
@@ -175,6 +178,8 @@ case ${1:-} in
     STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  " step gdn_ovl_bench 200 python3 \
       benchmarks/bench_gated_delta_rule.py --parts fwd+bwd --impls triton-ovl --rounds 4 \
       --out "$OUT/gdn_ovl_bench"
+    step gdn_ovl_scaling 200 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
+      --scaling-seqlens 16384 65536 --scaling-impls triton-ovl --out "$OUT/gdn_ovl_scaling"
     STEP_GREP="PASSED|FAILED|passed|failed|^E " step gdn_ovl_tests 150 python3 -m pytest -v -rs \
       --tb=short plugins/triton/tests/test_triton_gated_delta_rule.py -k overlap
     ;;
