@@ -93,6 +93,24 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
     return run
 
 
+def with_diagonal_inverse(fn: GDN | str, method: str) -> GDN | str:
+    """``fn`` with kkt_solve's ``DIAGONAL_INVERSE`` set to ``method`` while it runs (the
+    forward: kkt_solve has no backward kernel), and restored after."""
+    if isinstance(fn, str):
+        return fn
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+
+    def run(*args):
+        served = kkt_solve.DIAGONAL_INVERSE
+        kkt_solve.DIAGONAL_INVERSE = method
+        try:
+            return fn(*args)
+        finally:
+            kkt_solve.DIAGONAL_INVERSE = served
+
+    return run
+
+
 def fla_gdn() -> GDN | str:
     """fla 0.6's ``chunk_gated_delta_rule`` (q/k L2 norm in its kernel), or why not."""
     try:
@@ -295,7 +313,7 @@ IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvp
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
               "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv",
               "triton-wy", "triton-wy1", "triton-da", "triton-vn", "triton-ovl",
-              "triton-noovl", "fla")
+              "triton-noovl", "triton-subst", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
              "triton-vn": triton_gdn(store_v_new=True),
              "triton-ovl": triton_gdn(overlap_walks=True),
              "triton-noovl": triton_gdn(overlap_walks=False),
+             "triton-subst": with_diagonal_inverse(triton_gdn(), "substitution"),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()

@@ -336,11 +336,13 @@ def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> 
     return f"pruned at K={dim} for {', '.join(pruned)}" if pruned else None
 
 
-def inverse_precision() -> str:
-    """kkt_solve's INVERSE_PRECISION in this process (handed to the probe's processes)."""
+def inverse_switches() -> list[str]:
+    """kkt_solve's INVERSE_PRECISION and DIAGONAL_INVERSE in this process, as the arguments
+    that hand them to the probe's processes."""
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
 
-    return kkt_solve.INVERSE_PRECISION
+    return ["--inverse-precision", kkt_solve.INVERSE_PRECISION, "--diagonal-inverse",
+            kkt_solve.DIAGONAL_INVERSE]
 
 
 def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
@@ -373,8 +375,7 @@ def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,
     def check(family: str, index: int, dim: int, label: str) -> dict:
         try:
             command = [sys.executable, __file__, "--probe-one", family, str(index), str(dim),
-                       "--inverse-precision", inverse_precision(), "--probe-dtype",
-                       NAMES[dtype]]
+                       *inverse_switches(), "--probe-dtype", NAMES[dtype]]
             done = subprocess.run(command + ["--probe-variants", *variants] if variants
                                   else command, env=env,
                                   capture_output=True, text=True, timeout=240)
@@ -444,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                         "named: all of them; without the flag: the served defaults)")
     parser.add_argument("--probe-dtype", choices=sorted(NAMES.values()), default="bf16",
                         help="probe: the inputs' dtype (default bf16)")
+    parser.add_argument("--diagonal-inverse", choices=["series", "substitution"], default=None,
+                        help="kkt_solve.DIAGONAL_INVERSE for the whole run (default: served)")
     parser.add_argument("--inverse-precision", choices=["ieee", "tf32x3"], default=None,
                         help="kkt_solve.INVERSE_PRECISION for the whole run (default: served)")
     parser.add_argument("--probe-one", nargs=3, metavar=("FAMILY", "INDEX", "DIM"),
@@ -460,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         from attnplug_triton.ops.gated_delta_rule import kkt_solve
 
         kkt_solve.INVERSE_PRECISION = args.inverse_precision
+    if args.diagonal_inverse is not None:
+        from attnplug_triton.ops.gated_delta_rule import kkt_solve
+
+        kkt_solve.DIAGONAL_INVERSE = args.diagonal_inverse
     variants = (() if args.probe_variants is None
                 else tuple(args.probe_variants) or VARIANTS)
     probe_dtype = {name: dtype for dtype, name in NAMES.items()}[args.probe_dtype]

@@ -59,6 +59,11 @@
 #       the probes checked before): every chunk_o, chunk_h, chunk_bwd, chunk_dv and kkt_solve
 #       configuration in float32 at K=V 16/32/64, a process each, with the split forward,
 #       local dv, dv from dh, dm_from_y and the lean walk on;
+#   bash benchmarks/gpu_experimental.sh gdn-subst   kkt_solve's diagonal blocks by forward
+#       substitution (kkt_solve.DIAGONAL_INVERSE, session 14, not yet on a GPU): every kkt_solve
+#       configuration with it, a process each, at K=V 32/64/128 in bf16 and 16/64 in fp32; the
+#       project shape and the quick shapes with it against float64; the forward benchmark
+#       (served against triton-subst, fla);
 #   bash benchmarks/gpu_experimental.sh dsa   the DSA kernels at real shapes vs float64, then
 #       the benchmark at 4K and 32K (the triton vs the local top-k, the DSA totals against
 #       SDPA), and how much of the sparse backward its dk/dv atomics take
@@ -73,8 +78,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | gdn-ovl | gdn-fp32 | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|gdn-ovl|gdn-fp32|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | gdn-ovl | gdn-fp32 | gdn-subst | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|gdn-ovl|gdn-fp32|gdn-subst|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -187,6 +192,19 @@ case ${1:-} in
     step gdn_fp32_probe 500 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dtype fp32 \
       --probe-variants split_output local_dv dv_from_dh dm_from_y lean_walk --probe-dims 16 32 \
       64 --probe-families chunk_o chunk_h chunk_bwd chunk_dv kkt_solve --out "$OUT/gdn_fp32"
+    ;;
+  gdn-subst)
+    step gdn_subst_probe 150 python3 benchmarks/gpu_check_gdn.py --parts probe \
+      --diagonal-inverse substitution --probe-dims 32 64 128 --probe-families kkt_solve \
+      --out "$OUT/gdn_subst_probe"
+    step gdn_subst_probe32 120 python3 benchmarks/gpu_check_gdn.py --parts probe \
+      --diagonal-inverse substitution --probe-dtype fp32 --probe-dims 16 64 \
+      --probe-families kkt_solve --out "$OUT/gdn_subst_probe32"
+    step gdn_subst_shapes 150 python3 benchmarks/gpu_check_gdn.py --quick \
+      --diagonal-inverse substitution --out "$OUT/gdn_subst_shapes"
+    STEP_GREP="ok |FAIL|passed|goal|T=4096|error|ms  |GPU time" step gdn_subst_bench 150 \
+      python3 benchmarks/bench_gated_delta_rule.py --parts fwd --impls triton-subst fla \
+      --rounds 4 --out "$OUT/gdn_subst_bench"
     ;;
   dsa)
     step dsa_check 150 python3 benchmarks/gpu_check_dsa.py --out "$OUT/dsa_check"

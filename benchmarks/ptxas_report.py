@@ -92,6 +92,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
        [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for vn in (False, True)],
     ("gdn kkt_solve tf32x3", f"{GDN}.kkt_solve", "kkt_solve_kernel",  # INVERSE_PRECISION
      {**GDN_DIMS, "INV_PRECISION": "tf32x3"}, [({}, w, s) for w in (2, 4) for s in (1, 2)]),
+    ("gdn kkt_solve subst", f"{GDN}.kkt_solve", "kkt_solve_kernel",  # DIAGONAL_INVERSE
+     {**GDN_DIMS, "SUBSTITUTION": True}, [({}, w, s) for w in (2, 4) for s in (1, 2)]),
     ("gdn chunk_bwd_dh", f"{GDN}.chunk_h", "chunk_bwd_dh_kernel",
      {**GDN_DIMS, "HAS_DHT": True, "STORE_DH0": True, "STORE_Y": True, "DV_LOCAL": True,
       "PARALLELISM": 1},  # as served (chunk.DV_FROM_DH, chunk.LOCAL_DV)

@@ -177,6 +177,58 @@ def test_the_tf32x3_inverse_matches_float64(case, monkeypatch) -> None:
            **kwargs)
 
 
+@pytest.mark.parametrize("case", LEAN_CASES, ids=[c[0] for c in LEAN_CASES])
+def test_the_diagonal_inverse_by_substitution_matches_float64_and_the_series(case,
+                                                                          monkeypatch) -> None:
+    """kkt_solve's diagonal blocks inverted by forward substitution instead of the series
+    (``DIAGONAL_INVERSE``): outputs and every gradient against float64, and against the served
+    series to float32 rounding."""
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    x, kwargs = _case_inputs(case, 8)
+    want = _run(triton_gdr, x, lambda t: t.clone(), case[7], **kwargs)
+    monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "substitution")
+    got = _check(triton_gdr, x, f"substitution {case[0]}", torch.float32, case[7], **kwargs)
+    for name, ref in want.items():
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_substitution_inverts_nearly_equal_keys_to_float32_accuracy(monkeypatch) -> None:
+    """Nearly equal keys, β ≈ 1, no decay: ``M`` close to all ones below the diagonal, where
+    the series' partial products reach the thousands and cancel to entries of at most 1 (it is
+    5.6e-4 off here in float32); the substitution never forms them. ``A`` in float32 against
+    the float64 inverse of ``I + M`` built from the same keys."""
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+    from attnplug_triton.ops.gated_delta_rule.common import check_args
+
+    torch.manual_seed(0)
+    T, K = 64, 32
+    k = torch.ones(1, T, 1, K, device=DEVICE) + 0.05 * torch.randn(1, T, 1, K, device=DEVICE)
+    g = torch.zeros(1, T, 1, device=DEVICE)
+    beta = torch.full((1, T, 1), 0.999, device=DEVICE)
+    seqs = check_args("kkt_solve", k, k, k, g, beta, None, None, None)
+    monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "substitution")
+    a, _, _ = kkt_solve.kkt_solve(k[0], k[0], g[0], beta[0], seqs, True, "ieee")
+    k_hat = k[0, :, 0].double().cpu()
+    k_hat = k_hat / (k_hat.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    m = torch.tril(0.999 * k_hat @ k_hat.T, -1)
+    want = torch.linalg.inv(torch.eye(T, dtype=torch.float64) + m)
+    torch.testing.assert_close(a[:, 0].double().cpu(), want, rtol=0, atol=1e-5)
+
+
+def test_an_unknown_diagonal_inverse_is_named(monkeypatch) -> None:
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
+
+    x, kwargs = _case_inputs(CASES[1], 0)
+    monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "cholesky")
+    with pytest.raises(ValueError, match=r"kkt_solve.DIAGONAL_INVERSE='cholesky' is not "
+                                         r"accepted: expected one of \['series', "
+                                         r"'substitution'\]"):
+        triton_gdr(*(x[n] for n in NAMES[:5]), **kwargs)
+
+
 def test_an_unknown_inverse_precision_is_named(monkeypatch) -> None:
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr

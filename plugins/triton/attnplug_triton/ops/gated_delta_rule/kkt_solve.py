@@ -30,7 +30,8 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     load_rows,
 )
 
-__all__ = ["kkt_solve", "kkt_solve_kernel", "CONFIGS", "INVERSE_PRECISION", "INVERSE_PRECISIONS"]
+__all__ = ["kkt_solve", "kkt_solve_kernel", "CONFIGS", "INVERSE_PRECISION", "INVERSE_PRECISIONS",
+           "DIAGONAL_INVERSE", "DIAGONAL_INVERSES"]
 
 CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4) for s in (1, 2)]
 INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
@@ -45,6 +46,23 @@ INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
 # benchmarks/results/2026-11-28-h200-session12.md). "ieee" is served.
 INVERSE_PRECISION = "ieee"
 INVERSE_PRECISIONS = ("ieee", "tf32x3")
+# How the four 16 × 16 diagonal blocks are inverted: "series" (served) as the product
+# (I − M)(I + M²)(I + M⁴)(I + M⁸), six float32 dots a block (24 of the kernel's 38); or
+# "substitution", forward substitution row by row — row i of the inverse is e_i − Σ_{j<i}
+# M_ij (row j) — fifteen dependent steps of a masked (16,) × (16, 16) product on the CUDA
+# cores, the four blocks interleaved, no dot: about 4K multiply-adds a block instead of 24.6K,
+# and no operand passing through shared memory between products. Both float32 and exact in
+# exact arithmetic, but the series forms partial products in the thousands that cancel when
+# the keys of a block nearly coincide: with keys 1 + 0.05·noise, β = 0.999 and no decay its A
+# is 5.6e-4 off float64 where the substitution's is 4.9e-7 (the interpreter, float32; A is
+# stored in the inputs' dtype, so this shows in float32 inputs, below bf16's own rounding).
+# Prepared on the CPU in session 14, not yet measured on a GPU: ptxas (sm_90, Triton 3.6, 2
+# warps) the same 255 registers, no spills and four programs a SM; in the PTX 44 instead of 75
+# barriers and 387 instead of 899 shared-memory accesses, but 1,136 instead of 184 shuffles
+# (the row steps' reductions) and 7,200 instead of 6,269 instructions — whether that is faster
+# is for the GPU (``gpu_experimental.sh gdn-subst``).
+DIAGONAL_INVERSE = "series"
+DIAGONAL_INVERSES = ("series", "substitution")
 
 
 @triton.jit
@@ -88,6 +106,45 @@ def _kkt_block(ka, kb, beta_a, gam_a, gam_b, DIAG: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
+def _kkt_diag_t(k, beta, gam, PRECISION: tl.constexpr):
+    """``Mᵀ`` of a diagonal block, built transposed rather than transposing a dot result:
+    ``Mᵀ_ji = M_ij = β_i (k_i · k_j) exp(γ_i − γ_j)`` for ``i > j``, zero elsewhere."""
+    s = tl.dot(k, tl.trans(k), input_precision=PRECISION)  # (16, 16), symmetric
+    i = tl.arange(0, 16)
+    keep = i[None, :] > i[:, None]  # column i below row j's diagonal
+    d = gam[None, :] - gam[:, None]
+    return tl.where(keep, s * tl.exp(tl.where(keep, d, 0.0)) * beta[None, :], 0.0)
+
+
+@triton.jit
+def _substitute_row(x, mt, i: tl.constexpr):
+    """Row ``i`` of ``(I + M)⁻¹`` into ``x``, whose rows ``j < i`` are final and row ``i`` is
+    ``e_i``: ``e_i − Σ_j M_ij x_j`` (``M_ij`` is column ``i`` of ``mt``, zero for ``j ≥ i``)."""
+    r = tl.arange(0, 16)
+    m_i = tl.sum(tl.where(r[None, :] == i, mt, 0.0), 1)  # (16,) over j: M_ij
+    row = tl.sum(m_i[:, None] * x, 0)  # (16,) over columns: Σ_j M_ij x_jc
+    return tl.where(r[:, None] == i, x - row[None, :], x)
+
+
+@triton.jit
+def _unit_lower_inverses_by_substitution(mt0, mt1, mt2, mt3):
+    """``(I + M)⁻¹`` of four strictly lower 16 × 16 tiles given as ``Mᵀ``, by forward
+    substitution, the four chains interleaved (:data:`DIAGONAL_INVERSE`)."""
+    r = tl.arange(0, 16)
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    x0 = eye
+    x1 = eye
+    x2 = eye
+    x3 = eye
+    for i in tl.static_range(1, 16):
+        x0 = _substitute_row(x0, mt0, i)
+        x1 = _substitute_row(x1, mt1, i)
+        x2 = _substitute_row(x2, mt2, i)
+        x3 = _substitute_row(x3, mt3, i)
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _unit_lower_inverse(m, INV_PRECISION: tl.constexpr):
     """``(I + m)⁻¹`` of a strictly lower 16 × 16 tile. ``m`` is nilpotent (``m¹⁶ = 0``), so the
     inverse is the finite series ``Σ_{n<16} (−m)ⁿ = (I − m)(I + m²)(I + m⁴)(I + m⁸)``: six
@@ -109,7 +166,7 @@ def kkt_solve_kernel(
     q_ptr, k_ptr, g_ptr, beta_ptr, a_ptr, rq_ptr, rk_ptr, chunk_seq, cu, chunk_off,
     stride_qt, stride_qh, stride_kt, stride_kh, HV, GROUP,
     DK: tl.constexpr, BK: tl.constexpr, USE_L2NORM: tl.constexpr, PRECISION: tl.constexpr,
-    INV_PRECISION: tl.constexpr = "ieee",
+    INV_PRECISION: tl.constexpr = "ieee", SUBSTITUTION: tl.constexpr = False,
 ):
     """``A`` of one (chunk, value head): ``a_ptr[t, hv, :]`` for the chunk's tokens ``t``; with
     ``USE_L2NORM`` also the inverse norms of q and k (``[t, hk]``, by the key head's first
@@ -149,10 +206,16 @@ def kkt_solve_kernel(
     c2 = tl.cumsum(g2, 0) + s1
     c3 = tl.cumsum(g3, 0) + s2
 
-    m00 = _kkt_block(k0, k0, b0, c0, c0, True, PRECISION)
-    m11 = _kkt_block(k1, k1, b1, c1, c1, True, PRECISION)
-    m22 = _kkt_block(k2, k2, b2, c2, c2, True, PRECISION)
-    m33 = _kkt_block(k3, k3, b3, c3, c3, True, PRECISION)
+    if SUBSTITUTION:  # the diagonal blocks transposed, for the substitution's row steps
+        mt0 = _kkt_diag_t(k0, b0, c0, PRECISION)
+        mt1 = _kkt_diag_t(k1, b1, c1, PRECISION)
+        mt2 = _kkt_diag_t(k2, b2, c2, PRECISION)
+        mt3 = _kkt_diag_t(k3, b3, c3, PRECISION)
+    else:
+        m00 = _kkt_block(k0, k0, b0, c0, c0, True, PRECISION)
+        m11 = _kkt_block(k1, k1, b1, c1, c1, True, PRECISION)
+        m22 = _kkt_block(k2, k2, b2, c2, c2, True, PRECISION)
+        m33 = _kkt_block(k3, k3, b3, c3, c3, True, PRECISION)
     m10 = _kkt_block(k1, k0, b1, c1, c0, False, PRECISION)
     m20 = _kkt_block(k2, k0, b2, c2, c0, False, PRECISION)
     m21 = _kkt_block(k2, k1, b2, c2, c1, False, PRECISION)
@@ -160,10 +223,13 @@ def kkt_solve_kernel(
     m31 = _kkt_block(k3, k1, b3, c3, c1, False, PRECISION)
     m32 = _kkt_block(k3, k2, b3, c3, c2, False, PRECISION)
 
-    a00 = _unit_lower_inverse(m00, INV_PRECISION)
-    a11 = _unit_lower_inverse(m11, INV_PRECISION)
-    a22 = _unit_lower_inverse(m22, INV_PRECISION)
-    a33 = _unit_lower_inverse(m33, INV_PRECISION)
+    if SUBSTITUTION:
+        a00, a11, a22, a33 = _unit_lower_inverses_by_substitution(mt0, mt1, mt2, mt3)
+    else:
+        a00 = _unit_lower_inverse(m00, INV_PRECISION)
+        a11 = _unit_lower_inverse(m11, INV_PRECISION)
+        a22 = _unit_lower_inverse(m22, INV_PRECISION)
+        a33 = _unit_lower_inverse(m33, INV_PRECISION)
     ip: tl.constexpr = INV_PRECISION  # the products below: float32 operands
     a10 = -tl.dot(tl.dot(a11, m10, input_precision=ip), a00, input_precision=ip)
     a21 = -tl.dot(tl.dot(a22, m21, input_precision=ip), a11, input_precision=ip)
@@ -211,13 +277,17 @@ def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
     """``(A[tokens, HV, 64]`` in k's dtype, and with ``use_qk_l2norm`` the inverse norms
     ``rq, rk[tokens, H]`` float32 (else None)``)`` for token-major ``q, k[tokens, H, K]`` and
     float32 ``g, beta[tokens, HV]`` (contiguous). The inverse's products take
-    ``inverse_precision`` (None: :data:`INVERSE_PRECISION`)."""
+    ``inverse_precision`` (None: :data:`INVERSE_PRECISION`); its diagonal blocks are inverted
+    as :data:`DIAGONAL_INVERSE` says."""
     inverse = INVERSE_PRECISION if inverse_precision is None else inverse_precision
     if inverse not in INVERSE_PRECISIONS:
         which = ("kkt_solve.INVERSE_PRECISION" if inverse_precision is None
                  else "inverse_precision")
         raise ValueError(f"{which}={inverse!r} is not accepted: expected one of "
                          f"{list(INVERSE_PRECISIONS)}")
+    if DIAGONAL_INVERSE not in DIAGONAL_INVERSES:
+        raise ValueError(f"kkt_solve.DIAGONAL_INVERSE={DIAGONAL_INVERSE!r} is not accepted: "
+                         f"expected one of {list(DIAGONAL_INVERSES)}")
     tokens, H, K = k.shape
     HV = g.shape[1]
     a = k.new_empty((tokens, HV, CHUNK))
@@ -225,9 +295,10 @@ def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
     if use_qk_l2norm:
         rq, rk = (k.new_empty((tokens, H), dtype=torch.float32) for _ in range(2))
     launch("kkt_solve", kkt_solve_kernel, CONFIGS, INTERPRETER_CONFIG,
-           ["DK", "USE_L2NORM", "INV_PRECISION"],
+           ["DK", "USE_L2NORM", "INV_PRECISION", "SUBSTITUTION"],
            lambda meta: (seqs.num_chunks, HV),
            q, k, g, beta, a, rq, rk, seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0),
            q.stride(1), k.stride(0), k.stride(1), HV, HV // H, DK=K, BK=block(K),
-           USE_L2NORM=use_qk_l2norm, PRECISION=precision, INV_PRECISION=inverse)
+           USE_L2NORM=use_qk_l2norm, PRECISION=precision, INV_PRECISION=inverse,
+           SUBSTITUTION=DIAGONAL_INVERSE == "substitution")
     return a, rq, rk
