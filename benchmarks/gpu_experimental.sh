@@ -54,11 +54,12 @@
 #       where a second stream has more idle GPU to use; not yet measured), then the GPU tests
 #       of it (float64 and the one-stream run at the project shape, grouped heads, packed
 #       sequences);
-#   bash benchmarks/gpu_experimental.sh gdn-fp32   float32 inputs at small head dims (session 14
-#       found chunk_fwd_o faulting at K = 16 with 8 warps in float32, now pruned; bf16 is what
-#       the probes checked before): every chunk_o, chunk_h, chunk_bwd, chunk_dv and kkt_solve
-#       configuration in float32 at K=V 16/32/64, a process each, with the split forward,
-#       local dv, dv from dh, dm_from_y and the lean walk on;
+#   bash benchmarks/gpu_experimental.sh gdn-dtypes   float32 and float16 inputs at small head
+#       dims (session 14 found chunk_fwd_o faulting at K = 16 with 8 warps in float32, now
+#       pruned; the probes had only run bf16 there): every chunk_o, chunk_h, chunk_bwd,
+#       chunk_dv and kkt_solve configuration in float32 at K=V 16/32/64 and in float16 at
+#       16/32, a process each, with the split forward, local dv, dv from dh, dm_from_y and the
+#       lean walk on;
 #   bash benchmarks/gpu_experimental.sh gdn-subst   kkt_solve's diagonal blocks by forward
 #       substitution (kkt_solve.DIAGONAL_INVERSE, session 14, not yet on a GPU): every kkt_solve
 #       configuration with it, a process each, at K=V 32/64/128 in bf16 and 16/64 in fp32; the
@@ -78,8 +79,8 @@
 # Every step has its own time limit, so one that hangs or faults leaves the rest to run.
 set -u
 case ${1:-} in
-  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | gdn-ovl | gdn-fp32 | gdn-subst | dsa | dsa-step | attention) ;;
-  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|gdn-ovl|gdn-fp32|gdn-subst|dsa|dsa-step|attention" >&2
+  gdn | gdn-bench | gdn-scaling | gdn-few | gdn-walks | gdn-lean | gdn-step | gdn-served | gdn-wy | gdn-wy-probe | gdn-wy-served | gdn-shapes | gdn-wy-scaling | gdn-vn | gdn-ovl | gdn-dtypes | gdn-subst | dsa | dsa-step | attention) ;;
+  *) echo "usage: bash benchmarks/gpu_experimental.sh gdn|gdn-bench|gdn-scaling|gdn-few|gdn-walks|gdn-lean|gdn-step|gdn-served|gdn-wy|gdn-wy-probe|gdn-wy-served|gdn-shapes|gdn-wy-scaling|gdn-vn|gdn-ovl|gdn-dtypes|gdn-subst|dsa|dsa-step|attention" >&2
      exit 2 ;;
 esac
 OUT=${OUT:-runs/experimental}
@@ -188,10 +189,13 @@ case ${1:-} in
     STEP_GREP="PASSED|FAILED|passed|failed|^E " step gdn_ovl_tests 150 python3 -m pytest -v -rs \
       --tb=short plugins/triton/tests/test_triton_gated_delta_rule.py -k overlap
     ;;
-  gdn-fp32)
-    step gdn_fp32_probe 500 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dtype fp32 \
+  gdn-dtypes)
+    step gdn_fp32_probe 300 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dtype fp32 \
       --probe-variants split_output local_dv dv_from_dh dm_from_y lean_walk --probe-dims 16 32 \
       64 --probe-families chunk_o chunk_h chunk_bwd chunk_dv kkt_solve --out "$OUT/gdn_fp32"
+    step gdn_fp16_probe 220 python3 benchmarks/gpu_check_gdn.py --parts probe --probe-dtype fp16 \
+      --probe-variants split_output local_dv dv_from_dh dm_from_y lean_walk --probe-dims 16 32 \
+      --probe-families chunk_o chunk_h chunk_bwd chunk_dv kkt_solve --out "$OUT/gdn_fp16"
     ;;
   gdn-subst)
     step gdn_subst_probe 150 python3 benchmarks/gpu_check_gdn.py --parts probe \
