@@ -4,7 +4,8 @@
 ``Γ_ij = exp(γ_i − γ_j)`` and ``K̂`` the (optionally L2-normalised) keys of the chunk. One program
 per (chunk, value head) computes the ten lower 16 × 16 blocks of ``M = StrictTril(...)`` from
 four 16-row key tiles, inverts the four diagonal blocks as the finite series
-``(I − M)(I + M²)(I + M⁴)(I + M⁸)`` (six float32 dots on 16 × 16 tiles), fills the six blocks
+``(I − M)(I + M²)(I + M⁴)(I + M⁸)`` (six float32 dots on 16 × 16 tiles; or, with
+:data:`DIAGONAL_INVERSE` ``"substitution"``, row by row without dots), fills the six blocks
 below them with ``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee" unless
 :data:`INVERSE_PRECISION` says otherwise), and writes ``A``
 once (``[tokens, HV, 64]``, in the inputs' dtype, like fla). With ``use_qk_l2norm`` the key
