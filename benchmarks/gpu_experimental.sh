@@ -40,7 +40,8 @@
 #       forward and forward+backward benchmark (served, two WY passes, the dA passes, fla,
 #       SDPA) and each kernel's share, then the project shape against float64;
 #   bash benchmarks/gpu_experimental.sh gdn-shapes   every shape of gpu_check_gdn.py against
-#       float64 as served (about six minutes; session 13's call ran out after four of them);
+#       float64 as served but fp32 (about seven minutes: session 14's call, with fp32, ran out
+#       during it), then fp32 in a step of its own;
 #   bash benchmarks/gpu_experimental.sh gdn-wy-scaling   the scaling table's T = 1K, 16K, 64K
 #       rows, served against the dA passes, fla and SDPA;
 #   bash benchmarks/gpu_experimental.sh gdn-vn   V_new stored by the backward's state walk
@@ -165,7 +166,10 @@ case ${1:-} in
       --out "$OUT/gdn_wys_shapes"
     ;;
   gdn-shapes)
-    step gdn_shapes 540 python3 benchmarks/gpu_check_gdn.py --parts shapes --out "$OUT/gdn_shapes"
+    step gdn_shapes 450 python3 benchmarks/gpu_check_gdn.py --parts shapes --shapes "project" \
+      "qwen3" "packed" "unit keys" "K=V=256" "K=64" --out "$OUT/gdn_shapes"
+    step gdn_shapes_fp32 120 python3 benchmarks/gpu_check_gdn.py --parts shapes --shapes fp32 \
+      --out "$OUT/gdn_shapes_fp32"
     ;;
   gdn-wy-scaling)
     step gdn_wys_scaling 540 python3 benchmarks/bench_gated_delta_rule.py --parts scaling \
