@@ -322,16 +322,9 @@ def pruned_for(family: str, index: int, dim: int, variants: tuple[str, ...]) -> 
     else:  # as served
         on = lambda name: getattr(chunk, name.upper())  # noqa: E731
         from_y, split = chunk.dk_passes(dim, dim, None, None)
-    # the passes that run with these switches (those reading V_new named _vn)
-    vn = "_vn" if from_y and on("store_v_new") and not on("keep_states") else ""
-    names = ["chunk_bwd_dq_dp" + vn if from_y else "chunk_bwd_dq"]
-    if not on("dv_from_dh"):
-        names.append("chunk_bwd_dv")
-    if from_y:
-        names += ([f"chunk_bwd_wy_stats{vn}", f"chunk_bwd_wy_sum{vn}"] if split
-                  else [f"chunk_bwd_wy{vn}"])
-    else:
-        names += ["chunk_bwd_dk_stats", "chunk_bwd_dk_sum"] if split else ["chunk_bwd_dk"]
+    # the passes that run with these switches
+    names = chunk_bwd.launch_names(from_y, split, not on("dv_from_dh"),
+                                   on("store_v_new") and not on("keep_states"))
     pruned = [name for name in names if config not in chunk_bwd.safe_configs(name, dim)]
     return f"pruned at K={dim} for {', '.join(pruned)}" if pruned else None
 
@@ -459,13 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check_gdn: no CUDA device", file=sys.stderr)
         return 1
     torch.manual_seed(0)
-    if args.inverse_precision is not None:
-        from attnplug_triton.ops.gated_delta_rule import kkt_solve
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
 
+    if args.inverse_precision is not None:
         kkt_solve.INVERSE_PRECISION = args.inverse_precision
     if args.diagonal_inverse is not None:
-        from attnplug_triton.ops.gated_delta_rule import kkt_solve
-
         kkt_solve.DIAGONAL_INVERSE = args.diagonal_inverse
     variants = (() if args.probe_variants is None
                 else tuple(args.probe_variants) or VARIANTS)

@@ -62,7 +62,8 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     store_rows,
 )
 
-__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS", "PASS_ARGS", "prune", "safe_configs"]
+__all__ = ["chunk_bwd", "chunk_bwd_kernel", "CONFIGS", "PASS_ARGS", "launch_names", "prune",
+           "safe_configs"]
 
 CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=s)
            for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
@@ -116,6 +117,24 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
     if kwargs.get("CLOSE_DP") or "STATS" in kwargs:  # dm_from_y's dq pass, the WY kernel
         bad = bad | _MISCOMPILED_WY
     return [c for c in configs if (block(dk), c.kwargs["BV"], c.num_warps) not in bad]
+
+
+def launch_names(dm_from_y: bool, split_dk: bool, dv_pass: bool,
+                 read_v_new: bool) -> list[str]:
+    """The launches :func:`chunk_bwd` makes, in order (keys of :data:`PASS_ARGS`): the dq pass
+    (with the ``dPᵀ`` terms under ``dm_from_y``), the dv pass when ``dv_pass``, then dk, dg
+    and dβ in one pass or two (``split_dk``) — the WY passes under ``dm_from_y``, named
+    ``_vn`` with the dq pass when they read V_new (``read_v_new``)."""
+    vn = "_vn" if dm_from_y and read_v_new else ""
+    names = ["chunk_bwd_dq_dp" + vn if dm_from_y else "chunk_bwd_dq"]
+    if dv_pass:
+        names.append("chunk_bwd_dv")
+    if dm_from_y:
+        names += ([f"chunk_bwd_wy_stats{vn}", f"chunk_bwd_wy_sum{vn}"] if split_dk
+                  else [f"chunk_bwd_wy{vn}"])
+    else:
+        names += ["chunk_bwd_dk_stats", "chunk_bwd_dk_sum"] if split_dk else ["chunk_bwd_dk"]
+    return names
 
 
 def safe_configs(name: str, dk: int) -> list[triton.Config]:
@@ -352,48 +371,40 @@ def chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, a: Tenso
     dk = k.new_empty((tokens, HV, K), dtype=partial)
     dg = g.new_empty((tokens, HV))
     dbeta = g.new_empty((tokens, HV))
-    passes = [("chunk_bwd_dq", 0), ("chunk_bwd_dv", 1), ("chunk_bwd_dk", 2)]
     dk_part = None
     if split_dk or dm_from_y:
         dk_part = g.new_empty((tokens, HV, K))  # dk's closing terms, float32
-    if dm_from_y:
-        passes[0], passes[2:] = ("chunk_bwd_dq_dp", 0), []
-    elif split_dk:
-        passes[2:] = [("chunk_bwd_dk_stats", 3), ("chunk_bwd_dk_sum", 4)]
-    if y is None:
+    dv_pass = y is None
+    if dv_pass:
         dv = v.new_empty((tokens, HV, V))
         y = g.new_empty((tokens, HV, V))  # Aᵀ dV_new, float32, from the dv pass to the dk pass
-    else:
-        passes.pop(1)
     key = ["DK", "DV", "USE_L2NORM", "FINALIZE"]
     vn = v_new if dm_from_y else None  # V_new read, not recomputed (dq and WY passes)
-    suffix = "_vn" if vn is not None else ""
-    for name, which in passes:
-        reads_vn = vn is not None and which == 0
-        launch(name + suffix if reads_vn else name, chunk_bwd_kernel, CONFIGS,
-               INTERPRETER_CONFIG, key, lambda meta: (seqs.num_chunks, HV),
-               q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
-               y if dk_part is None else dk_part, vn if reads_vn else None, seqs.chunk_seq,
-               seqs.cu, seqs.chunk_off,
-               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               scale, HV, group, DK=K, DV=V,
-               BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-               PRECISION=precision, PASS=which, CLOSE_DP=dm_from_y,
-               VNEW=reads_vn, prune=prune)
-    if dm_from_y:
-        # each reads the dγ (and the stats pass dk's scratch) that it then overwrites
-        wy = ([("chunk_bwd_wy_stats", True, False, ("dg_ptr", "dkp_ptr")),
-               ("chunk_bwd_wy_sum", False, True, ("dg_ptr",))]
-              if split_dk else [("chunk_bwd_wy", True, True, ("dg_ptr",))])
-        for name, stats, total, overwritten in wy:
-            launch(name + suffix, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
+    for name in launch_names(dm_from_y, split_dk, dv_pass, vn is not None):
+        args = PASS_ARGS[name]
+        reads_vn = name.endswith("_vn")
+        if "PASS" in args:
+            launch(name, chunk_bwd_kernel, CONFIGS, INTERPRETER_CONFIG, key,
+                   lambda meta: (seqs.num_chunks, HV),
+                   q, k, v, g, beta, a, rq, rk, do, states, dstates, dq, dk, dv, dg, dbeta, y,
+                   y if dk_part is None else dk_part, vn if reads_vn else None,
+                   seqs.chunk_seq, seqs.cu, seqs.chunk_off,
+                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                   v.stride(1), scale, HV, group, DK=K, DV=V,
+                   BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
+                   PRECISION=precision, PASS=args["PASS"], CLOSE_DP=dm_from_y,
+                   VNEW=reads_vn, prune=prune)
+        else:
+            # each WY pass reads the dγ (the stats pass alone also dk's scratch) that it then
+            # overwrites
+            overwritten = ("dg_ptr", "dkp_ptr") if not args["SUM"] else ("dg_ptr",)
+            launch(name, chunk_bwd_wy_kernel, CONFIGS, INTERPRETER_CONFIG, key,
                    lambda meta: (seqs.num_chunks, HV),
                    k, v, g, beta, a, rk, states, dstates, y, dk, dg, dbeta, dk_part, vn,
                    seqs.chunk_seq, seqs.cu, seqs.chunk_off,
                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), HV, group, DK=K, DV=V,
                    BK=block(K), USE_L2NORM=use_qk_l2norm, FINALIZE=finalize,
-                   PRECISION=precision, STATS=stats, SUM=total, VNEW=vn is not None,
-                   prune=prune,
+                   PRECISION=precision, **args, VNEW=reads_vn, prune=prune,
                    restore=overwritten)
     if not finalize and fused_group_grads:
         from attnplug_triton.ops.gated_delta_rule.group_grads import finish_group_grads
