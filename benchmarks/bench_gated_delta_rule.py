@@ -260,6 +260,15 @@ def run_case(bench: Bench, case: str, B: int, T: int, H: int, D: int, dtype: tor
                    f"({design / 1e9:.2f} GB)")
 
 
+# the stages part's runs: the served defaults, every variant on (triton-all), dk from Y in two
+# passes (triton-wy), V_new stored (triton-vn) — each a label and triton_gdn's switches
+STAGE_VARIANTS = {"default": (" (served defaults)", {}),
+                  "all": (" (every variant on)", dict(split_output=True, keep_states=True,
+                                                      dv_from_dh=True, local_dv=True)),
+                  "wy": (" (dm_from_y)", dict(dm_from_y=True, split_dk=True)),
+                  "vn": (" (store_v_new)", dict(store_v_new=True))}
+
+
 def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 5,
                 variant: str = "default") -> None:
     """Print each kernel launch of one triton forward+backward, in launch order, with its
@@ -268,12 +277,8 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
     pass, chunk_bwd's three passes) are numbered in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    # the served defaults, every variant on (triton-all), or dk from Y (triton-wy)
-    fn = {"all": lambda: triton_gdn(split_output=True, keep_states=True, dv_from_dh=True,
-                                    local_dv=True),
-          "wy": lambda: triton_gdn(dm_from_y=True, split_dk=True),
-          "vn": lambda: triton_gdn(store_v_new=True),
-          "default": triton_gdn}[variant]()
+    which, switches = STAGE_VARIANTS[variant]
+    fn = triton_gdn(**switches)
     if isinstance(fn, str):
         print(f"stages: {fn}")
         return
@@ -296,8 +301,6 @@ def stage_times(B: int, T: int, H: int, D: int, dtype: torch.dtype, reps: int = 
                          key=lambda e: e.time_range.start)
         runs.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
     total_us = [sum(us for _, us in run) for run in runs]
-    which = {"all": " (every variant on)", "wy": " (dm_from_y)", "vn": " (store_v_new)",
-             "default": " (served defaults)"}[variant]
     print(f"\ntriton GDN forward+backward{which}, B={B} T={T} H={H} K=V={D} {dtype}: kernels "
           f"in launch order, median of {reps} profiled runs (GPU time "
           f"{sorted(total_us)[reps // 2] / 1e3:.3f} ms in all)")
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=["fwd", "fwd+bwd", "scaling", "stages"],
                         default=["fwd", "fwd+bwd", "scaling"],
                         help="stages: each kernel's time in one forward+backward (profiler)")
-    parser.add_argument("--stage-variants", nargs="+", choices=["default", "all", "wy", "vn"],
+    parser.add_argument("--stage-variants", nargs="+", choices=list(STAGE_VARIANTS),
                         default=["default", "all"],
                         help="the stages part's runs: served defaults, every variant on, "
                              "dm_from_y, store_v_new")
