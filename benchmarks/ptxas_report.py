@@ -172,7 +172,9 @@ def ptx_digest(ptx: str) -> str:
     """A short hash of ``ptx`` without its debug information (``.loc``/``.file`` lines, comments,
     the debug sections), so that a change that moves source lines but compiles to the same
     instructions keeps it: print the report before and after a refactor of a served kernel and
-    compare (session 13's ``chunk_rows`` kept every GDN backward pass's digest)."""
+    compare. Labels stay in: session 13's ``chunk_rows`` helper compiled to the same
+    instructions but added a debug label, which moved ptxas's allocation of a served pass; its
+    digest changes, as it should."""
     body = ptx.split(".section\t.debug")[0]
     kept = [line for line in body.splitlines()
             if not line.strip().startswith((".loc", ".file", "//"))]
