@@ -65,7 +65,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                split_dk: bool | None = None, lean_walk: bool | None = None,
                inverse_precision: str | None = None,
                dm_from_y: bool | None = None, store_v_new: bool | None = None,
-               overlap_walks: bool | None = None) -> GDN | str:
+               overlap_walks: bool | None = None,
+               diagonal_inverse: str | None = None) -> GDN | str:
     """attnplug's chunked Triton kernels, each switch of ``chunk_gated_delta_rule`` forced when
     given and the served default when None (so ``triton_gdn()`` is what the backend runs):
     ``split_output`` (the forward's output from stored states in a parallel kernel),
@@ -75,7 +76,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
     shared memory), ``inverse_precision`` (the WY inverse's float32 products), ``dm_from_y``
     (dk, dg, dβ from the stored Y, no dA), ``store_v_new`` (the backward's state walk stores
     V_new for the later passes), ``overlap_walks`` (the backward's state recomputation on a
-    second CUDA stream alongside the dh walk); or why they cannot run here."""
+    second CUDA stream alongside the dh walk), ``diagonal_inverse`` (how kkt_solve inverts the
+    16 × 16 diagonal blocks); or why they cannot run here."""
     try:
         from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     except ImportError as exc:
@@ -88,25 +90,8 @@ def triton_gdn(split_output: bool | None = None, keep_states: bool | None = None
                                       split_dk=split_dk, lean_walk=lean_walk,
                                       inverse_precision=inverse_precision,
                                       dm_from_y=dm_from_y, store_v_new=store_v_new,
-                                      overlap_walks=overlap_walks)
-
-    return run
-
-
-def with_diagonal_inverse(fn: GDN | str, method: str) -> GDN | str:
-    """``fn`` with kkt_solve's ``DIAGONAL_INVERSE`` set to ``method`` while it runs (the
-    forward: kkt_solve has no backward kernel), and restored after."""
-    if isinstance(fn, str):
-        return fn
-    from attnplug_triton.ops.gated_delta_rule import kkt_solve
-
-    def run(*args):
-        served = kkt_solve.DIAGONAL_INVERSE
-        kkt_solve.DIAGONAL_INVERSE = method
-        try:
-            return fn(*args)
-        finally:
-            kkt_solve.DIAGONAL_INVERSE = served
+                                      overlap_walks=overlap_walks,
+                                      diagonal_inverse=diagonal_inverse)
 
     return run
 
@@ -316,7 +301,7 @@ IMPL_NAMES = ("triton", "triton-split", "triton-seq", "triton-keep", "triton-dvp
               "triton-localdv", "triton-splitdk", "triton-localdv-splitdk", "triton-all",
               "triton-lean", "triton-nolean", "triton-tf32inv", "triton-lean-tf32inv",
               "triton-wy", "triton-wy1", "triton-da", "triton-vn", "triton-ovl",
-              "triton-noovl", "triton-subst", "fla")
+              "triton-noovl", "triton-subst", "triton-series", "fla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
              "triton-vn": triton_gdn(store_v_new=True),
              "triton-ovl": triton_gdn(overlap_walks=True),
              "triton-noovl": triton_gdn(overlap_walks=False),
-             "triton-subst": with_diagonal_inverse(triton_gdn(), "substitution"),
+             "triton-subst": triton_gdn(diagonal_inverse="substitution"),
+             "triton-series": triton_gdn(diagonal_inverse="series"),
              "fla": fla_gdn()}
     if args.impls:  # the rows of the fwd / fwd+bwd tables ("triton" always)
         impls = {name: fn for name, fn in impls.items()

@@ -334,8 +334,10 @@ def inverse_switches() -> list[str]:
     that hand them to the probe's processes."""
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
 
-    return ["--inverse-precision", kkt_solve.INVERSE_PRECISION, "--diagonal-inverse",
-            kkt_solve.DIAGONAL_INVERSE]
+    switches = ["--inverse-precision", kkt_solve.INVERSE_PRECISION]
+    if kkt_solve.DIAGONAL_INVERSE is not None:  # None: chosen by the key dim, as served
+        switches += ["--diagonal-inverse", kkt_solve.DIAGONAL_INVERSE]
+    return switches
 
 
 def check_probe(dims: tuple[int, ...], families: tuple[str, ...], jobs: int = 8,

@@ -75,7 +75,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
     ("attention dq desc", ATTN, "attention_bwd_dq_kernel", {**ATTN_DIMS, "KV_DESC": True},
      [(dict(BLOCK_M=128, BLOCK_N=32), 4, 3), (dict(BLOCK_M=128, BLOCK_N=64), 8, 3),
       (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)]),
-    ("gdn kkt_solve", f"{GDN}.kkt_solve", "kkt_solve_kernel", GDN_DIMS,
+    ("gdn kkt_solve", f"{GDN}.kkt_solve", "kkt_solve_kernel", GDN_DIMS,  # series (K > 128)
      [({}, w, s) for w in (2, 4) for s in (1, 2)]),
     ("gdn chunk_fwd_h", f"{GDN}.chunk_h", "chunk_fwd_h_kernel",
      {**GDN_DIMS, "HAS_H0": True, "OUTPUT": True, "STORE_H": False, "STORE_FINAL": True,
@@ -92,7 +92,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], list[tuple[dict[str, Any], int,
        [(dict(BV=bv), w, 2) for bv in (32, 64) for w in (4, 8)]) for vn in (False, True)],
     ("gdn kkt_solve tf32x3", f"{GDN}.kkt_solve", "kkt_solve_kernel",  # INVERSE_PRECISION
      {**GDN_DIMS, "INV_PRECISION": "tf32x3"}, [({}, w, s) for w in (2, 4) for s in (1, 2)]),
-    ("gdn kkt_solve subst", f"{GDN}.kkt_solve", "kkt_solve_kernel",  # DIAGONAL_INVERSE
+    ("gdn kkt_solve subst", f"{GDN}.kkt_solve", "kkt_solve_kernel",  # served up to K = 128
      {**GDN_DIMS, "SUBSTITUTION": True}, [({}, w, s) for w in (2, 4) for s in (1, 2)]),
     ("gdn chunk_bwd_dh", f"{GDN}.chunk_h", "chunk_bwd_dh_kernel",
      {**GDN_DIMS, "HAS_DHT": True, "STORE_DH0": True, "STORE_Y": True, "DV_LOCAL": True,

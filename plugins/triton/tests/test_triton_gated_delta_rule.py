@@ -144,6 +144,17 @@ def test_the_output_is_split_by_default_only_with_few_pairs(monkeypatch) -> None
         assert chunk.splits_output(1) is forced and chunk.splits_output(10**6) is forced
 
 
+def test_the_walks_overlap_by_default_only_with_few_pairs(monkeypatch) -> None:
+    from attnplug_triton.ops.gated_delta_rule import chunk
+
+    assert chunk.OVERLAP_WALKS is None and chunk.OVERLAP_MAX_PAIRS == 16
+    assert chunk.overlaps_walks(1) and chunk.overlaps_walks(16)
+    assert not chunk.overlaps_walks(17) and not chunk.overlaps_walks(128)
+    for forced in (False, True):
+        monkeypatch.setattr(chunk, "OVERLAP_WALKS", forced)
+        assert chunk.overlaps_walks(1) is forced and chunk.overlaps_walks(10**6) is forced
+
+
 LEAN_CASES = [c for c in CASES if c[0] in ("T=37 strided", "T=64+5 H=HV", "T=130", "cu_seqlens",
                                            "HV=3H K=48 V=40")]
 
@@ -178,27 +189,25 @@ def test_the_tf32x3_inverse_matches_float64(case, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", LEAN_CASES, ids=[c[0] for c in LEAN_CASES])
-def test_the_diagonal_inverse_by_substitution_matches_float64_and_the_series(case,
-                                                                          monkeypatch) -> None:
-    """kkt_solve's diagonal blocks inverted by forward substitution instead of the series
-    (``DIAGONAL_INVERSE``): outputs and every gradient against float64, and against the served
-    series to float32 rounding."""
-    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+def test_both_diagonal_inverses_match_float64_and_each_other(case) -> None:
+    """kkt_solve's diagonal blocks by forward substitution (served up to K = 128) and by the
+    series (served above): outputs and every gradient against float64, each, and against each
+    other to float32 rounding."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(case, 8)
-    want = _run(triton_gdr, x, lambda t: t.clone(), case[7], **kwargs)
-    monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "substitution")
-    got = _check(triton_gdr, x, f"substitution {case[0]}", torch.float32, case[7], **kwargs)
-    for name, ref in want.items():
-        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-5, msg=name)
+    _check(functools.partial(triton_gdr, diagonal_inverse="series"), x, f"series {case[0]}",
+           torch.float32, case[7], **kwargs)
+    _check_against(functools.partial(triton_gdr, diagonal_inverse="substitution"),
+                   functools.partial(triton_gdr, diagonal_inverse="series"), x,
+                   f"substitution {case[0]}", case[7], **kwargs)
 
 
-def test_the_substitution_inverts_nearly_equal_keys_to_float32_accuracy(monkeypatch) -> None:
+def test_the_substitution_inverts_nearly_equal_keys_to_float32_accuracy() -> None:
     """Nearly equal keys, β ≈ 1, no decay: ``M`` close to all ones below the diagonal, where
     the series' partial products reach the thousands and cancel to entries of at most 1 (it is
-    5.6e-4 off here in float32); the substitution never forms them. ``A`` in float32 against
-    the float64 inverse of ``I + M`` built from the same keys."""
+    5.6e-4 off here in float32); the substitution, served at this key dim, never forms them.
+    ``A`` in float32 against the float64 inverse of ``I + M`` built from the same keys."""
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
     from attnplug_triton.ops.gated_delta_rule.common import check_args
 
@@ -208,7 +217,7 @@ def test_the_substitution_inverts_nearly_equal_keys_to_float32_accuracy(monkeypa
     g = torch.zeros(1, T, 1, device=DEVICE)
     beta = torch.full((1, T, 1), 0.999, device=DEVICE)
     seqs = check_args("kkt_solve", k, k, k, g, beta, None, None, None)
-    monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "substitution")
+    assert kkt_solve.diagonal_inverse_for(K) == "substitution"
     a, _, _ = kkt_solve.kkt_solve(k[0], k[0], g[0], beta[0], seqs, True, "ieee")
     k_hat = k[0, :, 0].double().cpu()
     k_hat = k_hat / (k_hat.square().sum(-1, keepdim=True) + 1e-6).sqrt()
@@ -217,16 +226,37 @@ def test_the_substitution_inverts_nearly_equal_keys_to_float32_accuracy(monkeypa
     torch.testing.assert_close(a[:, 0].double().cpu(), want, rtol=0, atol=1e-5)
 
 
+def test_the_diagonal_inverse_is_the_substitution_up_to_k_128(monkeypatch) -> None:
+    """The served choice (``DIAGONAL_INVERSE = None``): substitution up to
+    ``SUBSTITUTION_MAX_DIM`` (checked on the H200 there), the series above; the module switch
+    forces one for every K, and a call's ``diagonal_inverse`` overrides both."""
+    from attnplug_triton.ops.gated_delta_rule import kkt_solve
+
+    assert kkt_solve.DIAGONAL_INVERSE is None and kkt_solve.SUBSTITUTION_MAX_DIM == 128
+    assert [kkt_solve.diagonal_inverse_for(k) for k in (1, 16, 48, 128, 129, 256)] == [
+        "substitution"] * 4 + ["series"] * 2
+    for forced in kkt_solve.DIAGONAL_INVERSES:
+        monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", forced)
+        assert kkt_solve.diagonal_inverse_for(16) == kkt_solve.diagonal_inverse_for(256) == forced
+        other = next(m for m in kkt_solve.DIAGONAL_INVERSES if m != forced)
+        assert kkt_solve.diagonal_inverse_for(16, other) == other
+
+
 def test_an_unknown_diagonal_inverse_is_named(monkeypatch) -> None:
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(CASES[1], 0)
+    args = [x[n] for n in NAMES[:5]]
+    with pytest.raises(ValueError, match=r"chunk_gated_delta_rule: diagonal_inverse='lu' is "
+                                         r"not accepted: expected None or one of "
+                                         r"\['series', 'substitution'\]"):
+        triton_gdr(*args, diagonal_inverse="lu", **kwargs)
     monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "cholesky")
     with pytest.raises(ValueError, match=r"kkt_solve.DIAGONAL_INVERSE='cholesky' is not "
-                                         r"accepted: expected one of \['series', "
+                                         r"accepted: expected None or one of \['series', "
                                          r"'substitution'\]"):
-        triton_gdr(*(x[n] for n in NAMES[:5]), **kwargs)
+        triton_gdr(*args, **kwargs)
 
 
 def test_an_unknown_inverse_precision_is_named(monkeypatch) -> None:

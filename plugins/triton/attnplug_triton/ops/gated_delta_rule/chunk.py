@@ -68,11 +68,16 @@ from attnplug_triton.ops.gated_delta_rule.common import (
     precision,
     token_major,
 )
-from attnplug_triton.ops.gated_delta_rule.kkt_solve import INVERSE_PRECISIONS, kkt_solve
+from attnplug_triton.ops.gated_delta_rule.kkt_solve import (
+    DIAGONAL_INVERSES,
+    INVERSE_PRECISIONS,
+    kkt_solve,
+)
 
 __all__ = ["chunk_gated_delta_rule", "run_chunk", "ChunkGatedDeltaRuleFunction", "SPLIT_OUTPUT",
            "KEEP_STATES", "DV_FROM_DH", "LOCAL_DV", "FUSED_GROUP_GRADS", "SPLIT_DK",
            "LEAN_WALK", "DM_FROM_Y", "WY_MAX_DIM", "STORE_V_NEW", "OVERLAP_WALKS",
+           "OVERLAP_MAX_PAIRS", "overlaps_walks",
            "splits_output", "dk_passes", "side_stream"]
 
 # The forward's default: False writes the output inside the sequential state kernel (stage 2);
@@ -155,12 +160,16 @@ STORE_V_NEW = False
 # On CUDA, with recomputed states: True runs the backward's state recomputation (stage 3) on a
 # second stream, concurrently with the local dv and the dh walk (stage 4), which do not read
 # the states; the passes after them wait for both. The walks are latency-bound (one program per
-# sequence·value head and value block: 256 at B = 8, H = 16, V = 128), so each leaves most of
-# the GPU idle. Same kernels, same values (bit for bit on the H200 at the project shape,
-# grouped heads and packed sequences). Measured on the H200 (session 14) at B = 8, T = 4096,
-# H = 16, K = V = 128, bf16: forward+backward 3.750 against 3.771 ms, 0.6% — the walks hardly
-# run side by side there — so not served: False, one stream, in order.
-OVERLAP_WALKS = False
+# sequence·value head and value block), so with few pairs each leaves most of the GPU idle.
+# Same kernels, same values (bit for bit on the H200 at the project shape, grouped heads and
+# packed sequences). None (served) overlaps for at most OVERLAP_MAX_PAIRS sequence·value-head
+# pairs (:func:`overlaps_walks`). Measured on the H200 (sessions 14–15,
+# benchmarks/results/2026-11-29-h200-session15.md), forward+backward, H = 16, K = V = 128, bf16,
+# 64K tokens a step, one stream against two: 16 pairs (T = 64K, B = 1) 13.81 → 11.52 ms; 32
+# pairs (32K, B = 2) 9.34 → 9.58; 64 pairs (16K, B = 4) 8.42 → 8.58; 128 pairs (B = 8, T = 4K)
+# 3.771 → 3.750; 1,024 pairs (1K, B = 64) 7.591 → 7.585.
+OVERLAP_WALKS: bool | None = None
+OVERLAP_MAX_PAIRS = 16
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -183,10 +192,12 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 dv_from_dh: bool, local_dv: bool,
                 fused_group_grads: bool, split_dk: bool,
                 lean_walk: bool, dm_from_y: bool, store_v_new: bool, overlap_walks: bool,
-                inverse_precision: str | None) -> tuple[Tensor, Tensor | None]:
+                inverse_precision: str | None,
+                diagonal_inverse: str | None) -> tuple[Tensor, Tensor | None]:
         prec = precision(k.dtype)
         keep_states = keep_states and any(ctx.needs_input_grad[:6])
-        a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec, inverse_precision)
+        a, rq, rk = kkt_solve(q, k, g, beta, seqs, use_qk_l2norm, prec, inverse_precision,
+                              diagonal_inverse)
         o, states, final = chunk_fwd_h(q, k, v, g, beta, a, rq, rk, h0, seqs, scale,
                                        use_qk_l2norm, prec, output=not split_output,
                                        store_states=split_output or keep_states,
@@ -245,7 +256,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                           v_new=v_new)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
         return (dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def splits_output(pairs: int) -> bool:
@@ -254,6 +265,13 @@ def splits_output(pairs: int) -> bool:
     than ``FEW_PROGRAMS`` pairs (the sequential kernel then has too few programs to fill the
     GPU, and the parallel one has a program per chunk)."""
     return pairs < FEW_PROGRAMS if SPLIT_OUTPUT is None else bool(SPLIT_OUTPUT)
+
+
+def overlaps_walks(pairs: int) -> bool:
+    """Whether the backward recomputes the states on a second stream by default, for
+    ``pairs`` sequence·value-head pairs: :data:`OVERLAP_WALKS` when set, else for at most
+    :data:`OVERLAP_MAX_PAIRS` pairs (where the walks leave the most of the GPU idle)."""
+    return pairs <= OVERLAP_MAX_PAIRS if OVERLAP_WALKS is None else bool(OVERLAP_WALKS)
 
 
 def dk_passes(K: int, V: int, dm_from_y: bool | None,
@@ -280,7 +298,8 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
               split_dk: bool | None = None, lean_walk: bool | None = None,
               dm_from_y: bool | None = None, store_v_new: bool | None = None,
               overlap_walks: bool | None = None,
-              inverse_precision: str | None = None) -> tuple[Tensor, Tensor | None]:
+              inverse_precision: str | None = None,
+              diagonal_inverse: str | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`chunk_gated_delta_rule` on arguments already checked (``seqs`` from
     :func:`~attnplug_triton.ops.gated_delta_rule.common.check_args`)."""
     B, T, H, K = q.shape
@@ -306,14 +325,19 @@ def run_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seqs: Se
     lean = LEAN_WALK if lean_walk is None else bool(lean_walk)
     from_y, two_dk = dk_passes(K, V, dm_from_y, split_dk)
     vn = from_y and (STORE_V_NEW if store_v_new is None else bool(store_v_new))
-    overlap = OVERLAP_WALKS if overlap_walks is None else bool(overlap_walks)
+    overlap = (overlaps_walks(seqs.num_seqs * HV) if overlap_walks is None
+               else bool(overlap_walks))
     if inverse_precision is not None and inverse_precision not in INVERSE_PRECISIONS:
         raise ValueError(f"chunk_gated_delta_rule: inverse_precision={inverse_precision!r} is "
                          f"not accepted: expected None or one of {list(INVERSE_PRECISIONS)}")
+    if diagonal_inverse is not None and diagonal_inverse not in DIAGONAL_INVERSES:
+        raise ValueError(f"chunk_gated_delta_rule: diagonal_inverse={diagonal_inverse!r} is "
+                         f"not accepted: expected None or one of {list(DIAGONAL_INVERSES)}")
     o, final = ChunkGatedDeltaRuleFunction.apply(qt, kt, vt, gt, bt, h0, seqs, scale,
                                                  use_qk_l2norm, output_final_state, split, keep,
                                                  dv_dh, local, fused, two_dk, lean, from_y,
-                                                 vn, overlap, inverse_precision)
+                                                 vn, overlap, inverse_precision,
+                                                 diagonal_inverse)
     return o.view(B, T, HV, V).to(v.dtype), final
 
 
@@ -326,7 +350,7 @@ def chunk_gated_delta_rule(
     fused_group_grads: bool | None = None, split_dk: bool | None = None,
     lean_walk: bool | None = None, dm_from_y: bool | None = None,
     store_v_new: bool | None = None, overlap_walks: bool | None = None,
-    inverse_precision: str | None = None,
+    inverse_precision: str | None = None, diagonal_inverse: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule, chunked, through Triton kernels; differentiable.
 
@@ -362,9 +386,14 @@ def chunk_gated_delta_rule(
             stores ``U − W h`` for the later passes to read; ``None`` takes
             :data:`STORE_V_NEW`.
         overlap_walks: on CUDA, the backward recomputes the chunk states on a second stream
-            while the dh walk runs; ``None`` takes :data:`OVERLAP_WALKS`.
+            while the dh walk runs; ``None`` takes :data:`OVERLAP_WALKS` (whose ``None``
+            overlaps for at most ``OVERLAP_MAX_PAIRS`` sequence·value-head pairs).
         inverse_precision: the WY inverse's float32 products, ``"ieee"`` or ``"tf32x3"``;
             ``None`` takes ``kkt_solve.INVERSE_PRECISION``.
+        diagonal_inverse: how the WY inverse's 16 × 16 diagonal blocks are inverted,
+            ``"substitution"`` (row by row, float32-accurate even for nearly equal keys) or
+            ``"series"``; ``None`` takes ``kkt_solve.DIAGONAL_INVERSE`` (whose ``None`` is the
+            substitution up to ``kkt_solve.SUBSTITUTION_MAX_DIM``, the series above).
 
     Returns:
         ``(o[B, T, HV, V]`` in v's dtype, ``final_state[N, HV, K, V]`` float32 or None``)``.
@@ -381,4 +410,5 @@ def chunk_gated_delta_rule(
                      dv_from_dh=dv_from_dh, local_dv=local_dv,
                      fused_group_grads=fused_group_grads, split_dk=split_dk,
                      lean_walk=lean_walk, dm_from_y=dm_from_y, store_v_new=store_v_new,
-                     overlap_walks=overlap_walks, inverse_precision=inverse_precision)
+                     overlap_walks=overlap_walks, inverse_precision=inverse_precision,
+                     diagonal_inverse=diagonal_inverse)

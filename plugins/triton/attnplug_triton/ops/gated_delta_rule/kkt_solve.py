@@ -3,9 +3,10 @@
 ``A = (I + StrictTril(diag(β) K̂ K̂ᵀ ⊙ Γ))⁻¹`` (64 × 64, unit lower triangular) with
 ``Γ_ij = exp(γ_i − γ_j)`` and ``K̂`` the (optionally L2-normalised) keys of the chunk. One program
 per (chunk, value head) computes the ten lower 16 × 16 blocks of ``M = StrictTril(...)`` from
-four 16-row key tiles, inverts the four diagonal blocks as the finite series
-``(I − M)(I + M²)(I + M⁴)(I + M⁸)`` (six float32 dots on 16 × 16 tiles; or, with
-:data:`DIAGONAL_INVERSE` ``"substitution"``, row by row without dots), fills the six blocks
+four 16-row key tiles, inverts the four diagonal blocks by forward substitution, row by row
+without dots (up to K = 128; above it, or when :data:`DIAGONAL_INVERSE` says ``"series"``, as
+the finite series ``(I − M)(I + M²)(I + M⁴)(I + M⁸)``, six float32 dots on 16 × 16 tiles;
+:func:`diagonal_inverse_for`), fills the six blocks
 below them with ``A_ij = −A_ii Σ_{j≤l<i} M_il A_lj`` (float32 dots, "ieee" unless
 :data:`INVERSE_PRECISION` says otherwise), and writes ``A``
 once (``[tokens, HV, 64]``, in the inputs' dtype, like fla). With ``use_qk_l2norm`` the key
@@ -32,7 +33,8 @@ from attnplug_triton.ops.gated_delta_rule.common import (
 )
 
 __all__ = ["kkt_solve", "kkt_solve_kernel", "CONFIGS", "INVERSE_PRECISION", "INVERSE_PRECISIONS",
-           "DIAGONAL_INVERSE", "DIAGONAL_INVERSES"]
+           "DIAGONAL_INVERSE", "DIAGONAL_INVERSES", "SUBSTITUTION_MAX_DIM",
+           "diagonal_inverse_for"]
 
 CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4) for s in (1, 2)]
 INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
@@ -47,22 +49,29 @@ INTERPRETER_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
 # benchmarks/results/2026-11-28-h200-session12.md). "ieee" is served.
 INVERSE_PRECISION = "ieee"
 INVERSE_PRECISIONS = ("ieee", "tf32x3")
-# How the four 16 × 16 diagonal blocks are inverted: "series" (served) as the product
-# (I − M)(I + M²)(I + M⁴)(I + M⁸), six float32 dots a block (24 of the kernel's 38); or
-# "substitution", forward substitution row by row — row i of the inverse is e_i − Σ_{j<i}
-# M_ij (row j) — fifteen dependent steps of a masked (16,) × (16, 16) product on the CUDA
-# cores, the four blocks interleaved, no dot: about 4K multiply-adds a block instead of 24.6K,
-# and no operand passing through shared memory between products. Both float32 and exact in
-# exact arithmetic, but the series forms partial products in the thousands that cancel when
-# the keys of a block nearly coincide: with keys 1 + 0.05·noise, β = 0.999 and no decay its A
-# is 5.6e-4 off float64 where the substitution's is 4.9e-7 (the interpreter, float32; A is
-# stored in the inputs' dtype, so this shows in float32 inputs, below bf16's own rounding).
-# Prepared on the CPU in session 14, not yet measured on a GPU: ptxas (sm_90, Triton 3.6, 2
-# warps) the same 255 registers, no spills and four programs a SM; in the PTX 44 instead of 75
-# barriers and 387 instead of 899 shared-memory accesses, but 1,136 instead of 184 shuffles
-# (the row steps' reductions) and 7,200 instead of 6,269 instructions — whether that is faster
-# is for the GPU (``gpu_experimental.sh gdn-subst``).
-DIAGONAL_INVERSE = "series"
+# How the four 16 × 16 diagonal blocks are inverted: "substitution" (served), forward
+# substitution row by row — row i of the inverse is e_i − Σ_{j<i} M_ij (row j) — fifteen
+# dependent steps of a masked (16,) × (16, 16) product on the CUDA cores, the four blocks
+# interleaved, no dot: about 4K multiply-adds a block instead of 24.6K, and no operand passing
+# through shared memory between products; or "series", the product
+# (I − M)(I + M²)(I + M⁴)(I + M⁸), six float32 dots a block (24 of the kernel's 38). Both
+# float32 and exact in exact arithmetic, but the series forms partial products in the
+# thousands that cancel when the keys of a block nearly coincide: with keys 1 + 0.05·noise,
+# β = 0.999 and no decay its A is 5.6e-4 off float64 where the substitution's is 4.9e-7 (the
+# interpreter, float32; A is stored in the inputs' dtype, so this shows in float32 inputs,
+# below bf16's own rounding). ptxas (sm_90, Triton 3.6, 2 warps): both 255 registers, no
+# spills, four programs a SM; the substitution's PTX has 44 instead of 75 barriers and 387
+# instead of 899 shared-memory accesses, 1,136 instead of 184 shuffles. On the H200 (session
+# 15, benchmarks/results/2026-11-29-h200-session15.md): every configuration right in bf16 at
+# K = V = 32/64/128 and float32 at 16/64, every checked shape within tolerance of float64;
+# the forward at B = 8, T = 4096, H = 16, K = V = 128 0.675 ms against the series' 0.693 (fla
+# 0.977), at B = 1, T = 64K 3.969 against 4.001. Served since session 15 up to
+# SUBSTITUTION_MAX_DIM: at K = 256 it has not run on a GPU (its check there did not finish in
+# the session's device time) and Triton 3.6 has faulted on other kernels at that head dim, so
+# K = 256 keeps the series, which was checked there. None (served) chooses by K
+# (:func:`diagonal_inverse_for`); a name forces it.
+DIAGONAL_INVERSE: str | None = None
+SUBSTITUTION_MAX_DIM = 128
 DIAGONAL_INVERSES = ("series", "substitution")
 
 
@@ -272,23 +281,37 @@ def kkt_solve_kernel(
     tl.store(p3 + 32, a32.to(dt), mask=ok3)
     tl.store(p3 + 48, a33.to(dt), mask=ok3)
 
+def diagonal_inverse_for(K: int, diagonal_inverse: str | None = None) -> str:
+    """How kkt_solve inverts the diagonal blocks at key dim ``K``: ``diagonal_inverse`` when
+    given, else :data:`DIAGONAL_INVERSE` when set, else ``"substitution"`` up to
+    :data:`SUBSTITUTION_MAX_DIM` and ``"series"`` above it."""
+    method = DIAGONAL_INVERSE if diagonal_inverse is None else diagonal_inverse
+    if method is None:
+        return "substitution" if K <= SUBSTITUTION_MAX_DIM else "series"
+    if method not in DIAGONAL_INVERSES:
+        which = ("kkt_solve.DIAGONAL_INVERSE" if diagonal_inverse is None
+                 else "diagonal_inverse")
+        raise ValueError(f"{which}={method!r} is not accepted: expected None or one of "
+                         f"{list(DIAGONAL_INVERSES)}")
+    return method
+
+
 def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
               use_qk_l2norm: bool, precision: str, inverse_precision: str | None = None,
+              diagonal_inverse: str | None = None,
               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(A[tokens, HV, 64]`` in k's dtype, and with ``use_qk_l2norm`` the inverse norms
     ``rq, rk[tokens, H]`` float32 (else None)``)`` for token-major ``q, k[tokens, H, K]`` and
     float32 ``g, beta[tokens, HV]`` (contiguous). The inverse's products take
     ``inverse_precision`` (None: :data:`INVERSE_PRECISION`); its diagonal blocks are inverted
-    as :data:`DIAGONAL_INVERSE` says."""
+    by ``diagonal_inverse`` (None: :func:`diagonal_inverse_for`)."""
     inverse = INVERSE_PRECISION if inverse_precision is None else inverse_precision
     if inverse not in INVERSE_PRECISIONS:
         which = ("kkt_solve.INVERSE_PRECISION" if inverse_precision is None
                  else "inverse_precision")
         raise ValueError(f"{which}={inverse!r} is not accepted: expected one of "
                          f"{list(INVERSE_PRECISIONS)}")
-    if DIAGONAL_INVERSE not in DIAGONAL_INVERSES:
-        raise ValueError(f"kkt_solve.DIAGONAL_INVERSE={DIAGONAL_INVERSE!r} is not accepted: "
-                         f"expected one of {list(DIAGONAL_INVERSES)}")
+    method = diagonal_inverse_for(k.shape[2], diagonal_inverse)
     tokens, H, K = k.shape
     HV = g.shape[1]
     a = k.new_empty((tokens, HV, CHUNK))
@@ -301,5 +324,5 @@ def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
            q, k, g, beta, a, rq, rk, seqs.chunk_seq, seqs.cu, seqs.chunk_off, q.stride(0),
            q.stride(1), k.stride(0), k.stride(1), HV, HV // H, DK=K, BK=block(K),
            USE_L2NORM=use_qk_l2norm, PRECISION=precision, INV_PRECISION=inverse,
-           SUBSTITUTION=DIAGONAL_INVERSE == "substitution")
+           SUBSTITUTION=method == "substitution")
     return a, rq, rk
