@@ -189,15 +189,13 @@ def test_the_tf32x3_inverse_matches_float64(case, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", LEAN_CASES, ids=[c[0] for c in LEAN_CASES])
-def test_both_diagonal_inverses_match_float64_and_each_other(case) -> None:
-    """kkt_solve's diagonal blocks by forward substitution (served up to K = 128) and by the
-    series (served above): outputs and every gradient against float64, each, and against each
-    other to float32 rounding."""
+def test_the_substitution_matches_float64_and_the_series(case) -> None:
+    """kkt_solve's diagonal blocks by forward substitution (served up to K = 128): outputs and
+    every gradient against float64, and against the series (served above; at K = 256 the
+    CASES row checks it against float64 itself) to float32 rounding."""
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(case, 8)
-    _check(functools.partial(triton_gdr, diagonal_inverse="series"), x, f"series {case[0]}",
-           torch.float32, case[7], **kwargs)
     _check_against(functools.partial(triton_gdr, diagonal_inverse="substitution"),
                    functools.partial(triton_gdr, diagonal_inverse="series"), x,
                    f"substitution {case[0]}", case[7], **kwargs)
