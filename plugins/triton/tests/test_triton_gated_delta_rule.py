@@ -240,36 +240,36 @@ def test_the_diagonal_inverse_is_the_substitution_up_to_k_128(monkeypatch) -> No
         assert kkt_solve.diagonal_inverse_for(16, other) == other
 
 
-def test_an_unknown_diagonal_inverse_is_named(monkeypatch) -> None:
+# (argument, a value it refuses, kkt_solve's module switch, a value it refuses, the two errors)
+UNKNOWN_INVERSE_SWITCHES = [
+    ("diagonal_inverse", "lu", "DIAGONAL_INVERSE", "cholesky",
+     r"chunk_gated_delta_rule: diagonal_inverse='lu' is not accepted: expected None or one of "
+     r"\['series', 'substitution'\]",
+     r"kkt_solve.DIAGONAL_INVERSE='cholesky' is not accepted: expected None or one of "
+     r"\['series', 'substitution'\]"),
+    ("inverse_precision", "tf32", "INVERSE_PRECISION", "tf32x2",
+     r"chunk_gated_delta_rule: inverse_precision='tf32' is not accepted: expected None or one "
+     r"of \['ieee', 'tf32x3'\]",
+     r"kkt_solve.INVERSE_PRECISION='tf32x2' is not accepted: expected one of "
+     r"\['ieee', 'tf32x3'\]"),
+]
+
+
+@pytest.mark.parametrize(("argument", "bad", "switch", "bad_switch", "error", "switch_error"),
+                         UNKNOWN_INVERSE_SWITCHES, ids=[c[0] for c in UNKNOWN_INVERSE_SWITCHES])
+def test_an_unknown_inverse_switch_is_named(argument, bad, switch, bad_switch, error,
+                                            switch_error, monkeypatch) -> None:
+    """A refused value of the per-call argument, and of kkt_solve's module switch behind it,
+    each named in the error with what is accepted."""
     from attnplug_triton.ops.gated_delta_rule import kkt_solve
     from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
 
     x, kwargs = _case_inputs(CASES[1], 0)
     args = [x[n] for n in NAMES[:5]]
-    with pytest.raises(ValueError, match=r"chunk_gated_delta_rule: diagonal_inverse='lu' is "
-                                         r"not accepted: expected None or one of "
-                                         r"\['series', 'substitution'\]"):
-        triton_gdr(*args, diagonal_inverse="lu", **kwargs)
-    monkeypatch.setattr(kkt_solve, "DIAGONAL_INVERSE", "cholesky")
-    with pytest.raises(ValueError, match=r"kkt_solve.DIAGONAL_INVERSE='cholesky' is not "
-                                         r"accepted: expected None or one of \['series', "
-                                         r"'substitution'\]"):
-        triton_gdr(*args, **kwargs)
-
-
-def test_an_unknown_inverse_precision_is_named(monkeypatch) -> None:
-    from attnplug_triton.ops.gated_delta_rule import kkt_solve
-    from attnplug_triton.ops.gated_delta_rule.chunk import chunk_gated_delta_rule as triton_gdr
-
-    x, kwargs = _case_inputs(CASES[1], 0)
-    args = [x[n] for n in NAMES[:5]]
-    with pytest.raises(ValueError, match=r"chunk_gated_delta_rule: inverse_precision='tf32' is "
-                                         r"not accepted: expected None or one of "
-                                         r"\['ieee', 'tf32x3'\]"):
-        triton_gdr(*args, inverse_precision="tf32", **kwargs)
-    monkeypatch.setattr(kkt_solve, "INVERSE_PRECISION", "tf32x2")
-    with pytest.raises(ValueError, match=r"kkt_solve.INVERSE_PRECISION='tf32x2' is not "
-                                         r"accepted: expected one of \['ieee', 'tf32x3'\]"):
+    with pytest.raises(ValueError, match=error):
+        triton_gdr(*args, **{argument: bad}, **kwargs)
+    monkeypatch.setattr(kkt_solve, switch, bad_switch)
+    with pytest.raises(ValueError, match=switch_error):
         triton_gdr(*args, **kwargs)
 
 
