@@ -311,8 +311,8 @@ def kkt_solve(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, seqs: Sequences,
                  else "inverse_precision")
         raise ValueError(f"{which}={inverse!r} is not accepted: expected one of "
                          f"{list(INVERSE_PRECISIONS)}")
-    method = diagonal_inverse_for(k.shape[2], diagonal_inverse)
     tokens, H, K = k.shape
+    method = diagonal_inverse_for(K, diagonal_inverse)
     HV = g.shape[1]
     a = k.new_empty((tokens, HV, CHUNK))
     rq = rk = None
